@@ -1,0 +1,36 @@
+"""Records that cross module borders: what the student server returns and what the trainer packs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Completion:
+    """One sampled completion as the student server returns it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass
+class Rollout:
+    """One sample of a step: prompt, completion, sampling log-probs, reward and teacher log-probs.
+
+    `group` is the index of the prompt within the step; a batch is contiguous groups of rollouts_per_example.
+    Teacher fields are aligned with `completion_ids` (one entry per completion token).
+    """
+
+    example_id: str
+    group: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampling_logprobs: list[float]
+    finish_reason: str
+    temperature: float = 1.0
+    reward: float = 0.0
+    policy_version: int = 0
+    teacher_logprobs: list[float] | None = None
+    teacher_topk_ids: list[list[int]] | None = None
+    teacher_topk_logprobs: list[list[float]] | None = None
