@@ -1,0 +1,60 @@
+"""Sequence-level reward composition and group-baseline advantages (issue 3; reference: prime-rl-notes §3).
+
+The batch is contiguous groups of `group_size` samples of one prompt each. Everything is computed in float32
+whatever the input dtype (sums of hundreds of log-probs lose too much in bfloat16). Taus are traced, so changing
+them does not recompile; `group_size` and the booleans are static.
+
+Deliberate difference from the fork: `adv_tau` always scales the task reward, teacher or not.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _groups(x, group_size: int, name: str):
+    if x.ndim != 1:
+        raise ValueError(f"{name}: expected shape [B], got {x.shape}")
+    if group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(f"{name}: batch of {x.shape[0]} is not a whole number of groups of group_size={group_size}")
+    return x.astype(jnp.float32).reshape(-1, group_size)
+
+
+def _group_mean(x):
+    """[P, G] -> [P, 1], the per-group mean kept broadcastable."""
+    return x.mean(axis=1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def kl_gates(task_rewards, *, group_size: int):
+    """1 - mean task reward of the sample's group, for every sample: [B] float32.
+
+    Rewards are assumed in [0, 1] (then gates are in [0, 1]); all-incorrect groups get 1, all-correct 0.
+    """
+    r = _groups(task_rewards, group_size, "task_rewards")
+    return jnp.broadcast_to(1.0 - _group_mean(r), r.shape).reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "use_full_reward_baseline", "kl_only_incorrect"))
+def compute_advantages(task_rewards, teacher_logprob_sums, inference_logprob_sums, *, group_size: int,
+                       adv_tau, teacher_tau, student_tau, use_full_reward_baseline: bool, kl_only_incorrect: bool):
+    """Per-sample advantages A = R - group mean(R), no std normalisation: [B] float32.
+
+    R = adv_tau*r + g*(teacher_tau*sum lpT - student_tau*sum lpS) when `use_full_reward_baseline` and a teacher
+    is present (`teacher_logprob_sums` not None), else R = adv_tau*r. g = 1 - group mean(r) with
+    `kl_only_incorrect`, else 1. The sums are over all completion tokens; lpS are the sampling (vLLM) log-probs.
+    Without the full baseline the KL enters per token in the loss instead (see loss.compute_loss).
+    """
+    r = _groups(task_rewards, group_size, "task_rewards")
+    reward = adv_tau * r
+    if use_full_reward_baseline and teacher_logprob_sums is not None:
+        if inference_logprob_sums is None:
+            raise ValueError("inference_logprob_sums: required with teacher_logprob_sums and the full reward baseline")
+        s_t = _groups(teacher_logprob_sums, group_size, "teacher_logprob_sums")
+        s_s = _groups(inference_logprob_sums, group_size, "inference_logprob_sums")
+        if s_t.shape != r.shape or s_s.shape != r.shape:
+            raise ValueError(f"logprob sums {s_t.shape}/{s_s.shape} do not match task_rewards {r.shape}")
+        gate = 1.0 - _group_mean(r) if kl_only_incorrect else 1.0
+        reward = reward + gate * (teacher_tau * s_t - student_tau * s_s)
+    return (reward - _group_mean(reward)).reshape(-1)
