@@ -1,0 +1,211 @@
+"""One Flax NNX decoder for Qwen3 (q/k norm), Qwen2 (q/k/v bias) and Llama, with LoRA and packed sequences.
+
+Layers are stacked (every layer Variable has a leading axis L) and applied with `jax.lax.scan`, so deep models
+compile once per layer shape. The tree layout is fixed by .notes/interfaces.md: the HF name map depends on it.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ctxd_jax.models.config import ModelConfig
+
+# Saves matmul outputs without a batch dimension (none in our layout, so effectively "recompute everything but
+# weights-only products"); the layer input is always saved by the scan.
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in float32 (as HF), output cast back to the compute dtype."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_sin_cos(positions, head_dim: int, theta: float):
+    """HF rotate_half convention: angles for dims i and i + hd/2 are equal. Returns float32 [B, T, hd] each."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.sin(emb), jnp.cos(emb)
+
+
+def apply_rope(x, sin, cos):
+    """x [B, T, H, hd]; sin/cos [B, T, hd]."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class LoRALinear(nnx.Module):
+    """y = x @ kernel + bias + (x @ lora_a @ lora_b) * alpha / rank (PEFT's scale). Kernel is [in, out]."""
+
+    def __init__(self, d_in: int, d_out: int, *, use_bias: bool = False, lora_rank: int = 0, lora_alpha: float = 0.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), param_dtype) * 0.02)
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
+        self.lora_rank = lora_rank
+        if lora_rank > 0:
+            self.lora_scale = lora_alpha / lora_rank
+            # PEFT: kaiming_uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(in), 1/sqrt(in)); B zeros, so the adapter starts
+            # as the identity.
+            bound = 1.0 / math.sqrt(d_in)
+            self.lora_a = nnx.LoRAParam(
+                jax.random.uniform(rngs.params(), (d_in, lora_rank), jnp.float32, -bound, bound))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, d_out), jnp.float32))
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        if self.lora_rank > 0:
+            a = self.lora_a[...].astype(self.dtype)
+            h = jnp.dot(x, a, preferred_element_type=jnp.float32)
+            y = y + jnp.dot(h, self.lora_b[...], preferred_element_type=jnp.float32) * self.lora_scale
+        return y.astype(self.dtype)
+
+
+def attention_mask(segment_ids):
+    """[B, 1, T, T] bool: causal and same segment. Padding (segment 0) attends to earlier padding, so no row is
+    fully masked (no NaN in any implementation); its outputs are never used."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, lora_rank, lora_alpha, dtype, param_dtype, attn_impl, rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.attn_impl = attn_impl
+        lin = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = LoRALinear(d, cfg.num_heads * hd, use_bias=cfg.attention_bias, **lin)
+        self.k_proj = LoRALinear(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **lin)
+        self.v_proj = LoRALinear(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **lin)
+        self.o_proj = LoRALinear(cfg.num_heads * hd, d, **lin)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, sin, cos, mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        # GQA: dot_product_attention broadcasts kv heads over query-head groups. Hook for the GPU: attn_impl='cudnn'
+        # takes the same mask (or is_causal + seq lengths once packing gives them).
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attn_impl)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, lora_rank, lora_alpha, dtype, param_dtype, rngs):
+        lin = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, **lin)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, lora_rank, lora_alpha, dtype, param_dtype, attn_impl, rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype,
+                                   param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+
+    def __call__(self, x, sin, cos, mask):
+        x = x + self.self_attn(self.input_layernorm(x), sin, cos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), param_dtype) * 0.02)
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+
+class Transformer(nnx.Module):
+    """model(tokens[B,T], positions[B,T], segment_ids[B,T]) -> final-normed hidden [B,T,D] (segment 0 = padding).
+
+    lm_head_kernel() gives the [D, V] output projection (the embedding's transpose when tied); logits are left to
+    ctxd_jax.models.logprobs, which computes them in chunks.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, lora_rank: int = 0, lora_alpha: float = 0.0, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False, remat_policy: str = "nothing_saveable",
+                 attn_impl: str | None = None, rngs: nnx.Rngs):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+        self.cfg, self.dtype, self.remat, self.remat_policy = cfg, dtype, remat, remat_policy
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        block_kw = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
+                        attn_impl=attn_impl)
+
+        # Stacked layers: init one Block per key under jax.vmap (a pure function of the key), then merge the
+        # stacked state into one Block whose Variables carry a leading L axis. Plain jax transforms, so this works
+        # the same across flax versions and under nnx.eval_shape.
+        def init_state(key):
+            return nnx.split(Block(cfg, **block_kw, rngs=nnx.Rngs(params=key)))
+
+        graphdef = nnx.eval_shape(lambda: init_state(jax.random.key(0)))[0]
+        keys = jax.random.split(rngs.params(), cfg.num_layers)
+        stacked = jax.vmap(lambda k: init_state(k)[1])(keys)
+        self.layers = nnx.merge(graphdef, stacked)
+
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else LoRALinear(
+            cfg.hidden_size, cfg.vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def lm_head_kernel(self):
+        """[D, V] in the parameter dtype."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def __call__(self, tokens, positions, segment_ids, *, return_layer_outputs: bool = False):
+        """With return_layer_outputs, also returns [L, B, T, D]: each layer's output before the final norm
+        (HF's hidden_states[1:L], plus the last layer's un-normed output), for per-layer parity debugging."""
+        x = self.embed_tokens(tokens)
+        sin, cos = rope_sin_cos(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        mask = attention_mask(segment_ids)
+        graphdef, state = nnx.split(self.layers)
+
+        def layer(x, layer_state):
+            y = nnx.merge(graphdef, layer_state)(x, sin, cos, mask)
+            return y, (y if return_layer_outputs else None)
+
+        if self.remat:
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        x, outs = jax.lax.scan(layer, x, state)
+        h = self.norm(x)
+        return (h, outs) if return_layer_outputs else h
