@@ -1,0 +1,232 @@
+"""Hugging Face weights in and out: load HF safetensors (+ a PEFT adapter) into the NNX Transformer, export a PEFT
+adapter and merged HF weights. All key names and transposes come from ctxd_jax.models.names.
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ctxd_jax.models import names
+from ctxd_jax.models.config import ModelConfig
+from ctxd_jax.models.transformer import Transformer
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+INDEX = "model.safetensors.index.json"
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
+# Files that describe the model rather than hold its weights: copied next to merged exports.
+_META_PATTERNS = ("*.json", "*.jinja", "*.txt", "tokenizer.model")
+_NOT_META = (INDEX, ADAPTER_CONFIG)
+
+
+class SafetensorsReader:
+    """Lazy reader over one HF folder's safetensors files (single file, index + shards, or bare shards)."""
+
+    def __init__(self, folder: str, weights_name: str = "model.safetensors"):
+        self.folder = folder
+        index = os.path.join(folder, INDEX)
+        if os.path.exists(os.path.join(folder, weights_name)):
+            files = [weights_name]
+        elif os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no {weights_name}, {INDEX} or *.safetensors")
+        self._handles = {}
+        self.file_of = {}
+        for name in files:
+            handle = safe_open(os.path.join(folder, name), framework="numpy")
+            self._handles[name] = handle
+            for key in handle.keys():
+                self.file_of[key] = name
+
+    def keys(self) -> set[str]:
+        return set(self.file_of)
+
+    def where(self, key: str) -> str:
+        return os.path.join(self.folder, self.file_of.get(key, "?"))
+
+    def dtype(self, key: str):
+        return _NP_DTYPES[self._handles[self.file_of[key]].get_slice(key).get_dtype()]
+
+    def read(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.file_of:
+            raise KeyError(f"{self.folder}: missing tensor {key!r}")
+        value = self._handles[self.file_of[key]].get_tensor(key)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{self.where(key)}: tensor {key!r} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(shape)}")
+        return value
+
+
+def _check_keys(reader: SafetensorsReader, entries: list[names.Entry], num_layers: int):
+    expected = {k for e in entries for k in e.hf_keys(num_layers)}
+    missing, unexpected = sorted(expected - reader.keys()), sorted(reader.keys() - expected)
+    if missing or unexpected:
+        raise KeyError(f"{reader.folder}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}"
+                       + (" (more omitted)" if max(len(missing), len(unexpected)) > 8 else ""))
+
+
+def _load_entry(reader: SafetensorsReader, entry: names.Entry, abstract, num_layers: int) -> np.ndarray:
+    """One NNX array from its HF tensors, in the abstract leaf's dtype; shape checked per HF key."""
+    per_key = abstract.shape[1:] if entry.stacked else abstract.shape
+    hf_shape = per_key[::-1] if entry.transpose else per_key
+    value = names.to_nnx(entry, lambda k: reader.read(k, hf_shape), num_layers)
+    return value.astype(abstract.dtype)
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no PEFT adapter config")
+    with open(path) as f:
+        c = json.load(f)
+    if c.get("peft_type", "LORA") != "LORA" or c.get("use_rslora") or c.get("use_dora"):
+        raise ValueError(f"{path}: only plain LoRA adapters are supported (peft_type LORA, no rslora/dora)")
+    if c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise ValueError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
+    return c
+
+
+def _place(value, path, mesh):
+    if mesh is None:
+        return jnp.asarray(value)
+    from ctxd_jax.sharding import param_spec
+
+    return jax.device_put(value, jax.sharding.NamedSharding(mesh, param_spec(path, value.shape, mesh)))
+
+
+def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, mesh=None, seed: int = 0, adapter_dir: str | None = None,
+               remat: bool = False) -> Transformer:
+    """HF checkpoint (+ optional PEFT adapter) -> Transformer, each array placed straight into its sharding.
+
+    With `adapter_dir`, rank and alpha default to the adapter's (explicit values must agree). Without it, LoRA
+    factors are initialised from `seed` like PEFT (A uniform, B zero); lora_alpha defaults to 2 * rank.
+    """
+    cfg = ModelConfig.from_hf(model_dir)
+    if adapter_dir is not None:
+        ac = read_adapter_config(adapter_dir)
+        for name, given, found in (("lora_rank", lora_rank, ac["r"]), ("lora_alpha", lora_alpha, ac["lora_alpha"])):
+            if given and given != found:
+                raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG}: {name} is {found}, but {given} was requested")
+        lora_rank, lora_alpha = ac["r"], ac["lora_alpha"]
+    if lora_alpha is None:
+        lora_alpha = 2.0 * lora_rank
+
+    def build():
+        return Transformer(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
+                           remat=remat, rngs=nnx.Rngs(seed))
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    leaves = dict(nnx.to_flat_state(state))
+    values = {}
+
+    reader = SafetensorsReader(model_dir)
+    entries = names.base_entries(cfg)
+    _check_keys(reader, entries, cfg.num_layers)
+    for e in entries:
+        values[e.path] = _place(_load_entry(reader, e, leaves[e.path].get_value(), cfg.num_layers), e.path, mesh)
+
+    if lora_rank > 0:
+        targets = names.lora_targets(leaves)
+        if adapter_dir is not None:
+            areader = SafetensorsReader(adapter_dir, ADAPTER_WEIGHTS)
+            lentries = names.lora_entries(targets)
+            _check_keys(areader, lentries, cfg.num_layers)
+            for e in lentries:
+                values[e.path] = _place(_load_entry(areader, e, leaves[e.path].get_value(), cfg.num_layers),
+                                        e.path, mesh)
+        else:
+            # Under jit the unused base-weight initialisers are dead code: only the LoRA factors are computed.
+            lora = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam))()
+            for path, var in nnx.to_flat_state(lora):
+                values[path] = _place(var.get_value(), path, mesh)
+
+    unfilled = sorted(set(leaves) - set(values))
+    if unfilled:
+        raise KeyError(f"{model_dir}: no HF tensor maps to model parameters {unfilled[:8]}")
+    for path, var in leaves.items():
+        var.set_value(values[path])
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def _lora_hparams(model: Transformer) -> tuple[int, float]:
+    proj = model.layers.self_attn.q_proj
+    if getattr(proj, "lora_rank", 0) <= 0:
+        raise ValueError("the model has no LoRA parameters (lora_rank=0)")
+    alpha = proj.lora_scale * proj.lora_rank
+    return proj.lora_rank, int(round(alpha)) if abs(alpha - round(alpha)) < 1e-6 else alpha
+
+
+def _atomic_write(path: str, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: Transformer, out_dir: str, *, base_model_name_or_path: str) -> str:
+    """Writes the LoRA factors as a PEFT adapter (loadable by peft and vLLM's /v1/load_lora_adapter)."""
+    rank, alpha = _lora_hparams(model)
+    host = jax.device_get(nnx.state(model, nnx.LoRAParam))  # one transfer for all factors
+    flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(host)}
+    targets = names.lora_targets(flat)
+    tensors = names.flat_to_hf(names.lora_entries(targets), flat)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "target_modules": targets,
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "modules_to_save": None, "init_lora_weights": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS),
+                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=1)
+    return out_dir
+
+
+def merged_flat(model: Transformer) -> dict[names.Path, np.ndarray]:
+    """Base weights with each LoRA delta folded in (W + (alpha/r) A B, in float32), gathered to host."""
+    flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+    scale = 0.0
+    if any(p[-1] == "lora_a" for p in flat):
+        rank, alpha = _lora_hparams(model)
+        scale = alpha / rank
+    out = {}
+    for path, value in flat.items():
+        if path[-1] in ("lora_a", "lora_b"):
+            continue
+        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
+            a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
+            value = value.astype(jnp.float32) + scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+        out[path] = np.asarray(jax.device_get(value))
+    return out
+
+
+def save_merged(model: Transformer, out_dir: str, *, src_dir: str) -> str:
+    """Merged HF checkpoint: model.safetensors in the source checkpoint's dtypes, plus src_dir's config/tokenizer."""
+    cfg = model.cfg
+    src = SafetensorsReader(src_dir)
+    flat = merged_flat(model)
+    tensors = {}
+    for key, value in names.flat_to_hf(names.base_entries(cfg), flat).items():
+        tensors[key] = value.astype(src.dtype(key) if key in src.file_of else value.dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, "model.safetensors"),
+                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    for pattern in _META_PATTERNS:
+        for path in glob.glob(os.path.join(src_dir, pattern)):
+            if os.path.basename(path) not in _NOT_META:
+                shutil.copy(path, os.path.join(out_dir, os.path.basename(path)))
+    return out_dir
