@@ -1,0 +1,62 @@
+"""Orbax checkpoints of a run: arrays (LoRA, optimizer state) plus JSON metadata (step, RNG key, data position).
+
+Orbax writes each step into a temporary folder and renames it when complete, so the latest step it lists is the
+latest COMPLETE checkpoint; a run killed mid-save leaves only a temporary folder that is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    """`save(step, arrays, meta)` / `restore(target)`; keeps the newest `keep` checkpoints under `directory`."""
+
+    def __init__(self, directory: str, *, keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True,
+                                               enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
+
+    def latest_step(self) -> int | None:
+        self._manager.reload()
+        return self._manager.latest_step()
+
+    def save(self, step: int, arrays, meta: dict) -> str:
+        """Blocking save; overwrites nothing (a step already saved is skipped). Returns the step folder."""
+        if step not in self._manager.all_steps():
+            self._manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                             meta=ocp.args.JsonSave(dict(meta, step=step))))
+            self._manager.wait_until_finished()
+        return os.path.join(self.directory, str(step))
+
+    def restore(self, target, step: int | None = None):
+        """(arrays, meta) of `step` (default: the latest complete one). `target` gives the tree structure, shapes,
+        dtypes and shardings (concrete arrays or jax.ShapeDtypeStruct with .sharding)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+        abstract = jax.tree.map(_abstract, target)
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract),
+                                                                      meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types; name the folder and the step
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: {e})") from e
+        return out["arrays"], out["meta"]
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
