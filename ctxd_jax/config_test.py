@@ -1,0 +1,177 @@
+import pytest
+
+from configs import demo, rl
+from ctxd_jax.config import ConfigError, Gpus, parse_gpu_ids, resolve, validate
+
+CPU = Gpus()
+THREE = Gpus(inference=(0,), teacher=(1,), trainer=(2,))
+
+
+def _config(**overrides):
+    c = rl.get_config()
+    for path, value in overrides.items():
+        *parents, leaf = path.split("__")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _error(config, gpus=CPU) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(config, gpus)
+    return str(e.value)
+
+
+def test_defaults_are_the_reference():
+    c = rl.get_config()
+    assert (c.loss.adv_tau, c.loss.teacher_tau, c.loss.student_tau) == (1.0, 1.0, 1.0)
+    assert c.advantage.use_full_reward_baseline and not c.advantage.kl_only_incorrect
+    assert (c.batch_size, c.rollouts_per_example) == (256, 16)
+    assert (c.sampling.max_tokens, c.sampling.temperature) == (8192, 1.0)
+    assert (c.optim.lr, c.optim.max_norm, c.lora.rank, c.lora.alpha) == (1e-5, 1.0, 16, 64)
+    assert c.teacher.eval_baseline and c.teacher.context
+    assert not c.buffer.skip_verification
+    assert c.inference.parallel.dp is None and c.inference.parallel.tp == 1
+    assert c.max_async_level == 1
+
+
+def test_taus_live_only_in_loss():
+    c = rl.get_config().to_dict()
+    holders = [k for k, v in c.items() if isinstance(v, dict) and "teacher_tau" in v]
+    assert holders == ["loss"]
+
+
+def test_config_is_locked():
+    with pytest.raises(AttributeError):
+        rl.get_config().loss.tau = 1.0
+
+
+def test_demo_is_valid_on_cpu():
+    config, plan, warnings = resolve(demo.get_config(), CPU)
+    assert plan.cpu and plan.teacher_shared and plan.servers == (plan.student,)
+    assert plan.student.roles == ("student", "teacher") and plan.student.gpu_ids == ()
+    assert not config.model.path.startswith("~")
+    assert warnings == []
+
+
+@pytest.mark.parametrize("text,ids", [("", ()), ("0", (0,)), ("0,1, 3", (0, 1, 3)), ("2,", (2,))])
+def test_parse_gpu_ids(text, ids):
+    assert parse_gpu_ids("inference_gpu_ids", text) == ids
+
+
+@pytest.mark.parametrize("text", ["a", "0,0", "-1", "1.5"])
+def test_parse_gpu_ids_rejects(text):
+    with pytest.raises(ConfigError, match="^inference_gpu_ids: "):
+        parse_gpu_ids("inference_gpu_ids", text)
+
+
+@pytest.mark.parametrize("tau", ["teacher_tau", "student_tau", "topk_tau"])
+def test_kl_tau_needs_teacher_gpus(tau):
+    c = _config(**{"loss__teacher_tau": 0.0, "loss__student_tau": 0.0, f"loss__{tau}": 0.5})
+    msg = _error(c, Gpus(inference=(0,), trainer=(1,)))
+    assert msg.startswith("teacher_gpu_ids: ") and f"{tau}=0.5" in msg
+    validate(c, THREE)  # fine with a teacher
+
+
+def test_pure_rl_needs_no_teacher():
+    c = _config(loss__teacher_tau=0.0, loss__student_tau=0.0)
+    _, plan, warnings = resolve(c, Gpus(inference=(0,), trainer=(1,)))
+    assert plan.teacher is None
+    assert any(w.startswith("teacher.eval_baseline: ") for w in warnings)
+
+
+def test_batch_divisible_by_group():
+    assert _error(_config(batch_size=250)).startswith("batch_size: 250 is not divisible by rollouts_per_example=16")
+
+
+def test_dp_inferred_and_checked():
+    gpus = Gpus(inference=(0, 1, 2, 3), teacher=(4,), trainer=(5,))
+    config, plan, _ = resolve(_config(), gpus)
+    assert config.inference.parallel.dp == 4 and plan.student.dp == 4
+    tp2 = _config(inference__parallel__tp=2)
+    config, plan, _ = resolve(tp2, Gpus(inference=(0, 1, 2, 3), teacher=(4, 5), trainer=(6,)))
+    assert (plan.student.dp, plan.student.tp, plan.teacher.dp) == (2, 2, 1)
+    assert _error(tp2, gpus).startswith("inference.parallel.tp: 2 does not divide the 1 teacher")
+    assert _error(_config(inference__parallel__dp=3), gpus).startswith("inference.parallel.dp: dp=3 x tp=1 != 4")
+    assert _error(_config(inference__parallel__tp=3), gpus).startswith("inference.parallel.tp: 3 does not divide")
+    validate(_config(inference__parallel__dp=4), gpus)
+
+
+def test_cpu_mode_is_one_server():
+    assert _error(_config(inference__parallel__dp=2)).startswith("inference.parallel.dp: CPU mode")
+    assert _error(_config(inference__parallel__tp=2)).startswith("inference.parallel.tp: CPU mode")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("optim__lr", 0.0), ("optim__lr", -1e-5), ("sampling__max_tokens", 0), ("lora__rank", 0), ("lora__alpha", -1.0),
+    ("batch_size", 0), ("seq_len", 0),
+])
+def test_non_positive(field, value):
+    assert _error(_config(**{field: value})).startswith(f"{field.replace('__', '.')}: must be > 0")
+
+
+@pytest.mark.parametrize("tau", ["adv_tau", "teacher_tau", "student_tau", "topk_tau"])
+def test_negative_tau(tau):
+    assert _error(_config(**{f"loss__{tau}": -0.1})).startswith(f"loss.{tau}: must be >= 0")
+
+
+@pytest.mark.parametrize("t", [-1.0, 0.0])
+def test_temperature(t):
+    assert _error(_config(sampling__temperature=t)).startswith("sampling.temperature: must be > 0")
+
+
+def test_max_tokens_fits_seq_len():
+    assert _error(_config(sampling__max_tokens=16884)).startswith("sampling.max_tokens: 16884 leaves no room")
+
+
+def test_choices_and_bounds():
+    assert _error(_config(model__dtype="float16")).startswith("model.dtype: ")
+    assert _error(_config(optim__schedule="step")).startswith("optim.schedule: ")
+    assert _error(_config(weights__mode="full")).startswith("weights.mode: ")
+    assert _error(_config(loss__token_mask_low=9.0)).startswith("loss.token_mask_low: ")
+    assert _error(_config(loss__topk_tau=1.0, loss__topk=0)).startswith("loss.topk: ")
+
+
+def test_gpu_lists_all_or_none():
+    assert _error(_config(), Gpus(teacher=(0,), trainer=(1,))).startswith("inference_gpu_ids: empty")
+    assert _error(_config(), Gpus(inference=(0,), teacher=(1,))).startswith("trainer_gpu_ids: empty")
+
+
+def test_merged_weights_cannot_share_teacher_server():
+    assert _error(_config(weights__mode="merged")).startswith("weights.mode: 'merged'")
+    validate(_config(weights__mode="merged"), THREE)  # teacher on its own server
+
+
+def test_teacher_sharing():
+    same = Gpus(inference=(0,), teacher=(0,), trainer=(1,))
+    _, plan, _ = resolve(_config(), same)
+    assert plan.teacher_shared
+    _, plan, _ = resolve(_config(teacher__model="/models/other"), same)
+    assert not plan.teacher_shared and plan.teacher.model == "/models/other" and plan.teacher.port == 8001
+    _, plan, _ = resolve(_config(), Gpus(inference=(0, 1), teacher=(1,), trainer=(2,)))
+    assert not plan.teacher_shared and plan.teacher.gpu_ids == (1,) and plan.student.dp == 2
+
+
+def test_num_train_workers():
+    _, plan, _ = resolve(_config(), Gpus(inference=(0,), teacher=(1,), trainer=(2, 3, 4, 5)))
+    assert plan.trainer.num_train_workers == 4
+    _, plan, _ = resolve(_config(trainer__tp=2), Gpus(inference=(0,), teacher=(1,), trainer=(2, 3, 4, 5)))
+    assert plan.trainer.num_train_workers == 2
+    assert _error(_config(trainer__tp=3), Gpus(inference=(0,), teacher=(1,), trainer=(2, 3))).startswith("trainer.tp")
+    _, plan, _ = resolve(_config(), CPU)
+    assert plan.trainer.gpu_ids == () and plan.trainer.num_train_workers == 1
+
+
+def test_warnings():
+    def warns(**kw):
+        return validate(_config(**kw), THREE)
+
+    assert warns() == []
+    assert any(w.startswith("advantage.kl_only_incorrect: ") for w in
+               warns(advantage__kl_only_incorrect=True, loss__teacher_tau=0.0, loss__student_tau=0.0))
+    assert any(w.startswith("buffer.skip_verification: ") for w in warns(buffer__skip_verification=True))
+    assert warns(buffer__skip_verification=True, loss__adv_tau=0.0) == []
+    shared = validate(_config(), Gpus(inference=(0,), teacher=(1,), trainer=(0,)))
+    assert any(w.startswith("trainer_gpu_ids: GPUs [0] are shared") for w in shared)
