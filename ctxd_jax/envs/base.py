@@ -1,0 +1,126 @@
+"""The environment interface: a seeded dataset of chat prompts with disjoint train/eval splits, a verifier and a default
+teacher context; plus the registry that `config.env.name` picks from.
+
+Teacher contexts are plain strings (config.teacher.context). They may carry worked example turns, which small models
+need (SmolLM2-135M ignores an instruction alone, see envs/persona.py): a line that is exactly `<<user>>` or
+`<<assistant>>` starts a turn with that role; the text before the first marker is the system message.
+
+    Start every answer with "Ahoy!".
+    <<user>>
+    What color is a banana?
+    <<assistant>>
+    Ahoy! A banana is yellow when it is ripe.
+
+The default `teacher_messages` puts that system message in place of the student's system message, then the demo
+turns, then the student's other messages (the reference's behaviour: the context replaces the system prompt).
+Adding an environment is one file in this package that decorates its class with `@register("name")`.
+"""
+
+import dataclasses
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable, Sequence
+
+TURN_MARKERS = {"<<user>>": "user", "<<assistant>>": "assistant"}
+_MARKER_LINE = re.compile(r"^(<<user>>|<<assistant>>)[ \t]*$", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    id: str
+    messages: tuple[dict, ...]  # the student's chat messages (system? + user)
+    data: dict  # whatever the verifier needs
+
+
+def parse_context(context: str) -> list[dict]:
+    """The teacher context as chat messages: [system (if any text), demo turns...]."""
+    pieces = _MARKER_LINE.split(context)
+    system = pieces[0].strip()
+    msgs = [{"role": "system", "content": system}] if system else []
+    for marker, text in zip(pieces[1::2], pieces[2::2]):
+        msgs.append({"role": TURN_MARKERS[marker], "content": text.strip()})
+    return msgs
+
+
+def format_context(system: str, demos: Sequence[tuple[str, str]]) -> str:
+    """The inverse of parse_context: a rule and (user, assistant) demo pairs as one context string."""
+    parts = [system.strip()]
+    for user, assistant in demos:
+        parts += ["<<user>>", user.strip(), "<<assistant>>", assistant.strip()]
+    return "\n".join(parts)
+
+
+class LazyExamples(Sequence):
+    """A fixed-length sequence whose items are built on first access (Sokoban's 16k puzzles are not built up front)."""
+
+    def __init__(self, n: int, make: Callable[[int], Example]):
+        self._n, self._make, self._cache = n, make, {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"example index {i} out of range ({self._n})")
+        if i not in self._cache:
+            self._cache[i] = self._make(i)
+        return self._cache[i]
+
+
+class Environment:
+    name: str = ""
+    default_context: str = ""
+
+    def examples(self, split: str) -> Sequence[Example]:
+        raise NotImplementedError
+
+    def reward(self, example: Example, completion_text: str) -> float:
+        raise NotImplementedError
+
+    def teacher_messages(self, example: Example, context: str) -> list[dict]:
+        return parse_context(context) + [m for m in example.messages if m["role"] != "system"]
+
+
+def check_split(split: str) -> None:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+_REGISTRY: dict[str, Callable[..., Environment]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"environment {name!r} registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _import_all() -> None:
+    import ctxd_jax.envs as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if not m.name.endswith("_test"):
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
+
+
+def env_names() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_env(name: str, **kwargs) -> Environment:
+    """The environment `name` (config.env.name), built with `kwargs` (config.env.args)."""
+    if name not in _REGISTRY:
+        _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"env.name: unknown environment {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name](**kwargs)
