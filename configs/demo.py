@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.max_tokens = 64
 
     with c.unlocked():
-        c.env = dict(name="ahoy", args=dict(num_eval=96))
+        c.env = dict(name="ahoy", args=dict(seed=0, num_eval=96))
     c.teacher.context = style_context("ahoy")
 
     c.lora.rank = 8

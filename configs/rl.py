@@ -10,8 +10,7 @@ not stored here: ctxd_jax/config.py computes them from this and the GPU id flags
 import ml_collections
 from ml_collections import config_dict
 
-# Placeholder until ctxd_jax/envs/sokoban.py exists; then this is its TEACHER_CONTEXT.
-SOKOBAN_CONTEXT = "(Sokoban guide: see ctxd_jax/envs/sokoban.py)"
+from ctxd_jax.envs.sokoban import TEACHER_CONTEXT
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollouts_per_example = 16
     c.sampling = dict(max_tokens=8192, temperature=1.0)
 
-    # reward = adv_tau * task + teacher_tau * sum(lp_teacher) - student_tau * sum(lp_student): the only copy of the taus.
+    # reward = adv_tau * task + teacher_tau * sum(lp_teacher) - student_tau * sum(lp_student).
+    # The only copy of the taus.
     c.loss = dict(
         adv_tau=1.0,
         teacher_tau=1.0,
@@ -53,8 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # context: the teacher's system message (replaces the student's); '' = the teacher sees the student's prompt.
     # model: the teacher's HF folder; '' = the student's base model (then one server can serve both).
-    c.teacher = dict(context=SOKOBAN_CONTEXT, eval_baseline=True, model="")
-    c.env = dict(name="sokoban", args=dict())  # args: keyword arguments of the environment class
+    c.teacher = dict(context=TEACHER_CONTEXT, eval_baseline=True, model="")
+    # args: keyword arguments of the environment class; here the reference run's puzzle sizes and split sizes.
+    c.env = dict(name="sokoban", args=dict(seed=40, num_train=15000, num_eval=1000, min_w=4, max_w=9, min_h=4,
+                                           max_h=9, min_boxes=1, max_boxes=7, max_depth=80))
 
     c.optim = dict(
         lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,

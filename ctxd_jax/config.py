@@ -163,10 +163,11 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
     if gpus.cpu:
         _require(tp == 1, "inference.parallel.tp", f"CPU mode (no GPU ids) runs one server with tp=1, got {tp}")
         _require(dp in (None, 1), "inference.parallel.dp", f"CPU mode (no GPU ids) runs one server with dp=1, got {dp}")
-        _require(config.trainer.tp == 1, "trainer.tp", f"CPU mode (no GPU ids) needs trainer.tp=1, got {config.trainer.tp}")
+        _require(config.trainer.tp == 1, "trainer.tp",
+                 f"CPU mode (no GPU ids) needs trainer.tp=1, got {config.trainer.tp}")
         return
-    _require(bool(gpus.inference), "inference_gpu_ids", "empty while other GPU ids are given (give all, or none for CPU)")
-    _require(bool(gpus.trainer), "trainer_gpu_ids", "empty while other GPU ids are given (give all, or none for CPU)")
+    for field, ids in (("inference_gpu_ids", gpus.inference), ("trainer_gpu_ids", gpus.trainer)):
+        _require(bool(ids), field, "empty while other GPU ids are given (give all, or none for CPU mode)")
     n = len(gpus.inference)
     _require(n % tp == 0, "inference.parallel.tp", f"{tp} does not divide the {n} inference GPUs")
     _require(dp is None or dp * tp == n, "inference.parallel.dp",
@@ -178,7 +179,8 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
              f"{config.trainer.tp} does not divide the {len(gpus.trainer)} trainer GPUs")
     if _needs_teacher_for_loss(config) and not gpus.teacher:
         taus = ", ".join(f"{t}={config.loss[t]}" for t in TAU_FIELDS[1:] if config.loss[t] > 0)
-        raise ConfigError(f"teacher_gpu_ids: {taus} needs a teacher server; give --teacher_gpu_ids or set these taus to 0")
+        raise ConfigError(f"teacher_gpu_ids: {taus} needs a teacher server; "
+                          "give --teacher_gpu_ids or set these taus to 0")
 
 
 def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list[str]:
@@ -227,7 +229,9 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
 
 
 def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:
-    """Validate; return (config with dp filled in and ~ expanded, plan, warnings). Raises ConfigError on the first bad field."""
+    """Validate; return (config with dp filled in and ~ expanded, plan, warnings).
+
+    Raises ConfigError on the first bad field."""
     _check_values(config)
     _check_layout(config, gpus)
     resolved = config.copy_and_resolve_references()

@@ -1,0 +1,117 @@
+"""The documented command line, run as a user runs it: `python -m ctxd_jax.train ... --dry_run` in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPUS = ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctxd_jax.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def ok(*args: str) -> subprocess.CompletedProcess:
+    r = cli(*args, "--dry_run")
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def refused(*args: str) -> str:
+    r = cli(*args, "--dry_run")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0].removeprefix("error: ")
+
+
+# The reference's common configurations (context-distillation-args.md), in our flag names, on its GPU layout.
+COMMON = {
+    "pure_rl": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=0", "--config.loss.student_tau=0"],
+    "hybrid": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=1.0", "--config.loss.student_tau=1.0",
+               "--config.advantage.use_full_reward_baseline=true"],
+    "gated": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=0.01", "--config.loss.student_tau=0.01",
+              "--config.advantage.use_full_reward_baseline=true", "--config.advantage.kl_only_incorrect=true"],
+    "pure_distillation": ["--config.loss.adv_tau=0.0", "--config.loss.teacher_tau=1.0",
+                          "--config.loss.student_tau=1.0", "--config.buffer.skip_verification=true"],
+    "token_kl": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=0.01", "--config.loss.student_tau=0.01",
+                 "--config.advantage.use_full_reward_baseline=false"],
+}
+
+
+@pytest.mark.parametrize("name", COMMON)
+def test_common_configuration(name):
+    r = ok("--config=configs/rl.py", *COMMON[name], *GPUS)
+    assert "warning" not in r.stderr, r.stderr
+    assert "vLLM server [student] " in r.stdout and "on GPUs 0 (dp=1, tp=1)" in r.stdout
+    assert "JAX trainer on GPUs 2 (num_train_workers=1, tp=1)" in r.stdout
+    for flag in COMMON[name]:
+        field, value = flag.removeprefix("--config.").split("=")
+        leaf = field.split(".")[-1]
+        shown = value if value in ("true", "false") else str(float(value))
+        assert f"  {leaf}: {shown}\n" in r.stdout, (flag, r.stdout)
+    assert "vLLM server [teacher] " in r.stdout and "on GPUs 1 (dp=1, tp=1), port 8001" in r.stdout
+
+
+def test_pure_rl_without_teacher_gpus():
+    r = ok(*COMMON["pure_rl"], "--inference_gpu_ids=0", "--trainer_gpu_ids=1")
+    assert "no teacher" in r.stdout and "teacher" not in r.stdout.split("plan (")[1].split("no teacher")[0]
+    assert "warning: teacher.eval_baseline: " in r.stderr
+
+
+@pytest.mark.parametrize("name", ["hybrid", "gated", "pure_distillation", "token_kl"])
+def test_kl_without_teacher_gpus_is_refused(name):
+    msg = refused(*COMMON[name], "--inference_gpu_ids=0", "--trainer_gpu_ids=1")
+    assert msg.startswith("teacher_gpu_ids: ")
+
+
+def test_default_and_demo_cpu_plans():
+    r = ok()  # --config defaults to configs/rl.py
+    assert "plan (CPU mode)" in r.stdout and "vLLM server [student + teacher] " in r.stdout
+    r = ok("--config=configs/demo.py")
+    assert "SmolLM2-135M-Instruct on CPU" in r.stdout and "JAX trainer on CPU" in r.stdout
+    assert "name: ahoy" in r.stdout and r.stderr == ""
+
+
+def test_reference_gpu_layout_infers_dp():
+    # The fork's README layout: --inference_gpu_ids 0,1 --teacher_gpu_ids 2 --trainer_gpu_ids 3 (dp inferred = 2).
+    r = ok("--inference_gpu_ids=0,1", "--teacher_gpu_ids=2", "--trainer_gpu_ids=3,4,5,6")
+    assert "on GPUs 0,1 (dp=2, tp=1)" in r.stdout and "dp: 2\n" in r.stdout
+    assert "num_train_workers=4" in r.stdout
+
+
+@pytest.mark.parametrize("args,prefix", [
+    (["--config.loss.teacher_tau=-1"], "loss.teacher_tau: must be >= 0"),
+    (["--config.loss.student_tau=-0.5"], "loss.student_tau: must be >= 0"),
+    (["--config.loss.adv_tau=-1"], "loss.adv_tau: must be >= 0"),
+    (["--config.batch_size=100"], "batch_size: 100 is not divisible by rollouts_per_example=16"),
+    (["--config.optim.lr=0"], "optim.lr: must be > 0"),
+    (["--config.sampling.max_tokens=0"], "sampling.max_tokens: must be > 0"),
+    (["--config.sampling.temperature=-1"], "sampling.temperature: must be > 0"),
+    (["--config.lora.rank=0"], "lora.rank: must be > 0"),
+    (["--config.lora.alpha=0"], "lora.alpha: must be > 0"),
+    (["--config.inference.parallel.dp=3", "--inference_gpu_ids=0,1", "--teacher_gpu_ids=2", "--trainer_gpu_ids=3"],
+     "inference.parallel.dp: dp=3 x tp=1 != 2"),
+    (["--config.loss.teacher_ta=1"], "config.loss.teacher_ta: unknown key 'teacher_ta' (did you mean 'teacher_tau'?)"),
+    (["--config.nope=1"], "config.nope: unknown key 'nope'"),
+    (["--config.loss.teacher_tau=abc"], "flag --config.loss.teacher_tau=abc: "),
+    (["--config=configs/missing.py"], "config: cannot load 'configs/missing.py'"),
+    (["--inference_gpu_ids=0,x", "--trainer_gpu_ids=1"], "inference_gpu_ids: 'x' is not a GPU id"),
+    (["--trainer_gpu_ids=1"], "inference_gpu_ids: empty while other GPU ids are given"),
+    (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    (["--config=configs/demo.py", "--config.env.name=nope"], "env.name: unknown environment 'nope'"),
+])
+def test_refusals(args, prefix):
+    assert refused(*args).startswith(prefix)
+
+
+def test_warning_for_setting_without_effect():
+    r = ok("--config.advantage.kl_only_incorrect=true", "--config.loss.teacher_tau=0", "--config.loss.student_tau=0")
+    assert "warning: advantage.kl_only_incorrect: no effect" in r.stderr
+    r = ok("--config.buffer.skip_verification=true")
+    assert "warning: buffer.skip_verification: " in r.stderr
