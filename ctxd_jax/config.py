@@ -197,7 +197,7 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
         out.append("teacher_gpu_ids: unused (KL taus 0 and teacher.eval_baseline off); no teacher server starts")
     servers = set(gpus.inference) | (set(gpus.teacher) if plan.teacher is not None else set())
     shared = sorted(servers & set(gpus.trainer))
-    if shared:
+    if shared and config.inference.gpu_memory_utilization > 0.5:
         out.append(f"trainer_gpu_ids: GPUs {shared} are shared with vLLM; lower inference.gpu_memory_utilization "
                    f"(now {config.inference.gpu_memory_utilization}) so the trainer fits")
     if loss.adv_tau == 0 and loss.teacher_tau == 0 and loss.student_tau == 0 and loss.topk_tau == 0:

@@ -175,3 +175,5 @@ def test_warnings():
     assert warns(buffer__skip_verification=True, loss__adv_tau=0.0) == []
     shared = validate(_config(), Gpus(inference=(0,), teacher=(1,), trainer=(0,)))
     assert any(w.startswith("trainer_gpu_ids: GPUs [0] are shared") for w in shared)
+    one_gpu = Gpus(inference=(0,), teacher=(0,), trainer=(0,))
+    assert validate(_config(inference__gpu_memory_utilization=0.45), one_gpu) == []
