@@ -72,6 +72,9 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
                  topk_direction: str = "forward"):
     """Loss (scalar float32) and metrics (dict of float32 scalars) for one micro-batch of [R, T] tokens.
 
+    Metrics are means over this call's loss-mask tokens (or samples, for geo_seq_ratio and teacher_seq_kl);
+    num_loss_tokens and num_samples are returned so that callers can weight them across micro-batches.
+
     trainer_logprobs carry the gradient; inference_logprobs are vLLM's sampling log-probs; teacher_logprobs
     (or None) the teacher's; advantages the per-sample A (already scaled by adv_tau) broadcast per token;
     kl_gates (or None = 1) per token; loss_mask marks completion tokens that are trained on.
@@ -138,8 +141,10 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
     coeff = jax.lax.stop_gradient(jnp.where(keep, ratio * adv_hat, 0.0))
     loss = -jnp.sum(jnp.where(keep, coeff * lp, 0.0)) / scale
 
+    n_samples = jnp.sum(count > 0).astype(jnp.float32)  # samples with at least one loss-mask token
     metrics = {
         "num_loss_tokens": n_tokens,
+        "num_samples": n_samples,
         "mismatch_kl": token_mean(ratio - log_ratio - 1.0),
         "ratio_mean": token_mean(ratio),
         "masked_token_low": token_mean(token_low.astype(jnp.float32)),
@@ -147,7 +152,7 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
         "masked_geo": token_mean(geo_masked.astype(jnp.float32)),
         "masked_sequence": token_mean(seq_masked.astype(jnp.float32)),
         "masked_total": token_mean((m & ~keep).astype(jnp.float32)),
-        "geo_seq_ratio": jnp.sum(jnp.where(count > 0, geo_ratio, 0.0)) / jnp.maximum(jnp.sum(count > 0), 1),
+        "geo_seq_ratio": jnp.sum(jnp.where(count > 0, geo_ratio, 0.0)) / jnp.maximum(n_samples, 1.0),
         "combined_advantage": token_mean(adv_hat),
         "task_adv_abs": token_mean(jnp.abs(task_adv)),
         "kl_contrib_abs": token_mean(jnp.abs(kl_term)),
@@ -155,7 +160,7 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
     if teacher_lp is not None:
         diff = jnp.sum(jnp.where(m, teacher_lp - jax.lax.stop_gradient(lp), 0.0))
         metrics["teacher_kl"] = diff / denom
-        metrics["teacher_seq_kl"] = diff / jnp.maximum(jnp.sum(count > 0), 1)  # mean over samples of the sums
+        metrics["teacher_seq_kl"] = diff / jnp.maximum(n_samples, 1.0)  # mean over samples of the sums
     if student_topk_logprobs is not None:
         kl = topk_kl(student_topk_logprobs, teacher_topk_logprobs, m, direction=topk_direction)
         loss = loss + topk_tau * jnp.sum(kl) / scale

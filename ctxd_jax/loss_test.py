@@ -259,6 +259,15 @@ def test_bfloat16_inputs():
     assert np.isfinite(loss) and grad.dtype == jnp.bfloat16
 
 
+def test_empty_filler_batch_is_zero():
+    # all-false loss mask (filler micro-batches): loss 0, zero gradient, finite metrics
+    x = np.full((2, 4), -1.0, np.float32)
+    grad, loss, metrics = grad_and_loss(x, x - 50.0, x, np.ones_like(x), None, np.zeros_like(x, bool),
+                                        teacher_tau=1.0, student_tau=1.0, use_full_reward_baseline=False)
+    assert loss == 0 and np.all(grad == 0) and all(np.isfinite(v) for v in metrics.values())
+    assert metrics["num_loss_tokens"] == 0 and metrics["num_samples"] == 0
+
+
 def test_shape_errors_name_the_field():
     x = np.zeros((2, 3), np.float32)
     with pytest.raises(ValueError, match="inference_logprobs"):
