@@ -1,0 +1,202 @@
+"""The functional train step: LoRA-only gradients of compute_loss on packed batches, AdamW, clipping, lr schedule.
+
+The model is split once into (graphdef, lora, rest); jitted functions merge it inside, differentiate only `lora`,
+and donate the LoRA and optimizer state. Rows are processed in micro-batches of fixed shape (one compile), their
+gradients summed: each micro-batch's loss is divided by the WHOLE batch's loss-token count (`loss_scale`), so the
+sum equals the gradient of the full-batch loss (prime-rl-notes §10.4).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from ctxd_jax import sharding
+from ctxd_jax.loss import compute_loss
+from ctxd_jax.models.logprobs import token_logprobs
+from ctxd_jax.packing import TrainBatch
+
+LOSS_KEYS = ("token_mask_low", "token_mask_high", "geo_mask_low", "geo_mask_high", "sequence_mask_low",
+             "sequence_mask_high")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    max_norm: float = 1.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | linear | cosine (decay to 0 at total_steps)
+    total_steps: int = 1
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step: loss hyper-parameters and the micro-batch / chunk shapes."""
+
+    teacher_tau: float = 0.0
+    student_tau: float = 0.0
+    use_full_reward_baseline: bool = True
+    topk_tau: float = 0.0
+    topk_direction: str = "forward"
+    masks: tuple[tuple[str, float], ...] = ()  # (name, value) for LOSS_KEYS
+    micro_batch_rows: int = 0  # 0 = all rows at once
+    chunk_size: int = 1024  # tokens per chunk of the log-prob head
+
+
+def lr_schedule(c: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 over warmup_steps, then constant / linear to 0 / cosine to 0 at total_steps."""
+    decay_steps = max(c.total_steps - c.warmup_steps, 1)
+    if c.schedule == "constant":
+        main = optax.constant_schedule(c.lr)
+    elif c.schedule == "linear":
+        main = optax.linear_schedule(c.lr, 0.0, decay_steps)
+    elif c.schedule == "cosine":
+        main = optax.cosine_decay_schedule(c.lr, decay_steps)
+    else:
+        raise ValueError(f"optim.schedule: {c.schedule!r} is not one of constant, linear, cosine")
+    if c.warmup_steps <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, c.lr, c.warmup_steps), main], [c.warmup_steps])
+
+
+def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(c.max_norm),
+                       optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+
+
+def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepConfig):
+    """(loss, metrics) of one micro-batch (a dict of TrainBatch fields) with the model nnx.merge(graphdef, lora, rest)."""
+    model = nnx.merge(graphdef, lora, rest)
+    topk_ids = mb.get("teacher_topk_ids")
+    out = token_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["temperatures"],
+                         chunk_size=step.chunk_size, gather_ids=topk_ids)
+    logprobs, entropy = out[0], out[1]
+    student_topk = out[2] if topk_ids is not None else None
+    loss, metrics = compute_loss(
+        logprobs, mb["sampling_logprobs"], mb.get("teacher_logprobs"), mb["advantages"], mb["kl_gates"],
+        mb["loss_mask"], teacher_tau=step.teacher_tau, student_tau=step.student_tau,
+        use_full_reward_baseline=step.use_full_reward_baseline, segment_ids=mb["segment_ids"],
+        loss_scale=loss_scale, student_topk_logprobs=student_topk,
+        teacher_topk_logprobs=mb.get("teacher_topk_logprobs") if topk_ids is not None else None,
+        topk_tau=step.topk_tau, topk_direction=step.topk_direction, **dict(step.masks))
+    mask = mb["loss_mask"] & (mb["segment_ids"] > 0)
+    metrics = dict(metrics, entropy_sum=jnp.sum(jnp.where(mask, entropy, 0.0)))
+    return loss, metrics
+
+
+def _accumulate(acc, new):
+    return jax.tree.map(jnp.add, acc, new)
+
+
+class Trainer:
+    """Holds (graphdef, lora, rest) and the optimizer state on `mesh`; `step(batch)` trains on one TrainBatch."""
+
+    def __init__(self, model: nnx.Module, mesh: Mesh, optim: OptimConfig, step: StepConfig):
+        self.mesh, self.optim_config, self.step_config = mesh, optim, step
+        self.graphdef, self.lora, self.rest = nnx.split(model, nnx.LoRAParam, ...)
+        if not jax.tree.leaves(self.lora):
+            raise ValueError("lora.rank: the model has no LoRA parameters to train")
+        self.schedule = lr_schedule(optim)
+        self.optimizer = make_optimizer(optim)
+        self.opt_state = jax.jit(self.optimizer.init)(self.lora)
+        self.updates = 0  # optimizer steps taken (the lr schedule's position)
+        self.dp = mesh.shape["fsdp"]
+        self._batch_sharding = NamedSharding(mesh, sharding.batch_spec())
+        loss = functools.partial(micro_batch_loss, graphdef=self.graphdef, step=step)
+        self._grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        self._add = jax.jit(_accumulate, donate_argnums=0)
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+        self._score = jax.jit(functools.partial(_score, graphdef=self.graphdef, chunk_size=step.chunk_size))
+
+    @property
+    def row_multiple(self) -> int:
+        """Rows of a packed batch must be a multiple of this (data-parallel size x micro-batch rows)."""
+        return max(self.step_config.micro_batch_rows, self.dp)
+
+    def _apply_fn(self, lora, opt_state, grads):
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.optimizer.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state, grad_norm
+
+    def _micro_batches(self, batch: TrainBatch):
+        rows = batch.tokens.shape[0]
+        mb = self.step_config.micro_batch_rows or rows
+        if rows % mb or mb % self.dp:
+            raise ValueError(f"trainer.micro_batch_rows: batch of {rows} rows is not a whole number of micro-batches "
+                             f"of {mb} rows divisible by the data-parallel size {self.dp} (pack with row_multiple)")
+        fields = {k: v for k, v in batch._asdict().items() if v is not None}
+        for start in range(0, rows, mb):
+            yield {k: jax.device_put(v[start:start + mb], self._batch_sharding) for k, v in fields.items()}
+
+    def grads(self, batch: TrainBatch):
+        """(loss, summed metrics, gradient w.r.t. the LoRA state) of the whole batch, accumulated over micro-batches."""
+        loss_scale = jnp.float32(max(int(np.sum(batch.loss_mask & (batch.segment_ids > 0))), 1))
+        total = None
+        for mb in self._micro_batches(batch):
+            (loss, metrics), grads = self._grad(self.lora, self.rest, mb, loss_scale)
+            n = metrics["num_loss_tokens"]
+            # compute_loss's metrics are means over this micro-batch's tokens: weight them by its token count.
+            weighted = {k: (v if k in ("num_loss_tokens", "entropy_sum") else v * n) for k, v in metrics.items()}
+            item = (loss, weighted, grads)
+            total = item if total is None else self._add(total, item)
+        return total
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on `batch`; returns float metrics (loss, grad_norm, lr, entropy, loss metrics)."""
+        lr = float(self.schedule(self.updates))
+        loss, weighted, grads = self.grads(batch)
+        self.lora, self.opt_state, grad_norm = self._apply(self.lora, self.opt_state, grads)
+        self.updates += 1
+        weighted = jax.device_get(weighted)
+        n = max(float(weighted.pop("num_loss_tokens")), 1.0)
+        out = {k: float(v) / n for k, v in weighted.items() if k != "entropy_sum"}
+        if "teacher_kl" in out:
+            # compute_loss reports mean(lpT - lp), the KL *reward*; log the KL itself (falls toward 0 as it learns).
+            out["teacher_kl"] = -out["teacher_kl"]
+            out.pop("teacher_seq_kl", None)  # per-sample sums: the loop logs them from the rollouts
+        out.update(loss=float(loss), grad_norm=float(grad_norm), lr=lr, entropy=float(weighted["entropy_sum"]) / n,
+                   loss_tokens=n)
+        return out
+
+    def logprobs(self, batch: TrainBatch) -> np.ndarray:
+        """Trainer log-probs [rows, seq_len] of the batch's tokens under the current weights (0 where undefined)."""
+        out = []
+        for mb in self._micro_batches(batch):
+            out.append(np.asarray(jax.device_get(self._score(self.lora, self.rest, mb))))
+        return np.concatenate(out)
+
+    def model(self) -> nnx.Module:
+        """The current model (shares arrays with the trainer; read-only use, e.g. save_adapter)."""
+        return nnx.merge(self.graphdef, self.lora, self.rest)
+
+    def state_arrays(self) -> dict:
+        """What a checkpoint holds of the trainer (restore with load_state_arrays)."""
+        return {"lora": nnx.to_pure_dict(self.lora), "opt_state": self.opt_state,
+                "updates": jnp.asarray(self.updates, jnp.int32)}
+
+    def load_state_arrays(self, arrays: dict) -> None:
+        lora = jax.tree.map(lambda x: x, self.lora)
+        nnx.replace_by_pure_dict(lora, arrays["lora"])
+        self.lora, self.opt_state, self.updates = lora, arrays["opt_state"], int(arrays["updates"])
+
+
+def _score(lora, rest, mb, *, graphdef, chunk_size):
+    model = nnx.merge(graphdef, lora, rest)
+    return token_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["temperatures"],
+                          chunk_size=chunk_size)[0]
+
+
+def mismatch_kl(trainer_logprobs, sampling_logprobs, mask) -> float:
+    """Mean over `mask` tokens of the k3 estimate r - log r - 1, r = exp(trainer - sampling)."""
+    log_r = np.where(mask, np.asarray(trainer_logprobs, np.float64) - sampling_logprobs, 0.0)
+    return float(np.sum(np.where(mask, np.exp(log_r) - log_r - 1.0, 0.0)) / max(int(np.sum(mask)), 1))
