@@ -7,6 +7,7 @@ and exit status 2, never a traceback.
 
 import re
 import sys
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags
@@ -28,7 +29,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config and th
 EXIT_CONFIG_ERROR = 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_CONFIG_ERROR)
 
