@@ -1,0 +1,132 @@
+"""Trainer throughput: our jitted LoRA train step against the PyTorch peer (transformers + PEFT), same GPU, same run.
+
+    python bench/trainer_bench.py --shapes=0.6b,1.7b,4b --seq_lens=4096,16384 [--out=results.json]
+
+Each measurement runs in its own process (JAX and torch would fight over GPU memory in one). Random weights of real
+Qwen3 shapes, bf16, LoRA r16 / alpha 64 on all seven projections, one packed row per step, AdamW + clipping.
+Warm-up steps excluded; the median of --steps is reported. The table is printed last.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from shapes import H100_BF16_PEAK, flops_per_token, hf_config  # noqa: E402
+
+
+def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, attn_impl: str | None,
+                  chunk_size: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ctxd_jax import sharding
+    from ctxd_jax.models.config import ModelConfig
+    from ctxd_jax.models.transformer import Transformer
+    from ctxd_jax.packing import TrainBatch
+    from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
+
+    cfg = ModelConfig.from_dict(hf_config(shape))
+    model = Transformer(cfg, lora_rank=16, lora_alpha=64, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                        remat=remat, attn_impl=attn_impl, rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh()
+    sharding.shard_model(model, mesh)
+    trainer = Trainer(model, mesh, OptimConfig(lr=1e-5, max_norm=1.0),
+                      StepConfig(teacher_tau=0.0, student_tau=0.0, chunk_size=chunk_size))
+    rng = np.random.default_rng(0)
+    doc = seq_len // docs
+    seg = np.repeat(np.arange(1, docs + 1, dtype=np.int32), doc)[None]
+    pos = np.tile(np.arange(doc, dtype=np.int32), docs)[None]
+    ones = np.ones((1, seq_len), np.float32)
+    batch = TrainBatch(
+        tokens=rng.integers(0, cfg.vocab_size, (1, seq_len), dtype=np.int32), positions=pos, segment_ids=seg,
+        loss_mask=np.ones((1, seq_len), bool), sampling_logprobs=-ones * 11.0, advantages=ones * 0.01,
+        kl_gates=ones, temperatures=ones)
+    for _ in range(2):
+        trainer.step(batch)  # compile + warm-up; step() ends with a host read, so it is synchronous
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        trainer.step(batch)
+        times.append(time.perf_counter() - t)
+    stats = jax.devices()[0].memory_stats() or {}
+    med = statistics.median(times)
+    return {"impl": "jax", "shape": shape, "seq_len": seq_len, "step_s": med, "tokens_per_s": seq_len / med,
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def run_one(args: list[str]) -> dict:
+    """Runs this script (or the torch peer) in a subprocess and returns its JSON line, or an error record."""
+    p = subprocess.run([sys.executable] + args, capture_output=True, text=True, cwd=HERE)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": (p.stderr or p.stdout)[-1500:]}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="0.6b,1.7b,4b")
+    p.add_argument("--seq_lens", default="4096,16384")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--docs", type=int, default=1, help="samples packed in the row (1 = the peer's workload)")
+    p.add_argument("--remat", type=int, default=1)
+    p.add_argument("--attn_impl", default="cudnn")
+    p.add_argument("--chunk_size", type=int, default=4096)
+    p.add_argument("--impls", default="jax,torch")
+    p.add_argument("--one", default="", help="internal: run one JAX measurement shape:seq_len")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    if a.one:
+        shape, seq_len = a.one.split(":")
+        print(json.dumps(jax_step_time(shape, int(seq_len), a.steps, a.docs, bool(a.remat),
+                                       a.attn_impl or None, a.chunk_size)))
+        return
+
+    rows = []
+    for shape in a.shapes.split(","):
+        for seq_len in map(int, a.seq_lens.split(",")):
+            row = {"shape": shape, "seq_len": seq_len}
+            if "jax" in a.impls:
+                row["jax"] = run_one([__file__, f"--one={shape}:{seq_len}", f"--steps={a.steps}", f"--docs={a.docs}",
+                                      f"--remat={a.remat}", f"--attn_impl={a.attn_impl}",
+                                      f"--chunk_size={a.chunk_size}"])
+            if "torch" in a.impls:
+                row["torch"] = run_one(["torch_peer.py", f"--shape={shape}", f"--seq_len={seq_len}",
+                                        f"--steps={a.steps}"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+    errors = {f"{r['shape']}:{r['seq_len']}:{k}": v["error"][-400:] for r in rows for k, v in r.items()
+              if isinstance(v, dict) and "error" in v}
+    for k, e in errors.items():
+        print(f"[{k}] {e}")
+
+    print(f"\n{'shape':>5} {'seq':>6} | {'jax tok/s':>9} {'MFU':>5} {'GiB':>5} | {'torch tok/s':>11} {'MFU':>5} "
+          f"{'GiB':>5} | {'jax/torch':>9}")
+    for r in rows:
+        f = flops_per_token(r["shape"], r["seq_len"])
+        cells = []
+        for impl in ("jax", "torch"):
+            m = r.get(impl, {})
+            tps = m.get("tokens_per_s")
+            cells.append(f"{tps:9.0f} {tps * f / H100_BF16_PEAK:5.1%} {m['peak_gib']:5.1f}" if tps else
+                         f"{'n/a' if not m else 'error':>9} {'':5} {'':5}")
+        jt, tt = r.get("jax", {}).get("tokens_per_s"), r.get("torch", {}).get("tokens_per_s")
+        ratio = f"{jt / tt:9.2f}" if jt and tt else f"{'':9}"
+        print(f"{r['shape']:>5} {r['seq_len']:>6} | {cells[0]} | {cells[1]:>23} | {ratio}")
+
+if __name__ == "__main__":
+    main()
