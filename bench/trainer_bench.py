@@ -128,5 +128,6 @@ def main():
         ratio = f"{jt / tt:9.2f}" if jt and tt else f"{'':9}"
         print(f"{r['shape']:>5} {r['seq_len']:>6} | {cells[0]} | {cells[1]:>23} | {ratio}")
 
+
 if __name__ == "__main__":
     main()
