@@ -9,7 +9,6 @@ import os
 
 import ml_collections
 
-CPU = "cpu"
 TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
