@@ -94,6 +94,12 @@ def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepCo
     return loss, metrics
 
 
+# compute_loss's metrics are means over a micro-batch's loss tokens, or over its samples for these two: sums of
+# (mean x count) over micro-batches divided by the summed counts give the whole batch's means.
+_WEIGHT = {"teacher_seq_kl": "num_samples", "geo_seq_ratio": "num_samples"}
+_COUNTS = ("num_loss_tokens", "num_samples", "entropy_sum")
+
+
 def _accumulate(acc, new):
     return jax.tree.map(jnp.add, acc, new)
 
@@ -144,9 +150,8 @@ class Trainer:
         total = None
         for mb in self._micro_batches(batch):
             (loss, metrics), grads = self._grad(self.lora, self.rest, mb, loss_scale)
-            n = metrics["num_loss_tokens"]
-            # compute_loss's metrics are means over this micro-batch's tokens: weight them by its token count.
-            weighted = {k: (v if k in ("num_loss_tokens", "entropy_sum") else v * n) for k, v in metrics.items()}
+            weighted = {k: v * metrics[_WEIGHT.get(k, "num_loss_tokens")] if k not in _COUNTS else v
+                        for k, v in metrics.items()}
             item = (loss, weighted, grads)
             total = item if total is None else self._add(total, item)
         return total
@@ -157,15 +162,16 @@ class Trainer:
         loss, weighted, grads = self.grads(batch)
         self.lora, self.opt_state, grad_norm = self._apply(self.lora, self.opt_state, grads)
         self.updates += 1
-        weighted = jax.device_get(weighted)
-        n = max(float(weighted.pop("num_loss_tokens")), 1.0)
-        out = {k: float(v) / n for k, v in weighted.items() if k != "entropy_sum"}
-        if "teacher_kl" in out:
-            # compute_loss reports mean(lpT - lp), the KL *reward*; log the KL itself (falls toward 0 as it learns).
-            out["teacher_kl"] = -out["teacher_kl"]
-            out.pop("teacher_seq_kl", None)  # per-sample sums: the loop logs them from the rollouts
-        out.update(loss=float(loss), grad_norm=float(grad_norm), lr=lr, entropy=float(weighted["entropy_sum"]) / n,
-                   loss_tokens=n)
+        weighted = {k: float(v) for k, v in jax.device_get(weighted).items()}
+        out = {k: v / max(weighted[_WEIGHT.get(k, "num_loss_tokens")], 1.0)
+               for k, v in weighted.items() if k not in _COUNTS}
+        for key in ("teacher_kl", "teacher_seq_kl"):
+            if key in out:
+                # compute_loss reports mean(lpT - lp), the KL *reward*; log the KL itself (falls toward 0).
+                out[key] = -out[key]
+        n = max(weighted["num_loss_tokens"], 1.0)
+        out.update(loss=float(loss), grad_norm=float(grad_norm), lr=lr, entropy=weighted["entropy_sum"] / n,
+                   loss_tokens=weighted["num_loss_tokens"])
         return out
 
     def logprobs(self, batch: TrainBatch) -> np.ndarray:

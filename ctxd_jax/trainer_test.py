@@ -75,7 +75,7 @@ def test_step_changes_only_lora_and_reports_metrics(tiny_dir):
     trainer = Trainer(model, make_mesh(), OptimConfig(lr=1e-2, warmup_steps=0, total_steps=4), STEP)
     batch = _batch(1)
     metrics = trainer.step(batch)
-    for key in ("loss", "grad_norm", "lr", "entropy", "mismatch_kl", "teacher_kl", "masked_total"):
+    for key in ("loss", "grad_norm", "lr", "entropy", "mismatch_kl", "teacher_kl", "teacher_seq_kl", "masked_total"):
         assert np.isfinite(metrics[key]), key
     assert metrics["lr"] == pytest.approx(1e-2) and metrics["grad_norm"] > 0 and metrics["entropy"] > 0
     after = nnx.state(trainer.model())
