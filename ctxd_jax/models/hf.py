@@ -2,6 +2,7 @@
 adapter and merged HF weights. All key names and transposes come from ctxd_jax.models.names.
 """
 
+import functools
 import glob
 import json
 import os
@@ -106,6 +107,15 @@ def _place(value, path, mesh):
     return jax.device_put(value, jax.sharding.NamedSharding(mesh, param_spec(path, value.shape, mesh)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _init_lora(cfg, lora_rank, lora_alpha, dtype, param_dtype, key):
+    # Under jit the unused base-weight initialisers are dead code: only the LoRA factors are computed. Module-level
+    # so that loads of the same shapes reuse the compilation.
+    model = Transformer(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
+                        rngs=nnx.Rngs(key))
+    return nnx.state(model, nnx.LoRAParam)
+
+
 def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, mesh=None, seed: int = 0, adapter_dir: str | None = None,
                remat: bool = False) -> Transformer:
@@ -148,8 +158,7 @@ def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None =
                 values[e.path] = _place(_load_entry(areader, e, leaves[e.path].get_value(), cfg.num_layers),
                                         e.path, mesh)
         else:
-            # Under jit the unused base-weight initialisers are dead code: only the LoRA factors are computed.
-            lora = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam))()
+            lora = _init_lora(cfg, lora_rank, lora_alpha, dtype, param_dtype, jax.random.key(seed))
             for path, var in nnx.to_flat_state(lora):
                 values[path] = _place(var.get_value(), path, mesh)
 
