@@ -1,0 +1,192 @@
+"""Async client of one vLLM server: sample, score (prompt log-probs), load adapters, reload weights.
+
+Prompts go in as token ids and token ids come back (`return_token_ids`), so the trainer sees exactly the tokens vLLM
+saw. Requests in flight are bounded by a semaphore; connection errors, timeouts, 429 and 5xx are retried with
+exponential backoff. If the client knows its `VLLMServer`, a dead server is reported at once with its log tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from ctxd_jax.inference.server import ServerError, VLLMServer
+from ctxd_jax.records import Completion
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+TRANSIENT = (httpx.TransportError,)  # connect/read/write errors and timeouts
+
+
+class RequestError(RuntimeError):
+    """A request the server rejected (4xx other than 429), or one that kept failing after all retries."""
+
+
+def parse_completions(body: dict) -> list[Completion]:
+    """Choices of a /v1/completions response (asked with logprobs=1 and return_token_ids) in index order."""
+    out = []
+    for choice in sorted(body["choices"], key=lambda c: c["index"]):
+        ids = choice.get("token_ids")
+        lp = choice["logprobs"]
+        if ids is None:  # fall back to "token_id:<id>" strings (return_tokens_as_token_ids)
+            ids = [int(t.split(":", 1)[1]) for t in lp["tokens"]]
+        logprobs = [float(x) for x in lp["token_logprobs"]]
+        if len(ids) != len(logprobs):
+            raise RequestError(f"completion has {len(ids)} token ids but {len(logprobs)} log-probs")
+        out.append(Completion(token_ids=list(ids), logprobs=logprobs, finish_reason=choice["finish_reason"]))
+    return out
+
+
+def parse_prompt_logprobs(prompt_logprobs: list, ids: Sequence[int], start: int, topk: int):
+    """log p(ids[t] | ids[:t]) for t >= start from vLLM's prompt_logprobs (one dict per prompt token, keyed by the
+    token id as a string, holding the actual token and the top-k by rank); plus the top-k ids/log-probs if topk > 0."""
+    if len(prompt_logprobs) != len(ids):
+        raise RequestError(f"prompt_logprobs has {len(prompt_logprobs)} entries for {len(ids)} prompt tokens")
+    if start < 1:
+        raise ValueError(f"start must be >= 1 (the first token has no log-prob), got {start}")
+    logprobs, top_ids, top_lps = [], [], []
+    for t in range(start, len(ids)):
+        entry = prompt_logprobs[t]
+        logprobs.append(float(entry[str(ids[t])]["logprob"]))
+        if topk:
+            best = sorted(((v["rank"], int(k), float(v["logprob"])) for k, v in entry.items()))[:topk]
+            top_ids.append([k for _, k, _ in best])
+            top_lps.append([lp for _, _, lp in best])
+    return logprobs, ((top_ids, top_lps) if topk else None)
+
+
+class Client:
+    """Talks to one server. Use inside one event loop at a time (the HTTP pool is made per running loop)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *, name: str | None = None,
+                 server: VLLMServer | None = None, max_in_flight: int = 64, timeout: float = 600.0,
+                 retries: int = 5, backoff: float = 0.5):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.server = server
+        self.name = name or (server.name if server else self.base_url)
+        self.max_in_flight, self.timeout, self.retries, self.backoff = max_in_flight, timeout, retries, backoff
+        self._loop = None
+        self._http: httpx.AsyncClient | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    @classmethod
+    def for_server(cls, server: VLLMServer, **kwargs) -> "Client":
+        return cls(server.base_url, server.api_key, server=server, **kwargs)
+
+    def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # an httpx pool and a semaphore belong to one loop
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
+            self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
+                                           timeout=httpx.Timeout(self.timeout, connect=10.0))
+            self._sem = asyncio.Semaphore(self.max_in_flight)
+            self._loop = loop
+        return self._http, self._sem
+
+    async def aclose(self) -> None:
+        if self._http is not None and self._loop is asyncio.get_running_loop():
+            await self._http.aclose()
+        self._http = self._loop = self._sem = None
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def _dead_server(self) -> ServerError | None:
+        if self.server is not None and self.server.proc is not None and not self.server.alive():
+            return self.server.error(f"exited with code {self.server.proc.returncode}")
+        return None
+
+    def _failure(self, what: str) -> Exception:
+        if (dead := self._dead_server()) is not None:
+            return dead
+        if self.server is not None:
+            return self.server.error(what)
+        return RequestError(f"vLLM server {self.name!r} ({self.base_url}) {what}")
+
+    async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None) -> Any:
+        """One HTTP call with retries; returns the decoded JSON (or text) body."""
+        http, sem = self._session()
+        last = ""
+        for attempt in range(self.retries + 1):
+            if (dead := self._dead_server()) is not None:
+                raise dead
+            try:
+                async with sem:
+                    r = await http.request(method, path, json=json, params=params)
+            except TRANSIENT as e:
+                last = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code < 400:
+                    try:
+                        return r.json()
+                    except ValueError:
+                        return r.text
+                last = f"HTTP {r.status_code}: {r.text[:2000]}"
+                if r.status_code not in RETRY_STATUS:
+                    raise self._failure(f"rejected {method} {path}: {last}")
+            if attempt < self.retries:
+                await asyncio.sleep(self.backoff * 2 ** attempt * (0.5 + random.random()))
+        raise self._failure(f"failed {method} {path} after {self.retries + 1} attempts: {last}")
+
+    async def health(self) -> bool:
+        try:
+            http, _ = self._session()
+            return (await http.get("/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def models(self) -> list[str]:
+        return [m["id"] for m in (await self.request("GET", "/v1/models"))["data"]]
+
+    async def sample(self, prompt_ids: Sequence[int], n: int, *, model: str, max_tokens: int,
+                     temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0,
+                     stop_token_ids: Sequence[int] | None = None) -> list[Completion]:
+        """`n` completions of one token-id prompt, with the log-prob of each sampled token after temperature."""
+        body = {"model": model, "prompt": list(prompt_ids), "n": n, "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": top_p, "logprobs": 0, "return_token_ids": True,
+                "return_tokens_as_token_ids": True, "skip_special_tokens": False}
+        if seed is not None:
+            body["seed"] = seed
+        if stop_token_ids:
+            body["stop_token_ids"] = list(stop_token_ids)
+        return parse_completions(await self.request("POST", "/v1/completions", json=body))
+
+    async def score(self, ids: Sequence[int], start: int, *, model: str, topk: int = 0):
+        """(log p(ids[t] | ids[:t]) for t in [start, len(ids)), top-k (ids, log-probs) there or None)."""
+        body = {"model": model, "prompt": list(ids), "max_tokens": 1, "temperature": 1.0,
+                "prompt_logprobs": topk, "return_token_ids": True, "return_tokens_as_token_ids": True}
+        out = await self.request("POST", "/v1/completions", json=body)
+        return parse_prompt_logprobs(out["choices"][0]["prompt_logprobs"], ids, start, topk)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Loads (or replaces in place) LoRA adapter `name` from `path`. Use a new folder per version: the prefix
+        cache is keyed on (name, path), so a new path never reuses blocks computed with the old weights."""
+        await self.request("POST", "/v1/load_lora_adapter",
+                           json={"lora_name": name, "lora_path": path, "load_inplace": True})
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.request("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
+
+    async def reset_prefix_cache(self) -> None:
+        await self.request("POST", "/reset_prefix_cache")
+
+    async def reload_weights(self, path: str, *, version: str | None = None) -> None:
+        """Full-weight reload from `path` (a folder of safetensors); the server needs dev_mode. In-flight requests
+        finish on the old weights first; the prefix cache is reset so no block of the old weights is reused."""
+        await self.request("POST", "/pause", params={"mode": "wait"})
+        try:
+            await self.request("POST", "/collective_rpc",
+                               json={"method": "reload_weights", "kwargs": {"weights_path": path}})
+            await self.reset_prefix_cache()
+            if version is not None:
+                await self.request("POST", "/update_weight_version", json={"new_version": version})
+        finally:
+            await self.request("POST", "/resume")

