@@ -69,7 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
     # How new weights reach the student server: 'adapter' (PEFT folder + /v1/load_lora_adapter) or 'merged'
     # (W + scale * B @ A written as a full checkpoint and reloaded).
     c.weights = dict(mode="adapter")
-    c.trainer = dict(tp=1)
+    c.trainer = dict(
+        tp=1,  # tensor parallelism of the trainer mesh; the rest of the trainer GPUs is data parallel (fsdp)
+        remat=True,  # recompute each layer's activations in the backward pass (the reference: checkpointing freq 1)
+        micro_batch_rows=1,  # rows of seq_len per gradient-accumulation micro-step, at least one per device; 0 = all
+        chunk_size=1024,  # tokens per chunk of the LM head when computing log-probs (never [tokens, vocab] at once)
+    )
 
     c.inference = dict(
         # dp: None = inferred as len(inference_gpu_ids) / tp.
