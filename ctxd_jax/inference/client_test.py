@@ -1,0 +1,33 @@
+"""Parsing vLLM completion and prompt-log-prob responses."""
+
+import pytest
+
+from ctxd_jax.inference.client import RequestError, parse_completions, parse_prompt_logprobs
+
+
+def test_parse_completions():
+    body = {"choices": [
+        {"index": 1, "finish_reason": "stop", "token_ids": [7, 2],
+         "logprobs": {"tokens": ["token_id:7", "token_id:2"], "token_logprobs": [-1.0, -0.5]}},
+        {"index": 0, "finish_reason": "length", "token_ids": None,
+         "logprobs": {"tokens": ["token_id:9"], "token_logprobs": [-2.0]}}]}
+    a, b = parse_completions(body)
+    assert (a.token_ids, a.logprobs, a.finish_reason) == ([9], [-2.0], "length")
+    assert (b.token_ids, b.logprobs, b.finish_reason) == ([7, 2], [-1.0, -0.5], "stop")
+    body["choices"][0]["token_ids"] = [7]
+    with pytest.raises(RequestError, match="1 token ids but 2 log-probs"):
+        parse_completions(body)
+
+
+def test_parse_prompt_logprobs_aligns_and_ranks_topk():
+    ids = [1, 5, 6]
+    pl = [None,
+          {"5": {"logprob": -3.0, "rank": 4}, "8": {"logprob": -0.5, "rank": 1}, "9": {"logprob": -1.0, "rank": 2}},
+          {"6": {"logprob": -0.2, "rank": 1}, "4": {"logprob": -2.0, "rank": 2}}]
+    lps, top = parse_prompt_logprobs(pl, ids, 1, topk=2)
+    assert lps == [-3.0, -0.2] and top == ([[8, 9], [6, 4]], [[-0.5, -1.0], [-0.2, -2.0]])
+    assert parse_prompt_logprobs(pl, ids, 2, topk=0) == ([-0.2], None)
+    with pytest.raises(ValueError, match="start must be >= 1"):
+        parse_prompt_logprobs(pl, ids, 0, topk=0)
+    with pytest.raises(RequestError, match="2 entries for 3"):
+        parse_prompt_logprobs(pl[:2], ids, 1, topk=0)
