@@ -41,8 +41,8 @@ def read_sequences(path: str) -> list[list[int]]:
 
 
 def batch_shape(lengths: list[int], batch_tokens: int) -> tuple[int, int]:
-    """(rows per call, row length): rows fit the longest sequence (a power of two >= MIN_ROW), and as many rows
-    as `batch_tokens` allows."""
+    """(rows per call, row length): rows fit the longest sequence (a power of two >= MIN_ROW), and at most as many
+    rows as `batch_tokens` allows."""
     row = max(MIN_ROW, 1 << (max(lengths) - 1).bit_length())
     return max(1, batch_tokens // row), row
 
@@ -60,6 +60,7 @@ def score(model, seqs: list[list[int]], *, batch_tokens: int = 8192) -> list[np.
     lengths = [len(s) for s in seqs]
     rows_per_call, row_len = batch_shape(lengths, batch_tokens)
     rows = first_fit_decreasing(lengths, row_len)
+    rows_per_call = min(rows_per_call, len(rows))  # no all-padding rows when everything fits in one call
     out: list[np.ndarray | None] = [None] * len(seqs)
     for start in range(0, len(rows), rows_per_call):
         group = rows[start:start + rows_per_call]
