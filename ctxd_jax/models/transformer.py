@@ -12,8 +12,9 @@ from flax import nnx
 
 from ctxd_jax.models.config import ModelConfig
 
-# Saves matmul outputs without a batch dimension (none in our layout, so effectively "recompute everything but
-# weights-only products"); the layer input is always saved by the scan.
+# Layer remat (the scan always keeps each layer's input). nothing_saveable: recompute the whole layer in the
+# backward, least memory. dots_with_no_batch_dims_saveable: keep the projection outputs (x @ W has no dot_general
+# batch dims), recompute attention (batched over B, heads) and elementwise ops.
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -88,6 +89,16 @@ def attention_mask(segment_ids):
     return (causal[None] & same)[:, None]
 
 
+def attention(q, k, v, segment_ids, *, impl: str | None = None):
+    """Packed causal attention, q [B,T,Hq,hd], k/v [B,T,Hkv,hd] -> [B,T,Hq,hd]; GQA broadcasts kv heads.
+
+    The one hook for GPU kernels: `impl` is the Transformer's attn_impl. With a dense mask, which cuDNN also takes;
+    a packed-layout cuDNN path (segment offsets) belongs here too. The mask depends only on segment_ids, so XLA
+    hoists it out of the layer scan.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids), implementation=impl)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora_rank, lora_alpha, dtype, param_dtype, attn_impl, rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -104,7 +115,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, sin, cos, mask):
+    def __call__(self, x, sin, cos, segment_ids):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -112,9 +123,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        # GQA: dot_product_attention broadcasts kv heads over query-head groups. Hook for the GPU: attn_impl='cudnn'
-        # takes the same mask (or is_causal + seq lengths once packing gives them).
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attn_impl)
+        out = attention(q, k, v, segment_ids, impl=self.attn_impl)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -140,8 +149,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
 
-    def __call__(self, x, sin, cos, mask):
-        x = x + self.self_attn(self.input_layernorm(x), sin, cos, mask)
+    def __call__(self, x, sin, cos, segment_ids):
+        x = x + self.self_attn(self.input_layernorm(x), sin, cos, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -197,11 +206,10 @@ class Transformer(nnx.Module):
         (HF's hidden_states[1:L], plus the last layer's un-normed output), for per-layer parity debugging."""
         x = self.embed_tokens(tokens)
         sin, cos = rope_sin_cos(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        mask = attention_mask(segment_ids)
         graphdef, state = nnx.split(self.layers)
 
         def layer(x, layer_state):
-            y = nnx.merge(graphdef, layer_state)(x, sin, cos, mask)
+            y = nnx.merge(graphdef, layer_state)(x, sin, cos, segment_ids)
             return y, (y if return_layer_outputs else None)
 
         if self.remat:
