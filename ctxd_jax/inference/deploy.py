@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 
 from ctxd_jax.inference.client import Client
 from ctxd_jax.inference.server import ServerGroup, VLLMServer
@@ -52,7 +53,7 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
     if merged and plan.teacher_shared:
         raise ValueError("weights.mode: 'merged' reloads the student server's base weights every step, so the "
                          "teacher cannot share it; give the teacher its own GPUs (teacher_gpu_ids)")
-    api_key = config.inference.api_key or True
+    api_key = config.inference.api_key or secrets.token_urlsafe(24)  # one per run, shared by its servers
     wanted_len = config.seq_len + CONTEXT_MARGIN_TOKENS
 
     def server(sp, *, name, served, lora_rank, dev_mode, cpu_core):

@@ -127,7 +127,8 @@ class VLLMServer:
                  kv_cache_gib: int = 1, api_key: str | None | bool = True, log_dir: str | None = None,
                  cache_dir: str | None = None, enforce_eager: bool = False, extra_args: Sequence[str] = (),
                  extra_env: dict[str, str] | None = None):
-        self.model_dir = os.path.abspath(model_dir)
+        # A local folder becomes absolute (the child's cwd may differ); a hub id stays as it is.
+        self.model_dir = os.path.abspath(model_dir) if os.path.exists(model_dir) else model_dir
         self.name = name
         self.served_name = served_name or os.path.basename(self.model_dir.rstrip("/"))
         self.port = port or free_port()

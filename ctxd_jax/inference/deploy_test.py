@@ -1,0 +1,40 @@
+"""Servers built from the Plan: shared student+teacher server vs separate ones (nothing is started)."""
+
+import pytest
+
+from configs.rl import get_config
+from ctxd_jax.config import Gpus, resolve
+from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, TEACHER_NAME, build_servers
+
+
+def _deploy(gpus, **overrides):
+    config = get_config()
+    config.unlock()
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    config, plan, _ = resolve(config, gpus)
+    return build_servers(config, plan, log_dir="/tmp")
+
+
+def test_shared_server_serves_student_adapter_and_base_teacher():
+    d = _deploy(Gpus(inference=(0,), teacher=(0,), trainer=(1,)))
+    assert d.teacher is d.student and d.group.servers == [d.student]
+    assert (d.student_model, d.teacher_model) == (STUDENT_ADAPTER, BASE_NAME)
+    assert d.student.model_dir == "Qwen/Qwen3-4B-Instruct-2507"  # a hub id is not made a path
+    assert "--enable-lora" in d.student.args and d.student.env["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_separate_teacher_server():
+    d = _deploy(Gpus(inference=(0, 1), teacher=(2,), trainer=(3,)))
+    assert d.group.servers == [d.student, d.teacher] and d.teacher_model == TEACHER_NAME
+    assert d.teacher.env["CUDA_VISIBLE_DEVICES"] == "2" and d.teacher.port == d.student.port + 1
+    assert d.student.args[d.student.args.index("--data-parallel-size") + 1] == "2"
+    assert "--enable-lora" not in d.teacher.args and d.teacher.api_key == d.student.api_key
+
+
+def test_merged_mode_needs_own_teacher():
+    with pytest.raises(ValueError, match="weights.mode"):
+        _deploy(Gpus(inference=(0,), teacher=(0,), trainer=(1,)), **{"weights.mode": "merged"})
+    d = _deploy(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged"})
+    assert d.student_model == BASE_NAME and d.student.env["VLLM_SERVER_DEV_MODE"] == "1"
