@@ -205,35 +205,63 @@ def save_adapter(model: Transformer, out_dir: str, *, base_model_name_or_path: s
     return out_dir
 
 
-def merged_flat(model: Transformer) -> dict[names.Path, np.ndarray]:
-    """Base weights with each LoRA delta folded in (W + (alpha/r) A B, in float32), gathered to host."""
+def _merged(flat, path, scale):
+    """The base array at `path` with its LoRA delta folded in (W + (alpha/r) A B, computed in float32)."""
+    value = flat[path]
+    lora = path[:-1] + ("lora_a",)
+    if path[-1] != "kernel" or lora not in flat:
+        return value
+    a, b = flat[lora], flat[path[:-1] + ("lora_b",)]
+    return value.astype(jnp.float32) + scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def save_merged(model: Transformer, out_dir: str, *, src_dir: str, max_shard_bytes: int = 5 << 30) -> str:
+    """Merged HF checkpoint in the source checkpoint's dtypes, plus src_dir's config/tokenizer files.
+
+    Written one NNX array at a time (host memory: about one shard): `model.safetensors` when it fits in one shard,
+    else `model-0000k-of-0000n.safetensors` + index. Earlier weight files in `out_dir` are replaced.
+    """
+    if os.path.realpath(out_dir) == os.path.realpath(src_dir):
+        raise ValueError(f"save_merged: out_dir {out_dir!r} is the source checkpoint; write to a new folder")
+    src = SafetensorsReader(src_dir)
     flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
     scale = 0.0
     if any(p[-1] == "lora_a" for p in flat):
         rank, alpha = _lora_hparams(model)
         scale = alpha / rank
-    out = {}
-    for path, value in flat.items():
-        if path[-1] in ("lora_a", "lora_b"):
-            continue
-        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
-            a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
-            value = value.astype(jnp.float32) + scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
-        out[path] = np.asarray(jax.device_get(value))
-    return out
-
-
-def save_merged(model: Transformer, out_dir: str, *, src_dir: str) -> str:
-    """Merged HF checkpoint: model.safetensors in the source checkpoint's dtypes, plus src_dir's config/tokenizer."""
-    cfg = model.cfg
-    src = SafetensorsReader(src_dir)
-    flat = merged_flat(model)
-    tensors = {}
-    for key, value in names.flat_to_hf(names.base_entries(cfg), flat).items():
-        tensors[key] = value.astype(src.dtype(key) if key in src.file_of else value.dtype)
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, "model.safetensors"),
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    for old in glob.glob(os.path.join(out_dir, "model*.safetensors")) + glob.glob(os.path.join(out_dir, INDEX)):
+        os.remove(old)
+    shards, current, size = [], {}, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = os.path.join(out_dir, f".shard{len(shards)}.tmp")
+            save_file(current, name, metadata={"format": "pt"})
+            shards.append((name, list(current)))
+        current, size = {}, 0
+
+    for entry in names.base_entries(model.cfg):
+        first = entry.hf_keys(model.cfg.num_layers)[0]
+        dtype = src.dtype(first) if first in src.file_of else flat[entry.path].dtype
+        host = np.asarray(jax.device_get(_merged(flat, entry.path, scale).astype(dtype)))
+        for key, tensor in names.to_hf(entry, host):
+            current[key] = tensor
+            size += tensor.nbytes
+        if size >= max_shard_bytes:
+            flush()
+    flush()
+    if len(shards) == 1:
+        os.replace(shards[0][0], os.path.join(out_dir, "model.safetensors"))
+    else:
+        weight_map = {}
+        for k, (tmp, keys) in enumerate(shards, 1):
+            name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(tmp, os.path.join(out_dir, name))
+            weight_map.update({key: name for key in keys})
+        with open(os.path.join(out_dir, INDEX), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
     for pattern in _META_PATTERNS:
         for path in glob.glob(os.path.join(src_dir, pattern)):
             if os.path.basename(path) not in _NOT_META:

@@ -138,6 +138,13 @@ def test_index_shards_and_bf16(ckpt, tmp_path):
     for k in keys:
         np.testing.assert_array_equal(merged[k], tensors[k].astype(jnp.bfloat16))
 
+    # A merged export bigger than max_shard_bytes is split into shards + index, and loads back.
+    split = save_merged(model, str(tmp_path / "split"), src_dir=str(out), max_shard_bytes=100_000)
+    assert not os.path.exists(os.path.join(split, "model.safetensors"))
+    with open(os.path.join(split, "model.safetensors.index.json")) as f:
+        assert set(json.load(f)["weight_map"]) == set(tensors)
+    np.testing.assert_array_equal(jax_logprobs(load_model(split)), jax_logprobs(load_model(str(out))))
+
 
 def _corrupt(src, dst, edit):
     os.makedirs(dst)
