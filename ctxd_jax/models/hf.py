@@ -99,6 +99,16 @@ def read_adapter_config(adapter_dir: str) -> dict:
     return c
 
 
+def _adapter_targets(adapter_config: dict, model_targets: list[str], adapter_dir: str) -> list[str]:
+    targets = adapter_config.get("target_modules")
+    if targets == "all-linear":
+        return model_targets
+    if not isinstance(targets, list) or not set(targets) <= set(model_targets):
+        raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG}: target_modules {targets!r} must be 'all-linear' or a "
+                         f"list drawn from {model_targets}")
+    return [t for t in model_targets if t in targets]
+
+
 def _place(value, path, mesh):
     if mesh is None:
         return jnp.asarray(value)
@@ -152,11 +162,15 @@ def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None =
         targets = names.lora_targets(leaves)
         if adapter_dir is not None:
             areader = SafetensorsReader(adapter_dir, ADAPTER_WEIGHTS)
-            lentries = names.lora_entries(targets)
+            lentries = names.lora_entries(_adapter_targets(ac, targets, adapter_dir))
             _check_keys(areader, lentries, cfg.num_layers)
             for e in lentries:
                 values[e.path] = _place(_load_entry(areader, e, leaves[e.path].get_value(), cfg.num_layers),
                                         e.path, mesh)
+            for e in names.lora_entries(targets):  # modules the adapter does not adapt: zero delta
+                if e.path not in values:
+                    abstract = leaves[e.path].get_value()
+                    values[e.path] = _place(np.zeros(abstract.shape, abstract.dtype), e.path, mesh)
         else:
             lora = _init_lora(cfg, lora_rank, lora_alpha, dtype, param_dtype, jax.random.key(seed))
             for path, var in nnx.to_flat_state(lora):

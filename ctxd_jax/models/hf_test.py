@@ -146,6 +146,30 @@ def test_index_shards_and_bf16(ckpt, tmp_path):
     np.testing.assert_array_equal(jax_logprobs(load_model(split)), jax_logprobs(load_model(str(out))))
 
 
+def test_adapter_with_fewer_targets(ckpt, tmp_path):
+    """A PEFT adapter on q/v only (as often trained elsewhere) loads; the other modules get a zero delta."""
+    src = ckpt("qwen2")
+    model = load_model(src, lora_rank=RANK, lora_alpha=ALPHA)
+    randomise_lora(model)
+    full = save_adapter(model, str(tmp_path / "full"), base_model_name_or_path=src)
+    qv = tmp_path / "qv"
+    qv.mkdir()
+    tensors = load_file(os.path.join(full, "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".q_proj." in k or ".v_proj." in k},
+              str(qv / "adapter_model.safetensors"))
+    with open(os.path.join(full, "adapter_config.json")) as f:
+        config = json.load(f)
+    (qv / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["v_proj", "q_proj"])))
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), str(qv))
+    loaded = load_model(src, adapter_dir=str(qv))
+    assert float(jnp.abs(loaded.layers.mlp.up_proj.lora_b[...]).max()) == 0
+    np.testing.assert_allclose(jax_logprobs(loaded), torch_logprobs(peft_model), atol=1e-4)
+
+
 def _corrupt(src, dst, edit):
     os.makedirs(dst)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
