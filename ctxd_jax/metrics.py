@@ -38,6 +38,30 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def _reopen(path: str, start_step: int):
+    """`path` for appending, without the rows of steps after `start_step` (written by a run that was resumed)."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    return open(path, "a")
+
+
+def write_json(output_dir: str, name: str, data) -> str:
+    """Saves `data` as JSON in the output folder (e.g. the baseline eval table); returns the path."""
+    path = os.path.join(output_dir, name)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return path
+
+
+def read_json(path: str):
+    """The JSON in `path`, or None when there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def console_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
     parts = [f"step {step}/{total}"]
     for key, label in CONSOLE_KEYS:
@@ -56,10 +80,8 @@ class MetricsLogger:
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir, self.total_steps = output_dir, total_steps
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._file = open(self.path, "a")
+        self._file = _reopen(self.path, start_step)
+        self._samples = _reopen(os.path.join(output_dir, "samples.jsonl"), start_step)
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -81,7 +103,12 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              file=sys.stderr)
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+    def log(self, step: int, metrics: Mapping[str, float], samples: Mapping | None = None) -> None:
+        """One step: `metrics` (floats) to every sink; `samples` (any JSON, e.g. example ids and a completion) to
+        samples.jsonl."""
+        if samples is not None:
+            self._samples.write(json.dumps(dict(samples, step=step)) + "\n")
+            self._samples.flush()
         row = {"step": step}
         for key, value in metrics.items():
             value = _scalar(value)
@@ -103,17 +130,11 @@ class MetricsLogger:
         else:
             print(line, file=sys.stderr)
 
-    def write(self, name: str, data) -> str:
-        """Saves `data` as JSON beside the metrics (e.g. the baseline eval table); returns the path."""
-        path = os.path.join(self.output_dir, name)
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-        return path
-
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         self._file.close()
+        self._samples.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

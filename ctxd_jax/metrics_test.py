@@ -1,7 +1,6 @@
-import json
 import os
 
-from ctxd_jax.metrics import MetricsLogger, console_line, plot, read_jsonl
+from ctxd_jax.metrics import MetricsLogger, console_line, plot, read_json, read_jsonl, write_json
 
 
 def test_jsonl_tensorboard_and_plots(tmp_path, capsys):
@@ -10,14 +9,15 @@ def test_jsonl_tensorboard_and_plots(tmp_path, capsys):
     for step in (1, 2, 3):
         log.log(step, {"reward/mean": 0.1 * step, "teacher_kl": -1.0 / step, "loss": 0.5, "mismatch_kl": 1e-3,
                        "bad": float("nan"), "text": "skipped"})
-    log.write("eval_baseline.json", {"student": {"reward": 0.0}, "teacher": {"reward": 0.9}})
+    write_json(out, "eval_baseline.json", {"student": {"reward": 0.0}, "teacher": {"reward": 0.9}})
     log.close()
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["reward/mean"] == 0.30000000000000004 and rows[0]["bad"] == "nan" and "text" not in rows[0]
     assert "step 3/3 | reward 0.300 | teacher_kl -0.333" in capsys.readouterr().err
     assert os.listdir(os.path.join(out, "tensorboard"))
-    files = plot(out, baseline=json.load(open(os.path.join(out, "eval_baseline.json"))))
+    files = plot(out, baseline=read_json(os.path.join(out, "eval_baseline.json")))
+    assert read_json(os.path.join(out, "missing.json")) is None
     assert sorted(os.path.basename(f) for f in files) == ["reward.png", "teacher_kl.png"]
     assert all(os.path.getsize(f) > 1000 for f in files)
 
@@ -26,7 +26,7 @@ def test_resume_drops_later_rows_and_torn_line(tmp_path):
     out = str(tmp_path)
     log = MetricsLogger(out, total_steps=5, tensorboard=False, progress=False)
     for step in (1, 2, 3):
-        log.log(step, {"loss": step})
+        log.log(step, {"loss": step}, samples={"example_ids": [str(step)]})
     log.close()
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 4, "lo')  # killed mid-write
@@ -35,6 +35,7 @@ def test_resume_drops_later_rows_and_torn_line(tmp_path):
     log.close()
     assert [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [(1, 1.0), (2, 2.0),
                                                                                               (3, 30.0)]
+    assert [r["example_ids"] for r in read_jsonl(os.path.join(out, "samples.jsonl"))] == [["1"], ["2"]]
 
 
 def test_console_line_skips_missing():

@@ -67,12 +67,13 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int, row_multiple: int = 1,
-         topk: int = 0) -> tuple[TrainBatch, PackStats]:
+         topk: int = 0, min_rows: int = 0) -> tuple[TrainBatch, PackStats]:
     """Packs `rollouts` (with their per-sample `advantages` and `kl_gates`) into a TrainBatch.
 
     Samples longer than `seq_len` keep their first `seq_len` tokens. The row count is padded up to a multiple of
     `row_multiple` (data-parallel size x micro-batch rows) with filler rows: all padding, zero loss mask, so every
     data-parallel rank runs the same number of identical-shape micro-batches.
+    `min_rows` pads with filler rows up to at least that many rows (fewer distinct shapes to compile).
     `topk` > 0 packs the teacher's top-k ids/log-probs (rollouts must carry at least k of them per token).
     """
     if not rollouts:
@@ -100,7 +101,7 @@ def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int
     full = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
     lengths = [min(f, seq_len) for f in full]
     bins = first_fit_decreasing(lengths, seq_len)
-    rows = -(-len(bins) // row_multiple) * row_multiple
+    rows = -(-max(len(bins), min_rows) // row_multiple) * row_multiple
     shape = (rows, seq_len)
     b = dict(tokens=np.zeros(shape, np.int32), positions=np.zeros(shape, np.int32),
              segment_ids=np.zeros(shape, np.int32), loss_mask=np.zeros(shape, bool),

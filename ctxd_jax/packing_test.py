@@ -83,6 +83,8 @@ def test_filler_rows_for_data_parallel():
     assert len(filler) == 1
     f = filler[0]
     assert not batch.loss_mask[f].any() and (batch.advantages[f] == 0).all() and (batch.tokens[f] == 0).all()
+    _, stats = pack(rs, [1.0, 2.0, 3.0], seq_len=8, row_multiple=2, min_rows=5)
+    assert stats.rows == 6 and stats.filler_rows == 3
 
 
 def test_no_teacher_and_topk():

@@ -125,9 +125,15 @@ class Trainer:
         self._score = jax.jit(functools.partial(_score, graphdef=self.graphdef, chunk_size=step.chunk_size))
 
     @property
+    def micro_batch_rows(self) -> int:
+        """Rows per micro-batch (0 = all): the configured value rounded up to a multiple of the data-parallel size."""
+        mb = self.step_config.micro_batch_rows
+        return -(-mb // self.dp) * self.dp if mb else 0
+
+    @property
     def row_multiple(self) -> int:
-        """Rows of a packed batch must be a multiple of this (data-parallel size x micro-batch rows)."""
-        return max(self.step_config.micro_batch_rows, self.dp)
+        """Rows of a packed batch must be a multiple of this."""
+        return self.micro_batch_rows or self.dp
 
     def _apply_fn(self, lora, opt_state, grads):
         grad_norm = optax.tree.norm(grads)
@@ -136,7 +142,7 @@ class Trainer:
 
     def _micro_batches(self, batch: TrainBatch):
         rows = batch.tokens.shape[0]
-        mb = self.step_config.micro_batch_rows or rows
+        mb = self.micro_batch_rows or rows
         if rows % mb or mb % self.dp:
             raise ValueError(f"trainer.micro_batch_rows: batch of {rows} rows is not a whole number of micro-batches "
                              f"of {mb} rows divisible by the data-parallel size {self.dp} (pack with row_multiple)")

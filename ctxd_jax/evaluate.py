@@ -1,0 +1,34 @@
+"""Evaluation on the eval split: the student (no context) and the teacher (with its context), one sample each."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+import numpy as np
+
+from ctxd_jax.envs import Example
+from ctxd_jax.inference.client import Client
+from ctxd_jax.inference.teacher import render_prompt, teacher_prompt_ids
+
+
+async def evaluate(env, tokenizer, examples: Sequence[Example], client: Client, *, model: str, max_tokens: int,
+                   temperature: float, seed: int, context: str | None = None) -> dict[str, float]:
+    """Mean task reward of one sample per example; with `context`, under the teacher prompt."""
+    prompts = [render_prompt(tokenizer, ex.messages) for ex in examples]
+    if context:
+        prompts = [teacher_prompt_ids(tokenizer, env, ex, context, p) for ex, p in zip(examples, prompts)]
+    outs = await asyncio.gather(*(client.sample(p, 1, model=model, max_tokens=max_tokens, temperature=temperature,
+                                                seed=seed + i) for i, p in enumerate(prompts)))
+    rewards = [float(env.reward(ex, tokenizer.decode(o[0].token_ids, skip_special_tokens=True)))
+               for ex, o in zip(examples, outs)]
+    lengths = [len(o[0].token_ids) for o in outs]
+    return {"reward": float(np.mean(rewards)), "completion_len": float(np.mean(lengths)), "n": len(examples)}
+
+
+def baseline_table(results: dict[str, dict[str, float]]) -> str:
+    """A small text table of {who: {'reward', 'completion_len', 'n'}}."""
+    lines = [f"{'eval baseline':<28}{'reward':>8}{'len':>8}{'n':>6}"]
+    for who, r in results.items():
+        lines.append(f"{who:<28}{r['reward']:>8.3f}{r['completion_len']:>8.1f}{r['n']:>6d}")
+    return "\n".join(lines)
