@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ctxd_jax.models.attention import attention
 from ctxd_jax.models.config import ModelConfig
 
 # Layer remat (the scan always keeps each layer's input). nothing_saveable: recompute the whole layer in the
@@ -80,25 +81,6 @@ class LoRALinear(nnx.Module):
         return y.astype(self.dtype)
 
 
-def attention_mask(segment_ids):
-    """[B, 1, T, T] bool: causal and same segment. Padding (segment 0) attends to earlier padding, so no row is
-    fully masked (no NaN in any implementation); its outputs are never used."""
-    t = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
-
-
-def attention(q, k, v, segment_ids, *, impl: str | None = None):
-    """Packed causal attention, q [B,T,Hq,hd], k/v [B,T,Hkv,hd] -> [B,T,Hq,hd]; GQA broadcasts kv heads.
-
-    The one hook for GPU kernels: `impl` is the Transformer's attn_impl. With a dense mask, which cuDNN also takes;
-    a packed-layout cuDNN path (segment offsets) belongs here too. The mask depends only on segment_ids, so XLA
-    hoists it out of the layer scan.
-    """
-    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids), implementation=impl)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora_rank, lora_alpha, dtype, param_dtype, attn_impl, rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -123,6 +105,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        # attn_impl None/'xla': dense causal & same-segment mask; 'cudnn': packed layout from segment ids.
         out = attention(q, k, v, segment_ids, impl=self.attn_impl)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
