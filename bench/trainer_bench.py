@@ -23,7 +23,7 @@ from shapes import H100_BF16_PEAK, flops_per_token, hf_config  # noqa: E402
 
 
 def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, attn_impl: str | None,
-                  chunk_size: int) -> dict:
+                  chunk_size: int, remat_policy: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -37,7 +37,7 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
 
     cfg = ModelConfig.from_dict(hf_config(shape))
     model = Transformer(cfg, lora_rank=16, lora_alpha=64, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                        remat=remat, attn_impl=attn_impl, rngs=nnx.Rngs(0))
+                        remat=remat, remat_policy=remat_policy, attn_impl=attn_impl, rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh()
     sharding.shard_model(model, mesh)
     trainer = Trainer(model, mesh, OptimConfig(lr=1e-5, max_norm=1.0),
@@ -80,6 +80,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--docs", type=int, default=1, help="samples packed in the row (1 = the peer's workload)")
     p.add_argument("--remat", type=int, default=1)
+    p.add_argument("--remat_policy", default="nothing_saveable")
     p.add_argument("--attn_impl", default="cudnn")
     p.add_argument("--chunk_size", type=int, default=4096)
     p.add_argument("--impls", default="jax,torch")
@@ -89,7 +90,7 @@ def main():
     if a.one:
         shape, seq_len = a.one.split(":")
         print(json.dumps(jax_step_time(shape, int(seq_len), a.steps, a.docs, bool(a.remat),
-                                       a.attn_impl or None, a.chunk_size)))
+                                       a.attn_impl or None, a.chunk_size, a.remat_policy)))
         return
 
     rows = []
@@ -98,7 +99,7 @@ def main():
             row = {"shape": shape, "seq_len": seq_len}
             if "jax" in a.impls:
                 row["jax"] = run_one([__file__, f"--one={shape}:{seq_len}", f"--steps={a.steps}", f"--docs={a.docs}",
-                                      f"--remat={a.remat}", f"--attn_impl={a.attn_impl}",
+                                      f"--remat={a.remat}", f"--remat_policy={a.remat_policy}", f"--attn_impl={a.attn_impl}",
                                       f"--chunk_size={a.chunk_size}"])
             if "torch" in a.impls:
                 row["torch"] = run_one(["torch_peer.py", f"--shape={shape}", f"--seq_len={seq_len}",
