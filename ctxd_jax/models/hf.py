@@ -128,7 +128,8 @@ def _init_lora(cfg, lora_rank, lora_alpha, dtype, param_dtype, key):
 
 def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, mesh=None, seed: int = 0, adapter_dir: str | None = None,
-               remat: bool = False) -> Transformer:
+               remat: bool = False, remat_policy: str = "nothing_saveable",
+               attn_impl: str | None = None) -> Transformer:
     """HF checkpoint (+ optional PEFT adapter) -> Transformer, each array placed straight into its sharding.
 
     With `adapter_dir`, rank and alpha default to the adapter's (explicit values must agree). Without it, LoRA
@@ -146,7 +147,7 @@ def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None =
 
     def build():
         return Transformer(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
-                           remat=remat, rngs=nnx.Rngs(seed))
+                           remat=remat, remat_policy=remat_policy, attn_impl=attn_impl, rngs=nnx.Rngs(seed))
 
     graphdef, state = nnx.split(nnx.eval_shape(build))
     leaves = dict(nnx.to_flat_state(state))

@@ -9,16 +9,19 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ctxd_jax.models.attention import attention
 from ctxd_jax.models.config import ModelConfig
 
 # Layer remat (the scan always keeps each layer's input). nothing_saveable: recompute the whole layer in the
 # backward, least memory. dots_with_no_batch_dims_saveable: keep the projection outputs (x @ W has no dot_general
-# batch dims), recompute attention (batched over B, heads) and elementwise ops.
+# batch dims), recompute attention (batched over B, heads) and elementwise ops. save_mlp: keep only the MLP's
+# gate and up products (the largest matmuls, half the layer's FLOPs), recompute the rest.
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_mlp": jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"),
 }
 
 
@@ -122,7 +125,9 @@ class MLP(nnx.Module):
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, **lin)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = checkpoint_name(self.gate_proj(x), "mlp_gate")
+        up = checkpoint_name(self.up_proj(x), "mlp_up")
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):

@@ -126,14 +126,15 @@ def test_lora_equals_merged_weights(ckpt):
     np.testing.assert_allclose(with_lora, merged, atol=1e-4)
 
 
-def test_remat_same_values_and_lora_grads(ckpt):
+@pytest.mark.parametrize("policy", ["nothing_saveable", "save_mlp"])
+def test_remat_same_values_and_lora_grads(ckpt, policy):
     model_dir = ckpt("qwen3_tied")
     (seq,) = _sequences(384, [12], seed=4)
     args = _single_row(seq)
     temps = jnp.ones((1, len(seq)))
 
     def loss_and_grad(remat):
-        model = load_model(model_dir, lora_rank=2, lora_alpha=4.0, remat=remat)
+        model = load_model(model_dir, lora_rank=2, lora_alpha=4.0, remat=remat, remat_policy=policy)
         graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
 
         def loss(lora):
