@@ -183,13 +183,17 @@ def _cli(config_path, *extra):
                             start_new_session=True)
 
 
-def test_kill_and_resume_matches_uninterrupted(three_steps, tmp_path, tiny_model_dir):
-    _, _, ref_out, _ = three_steps
-    out = str(tmp_path / "run")
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
+    """Through the CLI (each run starts its own server): an uninterrupted 3-step run, and a run killed with
+    SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training."""
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    ref = _cli(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out))
+    log, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, log[-3000:]
     path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out)
     proc = _cli(path)
     ckpt_dir = os.path.join(out, "checkpoints")
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if os.path.isdir(os.path.join(ckpt_dir, "1")):  # orbax renames the folder only when complete
@@ -204,10 +208,10 @@ def test_kill_and_resume_matches_uninterrupted(three_steps, tmp_path, tiny_model
     ck.close()
     assert saved_step in (1, 2)
     proc = _cli(path, "--config.ckpt.resume=True")
-    log, _ = proc.communicate(timeout=400)
+    log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     assert f"resumed from {ckpt_dir}/{saved_step}" in log
-    rows, ref = read_jsonl(os.path.join(out, "metrics.jsonl")), read_jsonl(os.path.join(ref_out, "metrics.jsonl"))
+    rows, ref_rows = read_jsonl(os.path.join(out, "metrics.jsonl")), read_jsonl(os.path.join(ref_out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3]
     samples = read_jsonl(os.path.join(out, "samples.jsonl"))
     ref_samples = read_jsonl(os.path.join(ref_out, "samples.jsonl"))
@@ -216,6 +220,14 @@ def test_kill_and_resume_matches_uninterrupted(three_steps, tmp_path, tiny_model
     assert [s["policy_version"] for s in samples] == [s["policy_version"] for s in ref_samples]
     # seeded sampling: the resumed run's steps match the uninterrupted run's
     assert [s["completion"] for s in samples] == [s["completion"] for s in ref_samples]
-    for r, q in zip(rows, ref):
+    for r, q in zip(rows, ref_rows):
         for key in ("reward/mean", "completion_len/mean", "teacher_kl/seq", "loss", "grad_norm"):
             np.testing.assert_allclose(r[key], q[key], rtol=1e-3, atol=1e-5, err_msg=f"step {r['step']} {key}")
+    # the final adapters agree too
+    from safetensors.numpy import load_file
+
+    name = os.path.join("weights", "step_000003", "adapter_model.safetensors")
+    final, final_ref = load_file(os.path.join(out, name)), load_file(os.path.join(ref_out, name))
+    assert final.keys() == final_ref.keys()
+    for key in final:
+        np.testing.assert_allclose(final[key], final_ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
