@@ -4,6 +4,7 @@ Layers are stacked (every layer Variable has a leading axis L) and applied with 
 compile once per layer shape. The tree layout is fixed by .notes/interfaces.md: the HF name map depends on it.
 """
 
+import functools
 import math
 
 import jax
@@ -17,8 +18,11 @@ from ctxd_jax.models.config import ModelConfig
 # Layer remat (the scan always keeps each layer's input). nothing_saveable: recompute the whole layer in the
 # backward, least memory. dots_with_no_batch_dims_saveable: keep the projection outputs (x @ W has no dot_general
 # batch dims), recompute attention (batched over B, heads) and elementwise ops. save_mlp: keep only the MLP's
-# gate and up products (the largest matmuls, half the layer's FLOPs), recompute the rest.
+# gate and up products (the largest matmuls, half the layer's FLOPs), recompute the rest. save_attention: remat
+# the parts before and after the attention kernel, not the kernel: its inputs, output and softmax statistics stay,
+# so the backward never re-runs attention (the costliest op at long sequence lengths).
 REMAT_POLICIES = {
+    "save_attention": jax.checkpoint_policies.nothing_saveable,  # applied to the two parts, see Transformer
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_mlp": jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"),
@@ -102,16 +106,22 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, sin, cos, segment_ids):
+    def qkv(self, x, sin, cos):
+        """Projected, normed (Qwen3) and rotated q [B,T,Hq,hd], k, v [B,T,Hkv,hd]."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+
+    def kernel(self, q, k, v, segment_ids):
         # attn_impl None/'xla': dense causal & same-segment mask; 'cudnn': packed layout from segment ids.
-        out = attention(q, k, v, segment_ids, impl=self.attn_impl)
+        return attention(q, k, v, segment_ids, impl=self.attn_impl)
+
+    def output(self, out):
+        b, t = out.shape[:2]
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -139,9 +149,16 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
 
-    def __call__(self, x, sin, cos, segment_ids):
-        x = x + self.self_attn(self.input_layernorm(x), sin, cos, segment_ids)
+    def attention_inputs(self, x, sin, cos):
+        return self.self_attn.qkv(self.input_layernorm(x), sin, cos)
+
+    def after_attention(self, x, attn_out):
+        x = x + self.self_attn.output(attn_out)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def __call__(self, x, sin, cos, segment_ids):
+        q, k, v = self.attention_inputs(x, sin, cos)
+        return self.after_attention(x, self.self_attn.kernel(q, k, v, segment_ids))
 
 
 class Embed(nnx.Module):
@@ -202,7 +219,17 @@ class Transformer(nnx.Module):
             y = nnx.merge(graphdef, layer_state)(x, sin, cos, segment_ids)
             return y, (y if return_layer_outputs else None)
 
-        if self.remat:
+        def layer_around_attention(x, layer_state):
+            remat = functools.partial(jax.checkpoint, prevent_cse=False)
+            before = remat(lambda s, x: nnx.merge(graphdef, s).attention_inputs(x, sin, cos))
+            after = remat(lambda s, x, a: nnx.merge(graphdef, s).after_attention(x, a))
+            q, k, v = before(layer_state, x)
+            y = after(layer_state, x, nnx.merge(graphdef, layer_state).self_attn.kernel(q, k, v, segment_ids))
+            return y, (y if return_layer_outputs else None)
+
+        if self.remat and self.remat_policy == "save_attention":
+            layer = layer_around_attention
+        elif self.remat:
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         x, outs = jax.lax.scan(layer, x, state)
         h = self.norm(x)

@@ -126,7 +126,7 @@ def test_lora_equals_merged_weights(ckpt):
     np.testing.assert_allclose(with_lora, merged, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "save_mlp"])
+@pytest.mark.parametrize("policy", ["nothing_saveable", "save_mlp", "save_attention"])
 def test_remat_same_values_and_lora_grads(ckpt, policy):
     model_dir = ckpt("qwen3_tied")
     (seq,) = _sequences(384, [12], seed=4)
