@@ -231,3 +231,23 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert final.keys() == final_ref.keys()
     for key in final:
         np.testing.assert_allclose(final[key], final_ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_ctrl_c_saves_and_stops(tmp_path, tiny_model_dir):
+    out = str(tmp_path / "run")
+    proc = _cli(config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_steps=50))
+    ckpt_dir = os.path.join(out, "checkpoints")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not os.path.isdir(os.path.join(ckpt_dir, "1")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    step = len(read_jsonl(os.path.join(out, "metrics.jsonl")))
+    assert f"stopped at step {step}" in log and 2 <= step < 50
+    ck = Checkpointer(ckpt_dir)
+    assert ck.latest_step() == step
+    ck.close()
+    assert {"reward.png", "teacher_kl.png"} <= set(os.listdir(out))
+    # the run's server is gone with it
+    assert not subprocess.run(["pgrep", "-f", f"vllm.entrypoints.*{tiny_model_dir}"], capture_output=True).stdout
