@@ -74,6 +74,12 @@ def get_config() -> ml_collections.ConfigDict:
         remat=True,  # recompute each layer's activations in the backward pass (the reference: checkpointing freq 1)
         micro_batch_rows=1,  # rows of seq_len per gradient-accumulation micro-step, at least one per device; 0 = all
         chunk_size=1024,  # tokens per chunk of the LM head when computing log-probs (never [tokens, vocab] at once)
+        # nothing_saveable | save_attention (keep attention's inputs/outputs: fastest on GPU, more memory) | save_mlp
+        remat_policy="save_attention",
+        attn_impl="auto",  # auto: cuDNN's packed flash attention on GPU, XLA with a dense mask on CPU | xla | cudnn
+        # Share of each trainer GPU that JAX may take (XLA_PYTHON_CLIENT_MEM_FRACTION). Where the trainer shares a GPU
+        # with vLLM, this plus the servers' gpu_memory_utilization must stay <= 1.
+        gpu_memory_fraction=0.9,
     )
 
     c.inference = dict(

@@ -13,6 +13,8 @@ TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
 WEIGHT_MODES = ("adapter", "merged")
+ATTN_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("nothing_saveable", "save_attention", "save_mlp", "dots_with_no_batch_dims_saveable")
 
 
 class ConfigError(ValueError):
@@ -157,6 +159,13 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.trainer.micro_batch_rows >= 0, "trainer.micro_batch_rows",
              f"must be >= 0 (0 = all rows at once), got {config.trainer.micro_batch_rows}")
     _positive(config, "trainer.chunk_size")
+    _require(config.trainer.attn_impl in ATTN_IMPLS, "trainer.attn_impl",
+             f"{config.trainer.attn_impl!r} is not one of {ATTN_IMPLS}")
+    _require(config.trainer.remat_policy in REMAT_POLICIES, "trainer.remat_policy",
+             f"{config.trainer.remat_policy!r} is not one of {REMAT_POLICIES}")
+    for field in ("inference.gpu_memory_utilization", "trainer.gpu_memory_fraction"):
+        value = _get(config, field)
+        _require(0 < value <= 1, field, f"must be in (0, 1], got {value!r}")
     _require(config.ckpt.interval >= 0, "ckpt.interval", f"must be >= 0, got {config.ckpt.interval}")
 
 
@@ -197,14 +206,26 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
         out.append("teacher.eval_baseline: no effect without a teacher server (give --teacher_gpu_ids)")
     if gpus.teacher and not _needs_teacher_for_loss(config) and not config.teacher.eval_baseline:
         out.append("teacher_gpu_ids: unused (KL taus 0 and teacher.eval_baseline off); no teacher server starts")
-    servers = set(gpus.inference) | (set(gpus.teacher) if plan.teacher is not None else set())
-    shared = sorted(servers & set(gpus.trainer))
-    if shared and config.inference.gpu_memory_utilization > 0.5:
-        out.append(f"trainer_gpu_ids: GPUs {shared} are shared with vLLM; lower inference.gpu_memory_utilization "
-                   f"(now {config.inference.gpu_memory_utilization}) so the trainer fits")
     if loss.adv_tau == 0 and loss.teacher_tau == 0 and loss.student_tau == 0 and loss.topk_tau == 0:
         out.append("loss: every tau is 0, so every advantage is 0 and training changes nothing")
     return out
+
+
+def _check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan) -> None:
+    """Every process on a GPU takes its configured share of it; shares on one GPU must add up to at most 1."""
+    users: dict[int, list[tuple[str, float]]] = {}
+    for server in plan.servers:
+        for gpu in server.gpu_ids:
+            users.setdefault(gpu, []).append(
+                (f"{'+'.join(server.roles)} server", config.inference.gpu_memory_utilization))
+    for gpu in plan.trainer.gpu_ids:
+        users.setdefault(gpu, []).append(("trainer", config.trainer.gpu_memory_fraction))
+    for gpu, shares in sorted(users.items()):
+        total = sum(share for _, share in shares)
+        if len(shares) > 1 and total > 1.0 + 1e-9:
+            who = ", ".join(f"{name} {share}" for name, share in shares)
+            raise ConfigError(f"inference.gpu_memory_utilization: GPU {gpu} is shared ({who}: {total:.2f} > 1); "
+                              "lower it and/or trainer.gpu_memory_fraction")
 
 
 def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
@@ -242,6 +263,7 @@ def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collectio
     if resolved.inference.parallel.dp is None:
         resolved.inference.parallel.dp = max(len(gpus.inference) // resolved.inference.parallel.tp, 1)
     plan = make_plan(resolved, gpus)
+    _check_gpu_memory(resolved, plan)
     if plan.teacher_shared and resolved.weights.mode == "merged":
         raise ConfigError("weights.mode: 'merged' reloads the server's base weights, which also serve the teacher; "
                           "use 'adapter' or give the teacher its own GPUs or model")

@@ -148,9 +148,10 @@ def test_teacher_sharing():
     same = Gpus(inference=(0,), teacher=(0,), trainer=(1,))
     _, plan, _ = resolve(_config(), same)
     assert plan.teacher_shared
-    _, plan, _ = resolve(_config(teacher__model="/models/other"), same)
+    half = dict(inference__gpu_memory_utilization=0.45)  # two servers on one GPU must share it
+    _, plan, _ = resolve(_config(teacher__model="/models/other", **half), same)
     assert not plan.teacher_shared and plan.teacher.model == "/models/other" and plan.teacher.port == 8001
-    _, plan, _ = resolve(_config(), Gpus(inference=(0, 1), teacher=(1,), trainer=(2,)))
+    _, plan, _ = resolve(_config(**half), Gpus(inference=(0, 1), teacher=(1,), trainer=(2,)))
     assert not plan.teacher_shared and plan.teacher.gpu_ids == (1,) and plan.student.dp == 2
 
 
@@ -173,7 +174,17 @@ def test_warnings():
                warns(advantage__kl_only_incorrect=True, loss__teacher_tau=0.0, loss__student_tau=0.0))
     assert any(w.startswith("buffer.skip_verification: ") for w in warns(buffer__skip_verification=True))
     assert warns(buffer__skip_verification=True, loss__adv_tau=0.0) == []
-    shared = validate(_config(), Gpus(inference=(0,), teacher=(1,), trainer=(0,)))
-    assert any(w.startswith("trainer_gpu_ids: GPUs [0] are shared") for w in shared)
     one_gpu = Gpus(inference=(0,), teacher=(0,), trainer=(0,))
-    assert validate(_config(inference__gpu_memory_utilization=0.45), one_gpu) == []
+    assert validate(_config(inference__gpu_memory_utilization=0.45, trainer__gpu_memory_fraction=0.45), one_gpu) == []
+
+
+def test_shared_gpus_must_fit():
+    with pytest.raises(ConfigError, match=r"^inference.gpu_memory_utilization: GPU 0 is shared .*trainer 0.9"):
+        validate(_config(), Gpus(inference=(0,), teacher=(1,), trainer=(0,)))
+    # The reference layout with the teacher beside a student replica: two servers on GPU 1.
+    layout = Gpus(inference=(0, 1), teacher=(1,), trainer=(2, 3))
+    with pytest.raises(ConfigError, match=r"GPU 1 is shared \(student server 0.9, teacher server 0.9"):
+        validate(_config(), layout)
+    assert validate(_config(inference__gpu_memory_utilization=0.45), layout) == []
+    with pytest.raises(ConfigError, match=r"^trainer.attn_impl: 'flash'"):
+        validate(_config(trainer__attn_impl="flash"), THREE)

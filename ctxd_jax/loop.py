@@ -84,6 +84,8 @@ def run(config, plan) -> None:
     deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
     if plan.trainer.gpu_ids:  # after the servers' environments are built: only the trainer sees these GPUs
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, plan.trainer.gpu_ids))
+        # Before JAX touches the GPU: it must leave the servers sharing these GPUs their share.
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(config.trainer.gpu_memory_fraction)
     try:
         for server in deployment.group.servers:  # boot the servers while the model loads
             server.start()
@@ -105,8 +107,15 @@ def _load_trainer(config):
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     mesh = make_mesh(tp=config.trainer.tp)
     model = load_model(path, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, dtype=dtype, param_dtype=dtype,
-                       mesh=mesh, seed=config.seed, remat=config.trainer.remat)
+                       mesh=mesh, seed=config.seed, remat=config.trainer.remat,
+                       remat_policy=config.trainer.remat_policy, attn_impl=_attn_impl(config.trainer.attn_impl))
     return Trainer(model, mesh, optim_config(config), step_config(config)), AutoTokenizer.from_pretrained(path)
+
+
+def _attn_impl(name: str) -> str | None:
+    if name == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else None
+    return None if name == "xla" else name
 
 
 async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: threading.Event) -> None:
