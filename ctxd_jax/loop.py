@@ -169,9 +169,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         """Batch `s`, sampled by the adapter the server holds now (`version`)."""
         nonlocal position
         start, position = position, position + per_step
-        t = time.perf_counter()
-        rollouts = await orch.produce(src, rng_key, s, start, version=version)
-        return rollouts, time.perf_counter() - t
+        return await orch.produce(src, rng_key, s, start, version=version)
 
     def save(s: int, next_batch) -> None:
         keep_keys = {"teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"}
@@ -193,9 +191,9 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
                                        tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
                                        run_config=config.to_dict())
     try:
-        current, t_sample = (pending, 0.0) if pending is not None else (None, 0.0)
+        current, times = pending, {}  # a resumed pending batch was sampled before the stop
         if current is None and step < config.max_steps:
-            current, t_sample = await make(step, step)
+            current, times = await make(step, step)
         min_rows = 0
         while step < config.max_steps:
             t0 = time.perf_counter()
@@ -209,7 +207,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
             t = time.perf_counter()
             train = await asyncio.to_thread(trainer.step, batch)
             t_train = time.perf_counter() - t
-            nxt, t_next = await next_task if next_task is not None else (None, 0.0)
+            nxt, times_next = await next_task if next_task is not None else (None, {})
             t = time.perf_counter()
             await publish(step + 1)
             t_publish = time.perf_counter() - t
@@ -217,7 +215,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
             m = dict(orch.rollout_metrics(current, group), **train)
             m.update({"adv/abs_mean": float(np.abs(adv).mean()), "kl_gate/mean": float(gates.mean()),
                       "pack/rows": stats.rows, "pack/fill": stats.fill, "pack/truncated": stats.truncated,
-                      "time/sample": t_sample, "time/train": t_train, "time/publish": t_publish,
+                      **times, "time/train": t_train, "time/publish": t_publish,
                       "tokens/s_train": stats.tokens / t_train, "policy_version": step})
             if config.eval.interval and step % config.eval.interval == 0 and eval_examples:
                 t = time.perf_counter()
@@ -235,7 +233,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
                 await asyncio.to_thread(save, step, nxt)
             if done:
                 break
-            current, t_sample = (nxt, t_next) if nxt is not None else await make(step, step)
+            current, times = (nxt, times_next) if nxt is not None else await make(step, step)
         if stop.is_set():
             print(f"stopped at step {step}; resume with --config.ckpt.resume", file=sys.stderr)
     finally:

@@ -8,6 +8,7 @@ uninterrupted one would. The batch is contiguous groups of `rollouts_per_example
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -102,14 +103,20 @@ async def score_teacher(src: Sources, examples: Sequence[Example], rollouts: lis
         r.teacher_logprobs, r.teacher_topk_ids, r.teacher_topk_logprobs = s.logprobs, s.topk_ids, s.topk_logprobs
 
 
-async def produce(src: Sources, rng_key, step: int, position: int, *, version: int) -> list[Rollout]:
-    """The rollouts of `step` from the prompts at data `position`: sampled, verified, teacher-scored."""
+async def produce(src: Sources, rng_key, step: int, position: int, *,
+                  version: int) -> tuple[list[Rollout], dict[str, float]]:
+    """The rollouts of `step` from the prompts at data `position`: sampled, verified, teacher-scored; and the
+    seconds each phase took ({'time/sample', 'time/verify', 'time/teacher'})."""
     idx = prompt_indices(position, src.prompts_per_step, len(src.train), src.seed)
     examples = [src.train[i] for i in idx]
+    t0 = time.perf_counter()
     rollouts = await sample(src, examples, group_seeds(rng_key, step, len(examples)), version=version)
+    t1 = time.perf_counter()
     verify(src, examples, rollouts)
+    t2 = time.perf_counter()
     await score_teacher(src, examples, rollouts)
-    return rollouts
+    times = {"time/sample": t1 - t0, "time/verify": t2 - t1, "time/teacher": time.perf_counter() - t2}
+    return rollouts, times
 
 
 def advantages(rollouts: Sequence[Rollout], *, group_size: int, loss, advantage) -> tuple[np.ndarray, np.ndarray]:

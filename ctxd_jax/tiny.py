@@ -102,11 +102,13 @@ def random_weights(config: dict, seed: int = 0, std: float = 0.02) -> dict[str, 
     return w
 
 
-def write_tiny_checkpoint(out_dir: str, arch: str = "qwen3", seed: int = 0, std: float = 0.02, **sizes) -> str:
-    """Writes a random HF checkpoint whose vocab equals the tokenizer's size (so decoded text round-trips)."""
+def write_tiny_checkpoint(out_dir: str, arch: str = "qwen3", seed: int = 0, std: float = 0.02,
+                          model_vocab_size: int | None = None, **sizes) -> str:
+    """Writes a random HF checkpoint. Its vocab equals the tokenizer's size (so decoded text round-trips) unless
+    `model_vocab_size` asks for a larger embedding, e.g. a real model's 151936 for benchmarks of real shapes."""
     os.makedirs(out_dir, exist_ok=True)
     config = tiny_config(arch, **sizes)
-    config["vocab_size"] = write_tokenizer(out_dir, config["vocab_size"])
+    config["vocab_size"] = max(write_tokenizer(out_dir, config["vocab_size"]), model_vocab_size or 0)
     # The trainer puts special tokens first, so their ids are their positions in SPECIAL_TOKENS.
     eos = SPECIAL_TOKENS.index("<|im_end|>")
     config.update(eos_token_id=eos, pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"))
