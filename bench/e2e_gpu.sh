@@ -14,8 +14,9 @@ write_tiny_checkpoint('$MODEL', 'qwen3_tied', hidden_size=1024, num_layers=28, n
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 -m ctxd_jax.train --config=configs/rl.py --config.model.path="$MODEL" \
   --inference_gpu_ids=0 --teacher_gpu_ids=0 --trainer_gpu_ids=0 \
-  --config.inference.gpu_memory_utilization=0.4 --config.trainer.gpu_memory_fraction=0.5 \
+  --config.inference.gpu_memory_utilization=0.65 --config.trainer.gpu_memory_fraction=0.3 \
   --config.max_steps="$STEPS" --config.batch_size=256 --config.rollouts_per_example=16 \
   --config.sampling.max_tokens=1024 --config.seq_len=4096 --config.teacher.eval_baseline=False \
   --config.ckpt.interval=0 --config.log.tensorboard=False --config.output_dir="$OUT_DIR/run"
+cp "$OUT_DIR"/run/logs/*.log "$OUT_DIR/vllm.log" 2>/dev/null || true
 python3 bench/phase_table.py "$OUT_DIR/run/metrics.jsonl"

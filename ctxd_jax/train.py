@@ -5,6 +5,7 @@ Bad input of any kind (unknown key, bad value, inconsistent settings) ends with 
 and exit status 2, never a traceback.
 """
 
+import logging
 import re
 import sys
 from typing import NoReturn
@@ -108,6 +109,9 @@ def main(argv: list[str]) -> int:
         return 0
     from ctxd_jax import loop  # JAX and vLLM load only for a real run
 
+    # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
+    for name in ("httpx", "absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     loop.run(config, plan)
     return 0
 
