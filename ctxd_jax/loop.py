@@ -130,8 +130,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         student_model=deployment.student_model, teacher=deployment.teacher_client(),
         teacher_model=deployment.teacher_model, context=config.teacher.context,
         max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, group_size=group,
-        prompts_per_step=per_step, seed=config.seed, topk=topk, skip_verification=config.buffer.skip_verification,
-        score_concurrency=_score_concurrency(deployment.teacher))
+        prompts_per_step=per_step, seed=config.seed, topk=topk, skip_verification=config.buffer.skip_verification)
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=config.ckpt.keep)
     rng_key = jax.random.key(config.seed)
     step, position, pending = 0, 0, None
@@ -244,13 +243,6 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         if baseline is None:
             baseline = metrics_lib.read_json(os.path.join(out, "eval_baseline.json"))
         metrics_lib.plot(out, baseline=baseline)
-
-
-def _score_concurrency(teacher) -> int:
-    """1 for a CPU server with LoRA enabled (see orch.Sources.score_concurrency), else many."""
-    if teacher is not None and teacher.gpu_ids is None and teacher.lora_rank > 0:
-        return 1
-    return 64
 
 
 async def parity_gate(config, src: orch.Sources, trainer: Trainer, version: int) -> float:

