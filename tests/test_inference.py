@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from transformers import AutoTokenizer
 
 from ctxd_jax.inference import handoff
@@ -22,6 +21,7 @@ from ctxd_jax.inference.client import Client
 from ctxd_jax.inference.server import ServerError, VLLMServer, group_members
 from ctxd_jax.inference.teacher import render_prompt, score_completion
 from ctxd_jax.models.hf import load_model, save_adapter
+from ctxd_jax.models.hf_test import randomise_lora
 from ctxd_jax.models.logprobs import token_logprobs
 
 pytestmark = pytest.mark.vllm
@@ -42,15 +42,6 @@ def jax_logprobs(model, ids, start, temperature=1.0):
     lp, _ = token_logprobs(model, jnp.asarray([ids]), jnp.arange(t)[None], jnp.ones((1, t), jnp.int32),
                            jnp.full((1, t), temperature))
     return np.asarray(lp[0, start:])
-
-
-def random_lora(model, seed, std=0.05):
-    lora = nnx.state(model, nnx.LoRAParam)
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(
-        treedef, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +120,7 @@ def test_adapter_handoff(client, tok, base_model, tiny_model_dir, tmp_path):
     base_ref = jax_logprobs(base_model, probe, len(prompt))
     previous = None
     for step in range(3):
-        model = random_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=10 + step)
+        model = randomise_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=10 + step)
         path = save_adapter(model, handoff.new_step_dir(root, step), base_model_name_or_path=tiny_model_dir)
         ref = jax_logprobs(model, probe, len(prompt))
         assert np.max(np.abs(ref - base_ref)) > 1e-2
@@ -160,7 +151,7 @@ def test_merged_reload_then_restore(client, tok, base_model, tiny_model_dir, tmp
 
     prompt = render_prompt(tok, STUDENT_MSGS)
     probe = prompt + tok.encode("A banana is yellow when it is ripe.")
-    model = random_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=7)
+    model = randomise_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=7)
     merged = save_merged(model, handoff.new_step_dir(str(tmp_path), 1), src_dir=tiny_model_dir)
 
     async def go():

@@ -43,6 +43,7 @@ def randomise_lora(model, seed=1, std=0.05):
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     nnx.update(model, jax.tree.unflatten(
         treedef, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+    return model
 
 
 def jax_logprobs(model, tokens=TOKENS):

@@ -228,9 +228,11 @@ class Transformer(nnx.Module):
             return y, (y if return_layer_outputs else None)
 
         if self.remat and self.remat_policy == "save_attention":
-            layer = layer_around_attention
+            body = layer_around_attention
         elif self.remat:
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-        x, outs = jax.lax.scan(layer, x, state)
+            body = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        else:
+            body = layer
+        x, outs = jax.lax.scan(body, x, state)
         h = self.norm(x)
         return (h, outs) if return_layer_outputs else h
