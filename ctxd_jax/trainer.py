@@ -4,6 +4,9 @@ The model is split once into (graphdef, lora, rest); jitted functions merge it i
 and donate the LoRA and optimizer state. Rows are processed in micro-batches of fixed shape (one compile), their
 gradients summed: each micro-batch's loss is divided by the WHOLE batch's loss-token count (`loss_scale`), so the
 sum equals the gradient of the full-batch loss (prime-rl-notes §10.4).
+
+With several processes (ctxd_jax/distributed.py) the mesh spans all of them and every process calls the same methods
+with the same global batch; each process places only its own devices' rows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from ctxd_jax import sharding
+from ctxd_jax import distributed, sharding
 from ctxd_jax.loss import compute_loss
 from ctxd_jax.models.logprobs import token_logprobs
 from ctxd_jax.packing import TrainBatch
@@ -184,7 +187,7 @@ class Trainer:
         """Trainer log-probs [rows, seq_len] of the batch's tokens under the current weights (0 where undefined)."""
         out = []
         for mb in self._micro_batches(batch):
-            out.append(np.asarray(jax.device_get(self._score(self.lora, self.rest, mb))))
+            out.append(distributed.to_host(self._score(self.lora, self.rest, mb)))
         return np.concatenate(out)
 
     def model(self) -> nnx.Module:
