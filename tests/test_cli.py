@@ -85,6 +85,33 @@ def test_reference_gpu_layout_infers_dp():
     assert "num_train_workers=4" in r.stdout
 
 
+
+# Issue 9's reference layouts: trainer on two GPUs; then the student on two (dp=2), one of them shared with the teacher.
+SHARED_GPU = ["--inference_gpu_ids=0,1", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3",
+              "--config.inference.parallel.dp=2"]
+
+
+@pytest.mark.parametrize("args,servers", [
+    (["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3"],
+     ["[student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0 (dp=1, tp=1), port 8000",
+      "[teacher] Qwen/Qwen3-4B-Instruct-2507 on GPUs 1 (dp=1, tp=1), port 8001"]),
+    # Student replica and teacher each take gpu_memory_utilization of GPU 1: two shares must add up to <= 1.
+    (SHARED_GPU + ["--config.inference.gpu_memory_utilization=0.45"],
+     ["[student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0,1 (dp=2, tp=1), port 8000",
+      "[teacher] Qwen/Qwen3-4B-Instruct-2507 on GPUs 1 (dp=1, tp=1), port 8001"]),
+])
+def test_reference_multi_gpu_layouts(args, servers):
+    r = ok(*args)
+    plan = r.stdout.split("plan (GPU mode):\n")[1].splitlines()
+    assert plan == [f"  vLLM server {s}" for s in servers] + [
+        "  JAX trainer on GPUs 2,3 (num_train_workers=2, tp=1)"], r.stdout
+
+
+def test_shared_gpu_over_its_memory_is_refused():
+    assert refused(*SHARED_GPU) == (
+        "inference.gpu_memory_utilization: GPU 1 is shared (student server 0.9, teacher server 0.9: 1.80 > 1); "
+        "lower it and/or trainer.gpu_memory_fraction")
+
 @pytest.mark.parametrize("args,prefix", [
     (["--config.loss.teacher_tau=-1"], "loss.teacher_tau: must be >= 0"),
     (["--config.loss.student_tau=-0.5"], "loss.student_tau: must be >= 0"),
