@@ -7,6 +7,9 @@ QWEN3 = {
                  head_dim=128, intermediate_size=6144, tie_word_embeddings=True),
     "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                head_dim=128, intermediate_size=9728, tie_word_embeddings=True),
+    # Not a real model: a few-second CPU check of the benchmark's code paths (e.g. --scaling on fake devices).
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 intermediate_size=256, tie_word_embeddings=True, vocab_size=512),
 }
 COMMON = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_act="silu",
               max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=False,
@@ -31,6 +34,6 @@ def flops_per_token(shape: str, seq_len: int) -> float:
     fwd+bwd (6·L·Hq·hd·T: QKᵀ and AV, halved for causality, ×3 for backward). With frozen base weights the
     real work is lower (no weight gradients: ~4·N), so this overstates LoRA MFU the same way the reference does."""
     c = QWEN3[shape]
-    lm_head = c["hidden_size"] * COMMON["vocab_size"]
+    lm_head = c["hidden_size"] * c.get("vocab_size", COMMON["vocab_size"])
     attn = 6 * c["num_hidden_layers"] * c["num_attention_heads"] * c["head_dim"] * seq_len
     return 6 * (non_embedding_params(shape) + lm_head) + attn

@@ -5,6 +5,15 @@
 Each measurement runs in its own process (JAX and torch would fight over GPU memory in one). Random weights of real
 Qwen3 shapes, bf16, LoRA r16 / alpha 64 on all seven projections, one packed row per step, AdamW + clipping.
 Warm-up steps excluded; the median of --steps is reported. The table is printed last.
+
+Scaling over the GPUs of one host (JAX only; one packed row of seq_len per GPU, so each GPU's work stays fixed):
+
+    python bench/trainer_bench.py --scaling=1,2,4,8 --shapes=1.7b --seq_lens=16384
+
+prints tokens/s, tokens/s per GPU and efficiency (per-GPU tokens/s over the 1-GPU run's). On CPU, check the code
+path with fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 ... --shapes=tiny --seq_lens=64
+--attn_impl=. Several hosts: run `--one=SHAPE:SEQ --devices=0` on every host with CTXD_COORDINATOR_ADDRESS,
+CTXD_NUM_PROCESSES, CTXD_PROCESS_ID set (ctxd_jax/distributed.py; launch/two_hosts_trainer_bench.sh).
 """
 
 import argparse
@@ -23,7 +32,11 @@ from shapes import H100_BF16_PEAK, flops_per_token, hf_config  # noqa: E402
 
 
 def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, attn_impl: str | None,
-                  chunk_size: int, remat_policy: str) -> dict:
+                  chunk_size: int, remat_policy: str, devices: int = 1) -> dict:
+    """One train step's time on a mesh of the first `devices` devices (0 = all, of every process)."""
+    from ctxd_jax import distributed
+
+    distributed.initialize()  # several hosts when CTXD_* are set; before JAX touches a device
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -38,18 +51,23 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
     cfg = ModelConfig.from_dict(hf_config(shape))
     model = Transformer(cfg, lora_rank=16, lora_alpha=64, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                         remat=remat, remat_policy=remat_policy, attn_impl=attn_impl, rngs=nnx.Rngs(0))
-    mesh = sharding.make_mesh()
+    all_devices = jax.devices()
+    if devices > len(all_devices):
+        raise ValueError(f"--devices={devices}: only {len(all_devices)} devices")
+    mesh = sharding.make_mesh(all_devices[:devices or len(all_devices)])
+    n = mesh.devices.size
     sharding.shard_model(model, mesh)
     trainer = Trainer(model, mesh, OptimConfig(lr=1e-5, max_norm=1.0),
                       StepConfig(teacher_tau=0.0, student_tau=0.0, chunk_size=chunk_size))
     rng = np.random.default_rng(0)
     doc = seq_len // docs
-    seg = np.repeat(np.arange(1, docs + 1, dtype=np.int32), doc)[None]
-    pos = np.tile(np.arange(doc, dtype=np.int32), docs)[None]
-    ones = np.ones((1, seq_len), np.float32)
+    rows = n  # one row per device: the batch grows with the mesh (weak scaling)
+    seg = np.repeat(np.repeat(np.arange(1, docs + 1, dtype=np.int32), doc)[None], rows, 0)
+    pos = np.repeat(np.tile(np.arange(doc, dtype=np.int32), docs)[None], rows, 0)
+    ones = np.ones((rows, seq_len), np.float32)
     batch = TrainBatch(
-        tokens=rng.integers(0, cfg.vocab_size, (1, seq_len), dtype=np.int32), positions=pos, segment_ids=seg,
-        loss_mask=np.ones((1, seq_len), bool), sampling_logprobs=-ones * 11.0, advantages=ones * 0.01,
+        tokens=rng.integers(0, cfg.vocab_size, (rows, seq_len), dtype=np.int32), positions=pos, segment_ids=seg,
+        loss_mask=np.ones((rows, seq_len), bool), sampling_logprobs=-ones * 11.0, advantages=ones * 0.01,
         kl_gates=ones, temperatures=ones)
     for _ in range(2):
         trainer.step(batch)  # compile + warm-up; step() ends with a host read, so it is synchronous
@@ -58,10 +76,11 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
         t = time.perf_counter()
         trainer.step(batch)
         times.append(time.perf_counter() - t)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     med = statistics.median(times)
-    return {"impl": "jax", "shape": shape, "seq_len": seq_len, "step_s": med, "tokens_per_s": seq_len / med,
-            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+    return {"impl": "jax", "shape": shape, "seq_len": seq_len, "devices": n, "processes": jax.process_count(),
+            "device_kind": jax.local_devices()[0].device_kind, "step_s": med, "tokens_per_s": rows * seq_len / med,
+            "tokens_per_s_per_device": seq_len / med, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
 
 
 def run_one(args: list[str]) -> dict:
@@ -86,13 +105,20 @@ def main():
     p.add_argument("--attn_impl", default="cudnn")
     p.add_argument("--chunk_size", type=int, default=4096)
     p.add_argument("--impls", default="jax,torch")
-    p.add_argument("--one", default="", help="internal: run one JAX measurement shape:seq_len")
+    p.add_argument("--devices", type=int, default=1, help="with --one: mesh over this many devices (0 = all)")
+    p.add_argument("--scaling", default="", help="device counts, e.g. 1,2,4,8: the JAX scaling table")
+    p.add_argument("--one", default="", help="run one JAX measurement shape:seq_len here (a JSON line)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     if a.one:
         shape, seq_len = a.one.split(":")
         print(json.dumps(jax_step_time(shape, int(seq_len), a.steps, a.docs, bool(a.remat),
-                                       a.attn_impl or None, a.chunk_size, a.remat_policy)))
+                                       a.attn_impl or None, a.chunk_size, a.remat_policy, a.devices)))
+        return
+    flags = [f"--steps={a.steps}", f"--docs={a.docs}", f"--remat={a.remat}", f"--remat_policy={a.remat_policy}",
+             f"--attn_impl={a.attn_impl}", f"--chunk_size={a.chunk_size}"]
+    if a.scaling:
+        scaling(a, flags)
         return
 
     rows = []
@@ -100,9 +126,7 @@ def main():
         for seq_len in map(int, a.seq_lens.split(",")):
             row = {"shape": shape, "seq_len": seq_len}
             if "jax" in a.impls:
-                row["jax"] = run_one([__file__, f"--one={shape}:{seq_len}", f"--steps={a.steps}", f"--docs={a.docs}",
-                                      f"--remat={a.remat}", f"--remat_policy={a.remat_policy}", f"--attn_impl={a.attn_impl}",
-                                      f"--chunk_size={a.chunk_size}"])
+                row["jax"] = run_one([__file__, f"--one={shape}:{seq_len}", *flags])
             if "torch" in a.impls:
                 row["torch"] = run_one(["torch_peer.py", f"--shape={shape}", f"--seq_len={seq_len}",
                                         f"--steps={a.steps}"])
@@ -130,6 +154,34 @@ def main():
         jt, tt = r.get("jax", {}).get("tokens_per_s"), r.get("torch", {}).get("tokens_per_s")
         ratio = f"{jt / tt:9.2f}" if jt and tt else f"{'':9}"
         print(f"{r['shape']:>5} {r['seq_len']:>6} | {cells[0]} | {cells[1]:>23} | {ratio}")
+
+
+
+def scaling(a, flags: list[str]) -> None:
+    """The JAX step on 1, 2, 4, ... devices of this host, each count in its own process; then the table."""
+    rows = []
+    for shape in a.shapes.split(","):
+        for seq_len in map(int, a.seq_lens.split(",")):
+            for n in map(int, a.scaling.split(",")):
+                m = dict(run_one([__file__, f"--one={shape}:{seq_len}", f"--devices={n}", *flags]),
+                         shape=shape, seq_len=seq_len, devices=n)
+                rows.append(m)
+                print(json.dumps(m), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"\n{'shape':>5} {'seq':>6} {'devices':>7} | {'tok/s':>9} {'tok/s/dev':>9} {'MFU':>5} {'GiB':>5} | "
+          f"{'efficiency':>10}  device")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:>5} {r['seq_len']:>6} {r['devices']:>7} | error: {r['error'][-300:]}")
+            continue
+        base = next((b for b in rows if b["shape"] == r["shape"] and b["seq_len"] == r["seq_len"]
+                     and b["devices"] == 1 and "error" not in b), None)
+        eff = f"{r['tokens_per_s_per_device'] / base['tokens_per_s_per_device']:10.1%}" if base else f"{'':10}"
+        mfu = r["tokens_per_s_per_device"] * flops_per_token(r["shape"], r["seq_len"]) / H100_BF16_PEAK
+        print(f"{r['shape']:>5} {r['seq_len']:>6} {r['devices']:>7} | {r['tokens_per_s']:9.0f} "
+              f"{r['tokens_per_s_per_device']:9.0f} {mfu:5.1%} {r['peak_gib']:5.1f} | {eff}  {r['device_kind']}")
 
 
 if __name__ == "__main__":
