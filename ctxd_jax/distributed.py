@@ -54,7 +54,11 @@ def initialize(settings: Settings | None = None) -> bool:
     if s.num_processes == 1:
         return False
     # The CPU backend has no cross-process collectives by default; gloo provides them (GPUs use NCCL regardless).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # A JAX without the option (none seen) keeps its default rather than failing a GPU run.
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:
+        pass
     jax.distributed.initialize(s.coordinator_address, s.num_processes, s.process_id)
     return True
 
