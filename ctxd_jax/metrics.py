@@ -160,6 +160,9 @@ def plot(output_dir: str, *, baseline: Mapping[str, Mapping[str, float]] | None 
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(*zip(*points), marker="o", markersize=3, label="student (train batches)")
+        evals = [(r["step"], r["eval/reward"]) for r in rows if isinstance(r.get("eval/reward"), (int, float))]
+        if key == "reward/mean" and evals:  # the online eval: the student without context on held-out prompts
+            ax.plot(*zip(*evals), marker="s", linestyle="-", color="tab:red", label="student (eval)")
         if key == "reward/mean" and baseline:
             for who, style in (("student", ":"), ("teacher", "--")):
                 value = (baseline.get(who) or {}).get("reward")
