@@ -17,12 +17,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = "~/.cache/ctxd_jax/SmolLM2-135M-Instruct"
     c.model.dtype = "float32"  # bf16 is slower than f32 on this CPU (../shared/reference/smollm2-notes.md)
     c.seq_len = 256
-    c.max_steps = 20
+    c.max_steps = 16  # reward reaches ~1.0 by step ~10 (measured); the rest shows the teacher KL falling
     c.output_dir = "outputs/demo"
 
-    c.batch_size = 32  # 8 prompts x 4 samples
+    c.batch_size = 16  # 4 prompts x 4 samples: a ~16 s JAX step on 2 cores (32 x 32-token samples took 47-84 s)
     c.rollouts_per_example = 4
-    c.sampling.max_tokens = 64
+    c.sampling.max_tokens = 16  # the "Ahoy!" signal sits in the first tokens; short samples keep every phase cheap
 
     with c.unlocked():
         c.env = dict(name="ahoy", args=dict(seed=0, num_eval=96))
@@ -30,12 +30,19 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.lora.rank = 8
     c.lora.alpha = 32.0
-    c.optim.lr = 2e-4  # a 135M model with rank-8 LoRA moves little at the reference's 1e-5 in 20 steps
+    c.optim.lr = 1e-3  # a 135M model with rank-8 LoRA moves little at the reference's 1e-5 in a few steps
+    # The student never samples "Ahoy" (0 of 32), so on-policy reverse KL alone barely moves it in a few steps.
+    # The forward KL on the teacher's top-20 log-probs (the teacher starts ~94 % of its answers with "Ahoy")
+    # supervises tokens the student did not sample. The sequence-level KL sums (~-10 nats) are scaled down so they do
+    # not drown the task reward, which takes over as an RL signal once samples start with "Ahoy".
+    c.loss.topk_tau = 1.0
+    c.loss.teacher_tau = 0.1
+    c.loss.student_tau = 0.1
 
     c.trainer.remat = False  # 16 x 256 tokens fit without it (~15 GB peak) and run faster
     c.trainer.micro_batch_rows = 0  # all rows in one pass
     c.inference.kv_cache_gb = 1
-    c.eval.interval = 10
+    c.eval.interval = 4  # ~10 s per eval of 32 prompts
     c.eval.num_examples = 32
-    c.ckpt.interval = 10
+    c.ckpt.interval = 8
     return c
