@@ -125,8 +125,8 @@ def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int
             b["kl_gates"][row, sl] = kl_gates[i]
             b["temperatures"][row, sl] = r.temperature
             c = max(0, length - p)  # completion tokens that survived truncation
-            cs = slice(start + p, start + p + c) if c else slice(0, 0)
             if c:
+                cs = slice(start + p, start + p + c)
                 b["loss_mask"][row, cs] = True
                 b["sampling_logprobs"][row, cs] = r.sampling_logprobs[:c]
                 if "teacher_logprobs" in b:
