@@ -141,8 +141,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         rng_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         if meta.get("pending"):
             pending = [Rollout(**r) for r in meta["pending"]]
-            idx = orch.prompt_indices(position - per_step, per_step, len(src.train), src.seed)
-            await orch.score_teacher(src, [src.train[i] for i in idx], pending)
+            await orch.score_teacher(src, orch.step_examples(src, position - per_step), pending)
         print(f"resumed from {ckpt.directory}/{step} (data position {position})", file=sys.stderr)
     elif ckpt.latest_step() is not None:
         print(f"starting fresh: removing old checkpoints in {ckpt.directory} (resume with --config.ckpt.resume)",

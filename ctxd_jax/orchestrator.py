@@ -61,6 +61,11 @@ def group_seeds(rng_key, step: int, count: int) -> list[int]:
     return [int(s) for s in jax.random.randint(key, (count,), 0, 2**31 - 1)]
 
 
+def step_examples(src: Sources, position: int) -> list[Example]:
+    """The train examples of one step: the `prompts_per_step` prompts at data `position`."""
+    return [src.train[i] for i in prompt_indices(position, src.prompts_per_step, len(src.train), src.seed)]
+
+
 async def sample(src: Sources, examples: Sequence[Example], seeds: Sequence[int], *, version: int) -> list[Rollout]:
     """`group_size` student samples of each example (one request each, n = group_size, seeded)."""
     prompts = [render_prompt(src.tokenizer, ex.messages) for ex in examples]
@@ -100,8 +105,7 @@ async def produce(src: Sources, rng_key, step: int, position: int, *,
                   version: int) -> tuple[list[Rollout], dict[str, float]]:
     """The rollouts of `step` from the prompts at data `position`: sampled, verified, teacher-scored; and the
     seconds each phase took ({'time/sample', 'time/verify', 'time/teacher'})."""
-    idx = prompt_indices(position, src.prompts_per_step, len(src.train), src.seed)
-    examples = [src.train[i] for i in idx]
+    examples = step_examples(src, position)
     t0 = time.perf_counter()
     rollouts = await sample(src, examples, group_seeds(rng_key, step, len(examples)), version=version)
     t1 = time.perf_counter()
