@@ -267,10 +267,8 @@ async def parity_gate(config, src: orch.Sources, trainer: Trainer, version: int)
 async def eval_baseline(config, src: orch.Sources, examples) -> dict[str, dict[str, float]]:
     """The student without context (base weights) and, if there is one, the teacher with its context."""
     kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed)
-    jobs = {"student (no context)": evaluate(src.env, src.tokenizer, examples, src.student, model=src.student_model,
-                                             **kw)}
+    jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=src.student_model, **kw)}
     if src.teacher is not None:
-        jobs["teacher (with context)"] = evaluate(src.env, src.tokenizer, examples, src.teacher,
-                                                  model=src.teacher_model, context=src.context, **kw)
-    results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
-    return {("student" if k.startswith("student") else "teacher"): v for k, v in results.items()}
+        jobs["teacher"] = evaluate(src.env, src.tokenizer, examples, src.teacher, model=src.teacher_model,
+                                   context=src.context, **kw)
+    return dict(zip(jobs, await asyncio.gather(*jobs.values())))
