@@ -57,8 +57,8 @@ def topk_kl(student_topk_logprobs, teacher_topk_logprobs, mask, *, direction: st
     t = jnp.where(m, jnp.maximum(_f32(jax.lax.stop_gradient(teacher_topk_logprobs)), _NEG), 0.0)
     s = jax.nn.log_softmax(s, axis=-1)
     t = jax.nn.log_softmax(t, axis=-1)
-    p, q, lp, lq = (t, s, t, s) if direction == "forward" else (s, t, s, t)
-    kl = jnp.sum(jnp.exp(p) * (lp - lq), axis=-1)
+    lp, lq = (t, s) if direction == "forward" else (s, t)
+    kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
     return jnp.where(m[..., 0], kl, 0.0)
 
 
