@@ -170,10 +170,10 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         return await orch.produce(src, rng_key, s, start, version=version)
 
     def save(s: int, next_batch) -> None:
-        keep_keys = {"teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"}
+        teacher_keys = {"teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"}  # re-scored on resume
         meta = {"data_position": position, "rng": np.asarray(jax.random.key_data(rng_key)).tolist(),
                 "pending": None if next_batch is None else [
-                    {k: v for k, v in dataclasses.asdict(r).items() if k not in keep_keys} for r in next_batch]}
+                    {k: v for k, v in dataclasses.asdict(r).items() if k not in teacher_keys} for r in next_batch]}
         ckpt.save(s, trainer.state_arrays(), meta)
 
     eval_examples = list(env.examples("eval")[:config.eval.num_examples])
@@ -237,8 +237,9 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
     finally:
         logger.close()
         ckpt.close()
-        for client in {id(c): c for c in (src.student, src.teacher) if c is not None}.values():
-            await client.aclose()
+        for client in (src.student, src.teacher):
+            if client is not None:
+                await client.aclose()
         if baseline is None:
             baseline = metrics_lib.read_json(os.path.join(out, "eval_baseline.json"))
         metrics_lib.plot(out, baseline=baseline)
