@@ -134,8 +134,9 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=config.ckpt.keep)
     rng_key = jax.random.key(config.seed)
     step, position, pending = 0, 0, None
-    if config.ckpt.resume and ckpt.latest_step() is not None:
-        arrays, meta = ckpt.restore(trainer.state_arrays())
+    latest = ckpt.latest_step()
+    if config.ckpt.resume and latest is not None:
+        arrays, meta = ckpt.restore(trainer.state_arrays(), latest)
         trainer.load_state_arrays(arrays)
         step, position = meta["step"], meta["data_position"]
         rng_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
@@ -143,7 +144,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
             pending = [Rollout(**r) for r in meta["pending"]]
             await orch.score_teacher(src, orch.step_examples(src, position - per_step), pending)
         print(f"resumed from {ckpt.directory}/{step} (data position {position})", file=sys.stderr)
-    elif ckpt.latest_step() is not None:
+    elif latest is not None:
         print(f"starting fresh: removing old checkpoints in {ckpt.directory} (resume with --config.ckpt.resume)",
               file=sys.stderr)
         ckpt.close()
