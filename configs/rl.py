@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.lora = dict(
         rank=16, alpha=64.0,
+        # The reference's target modules; the only set built (ctxd_jax/config.py refuses any other).
         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     )
     # How new weights reach the student server: 'adapter' (PEFT folder + /v1/load_lora_adapter) or 'merged'
@@ -95,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = dict(interval=1000, num_examples=1024)
     c.ckpt = dict(interval=50, resume=False, keep=2)
-    c.log = dict(every=1, tensorboard=True, wandb="")  # wandb: project name, '' = off
+    c.log = dict(tensorboard=True, wandb="")  # wandb: project name, '' = off
 
     c.lock()
     return c

@@ -9,6 +9,8 @@ import os
 
 import ml_collections
 
+from ctxd_jax.models.names import LORA_TARGETS
+
 TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -152,6 +154,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.model.dtype in DTYPES, "model.dtype", f"{config.model.dtype!r} is not one of {DTYPES}")
     _require(config.optim.schedule in SCHEDULES, "optim.schedule",
              f"{config.optim.schedule!r} is not one of {SCHEDULES}")
+    _require(set(config.lora.targets) == set(LORA_TARGETS), "lora.targets",
+             f"only LoRA on all of {LORA_TARGETS} is built, got {tuple(config.lora.targets)}")
     _require(config.weights.mode in WEIGHT_MODES, "weights.mode",
              f"{config.weights.mode!r} is not one of {WEIGHT_MODES}")
     _require(bool(config.model.path), "model.path", "is empty (set it to a local Hugging Face folder)")

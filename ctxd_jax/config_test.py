@@ -130,6 +130,7 @@ def test_choices_and_bounds():
     assert _error(_config(model__dtype="float16")).startswith("model.dtype: ")
     assert _error(_config(optim__schedule="step")).startswith("optim.schedule: ")
     assert _error(_config(weights__mode="full")).startswith("weights.mode: ")
+    assert _error(_config(lora__targets=("q_proj", "v_proj"))).startswith("lora.targets: only LoRA on all of")
     assert _error(_config(loss__token_mask_low=9.0)).startswith("loss.token_mask_low: ")
     assert _error(_config(loss__topk_tau=1.0, loss__topk=0)).startswith("loss.topk: ")
 
