@@ -270,10 +270,7 @@ class ServerGroup:
             s.check_alive()
 
     def stop(self) -> None:
-        for s in self.servers:  # SIGTERM to all at once, then wait for each
-            _killpg(s.pid, signal.SIGTERM)
-        for s in self.servers:
-            s.stop()
+        stop_servers(self.servers)
 
     def __enter__(self) -> "ServerGroup":
         return self.start()
@@ -312,11 +309,17 @@ def leaked_processes() -> list[int]:
     return [pid for pgid in _STARTED_PGIDS for pid in group_members(pgid)]
 
 
-def stop_all() -> None:
-    for s in list(_LIVE):
+def stop_servers(servers: Iterable[VLLMServer]) -> None:
+    """SIGTERM to all at once (their shutdowns overlap), then wait for each."""
+    servers = list(servers)
+    for s in servers:
         _killpg(s.pid, signal.SIGTERM)
-    for s in list(_LIVE):
+    for s in servers:
         s.stop()
+
+
+def stop_all() -> None:
+    stop_servers(_LIVE)
 
 
 def _on_signal(signum, frame):
