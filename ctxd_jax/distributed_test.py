@@ -17,10 +17,9 @@ from flax import nnx
 
 from ctxd_jax import distributed, sharding
 from ctxd_jax.models.hf import load_model
-from ctxd_jax.packing import pack
-from ctxd_jax.records import Rollout
 from ctxd_jax.tiny import write_tiny_checkpoint
 from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
+from ctxd_jax.trainer_test import _batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = StepConfig(teacher_tau=0.3, student_tau=0.2, use_full_reward_baseline=False, micro_batch_rows=4, chunk_size=8)
@@ -40,19 +39,6 @@ def test_settings_from_env():
     assert distributed.initialize(distributed.Settings()) is False  # one process: nothing to join
 
 
-def _batch():
-    rng = np.random.default_rng(0)
-    rollouts = []
-    for i in range(10):
-        p, c = int(rng.integers(3, 8)), int(rng.integers(2, 9))
-        rollouts.append(Rollout(
-            example_id=str(i // 2), group=i // 2, prompt_ids=rng.integers(3, 300, p).tolist(),
-            completion_ids=rng.integers(3, 300, c).tolist(), sampling_logprobs=(-5.5 + rng.normal(0, .2, c)).tolist(),
-            finish_reason="stop", temperature=[1.0, 0.7][i % 2], teacher_logprobs=(-5 + rng.normal(0, .5, c)).tolist()))
-    adv = rng.normal(size=10).astype(np.float32)
-    return pack(rollouts, adv, np.full(10, 0.5, np.float32), seq_len=16, row_multiple=4)[0]
-
-
 def _run(tiny_dir: str, out: str) -> None:
     distributed.initialize()  # from CTXD_* (absent for the one-process reference)
     mesh = sharding.make_mesh()  # every process's devices
@@ -64,7 +50,7 @@ def _run(tiny_dir: str, out: str) -> None:
                          lora)
     nnx.update(model, sharding.shard_state(noisy, mesh))
     trainer = Trainer(model, mesh, OptimConfig(lr=1e-2), STEP)
-    batch = _batch()
+    batch = _batch(samples=10, row_multiple=4)
     loss, _, grads = trainer.grads(batch)
     arrays = {"loss": distributed.to_host(loss), "logprobs": trainer.logprobs(batch)}
     for path, value in nnx.to_flat_state(grads):

@@ -28,18 +28,19 @@ def _model(tiny_dir):
     return model
 
 
-def _batch(seed=0, teacher=True):
+def _batch(seed=0, teacher=True, samples=6, row_multiple=2):
+    """`samples` random rollouts (pairs share a prompt group), packed in rows of 16 tokens."""
     rng = np.random.default_rng(seed)
     rollouts = []
-    for i in range(6):
+    for i in range(samples):
         p, c = int(rng.integers(3, 8)), int(rng.integers(2, 9))
         rollouts.append(Rollout(
             example_id=str(i // 2), group=i // 2, prompt_ids=rng.integers(3, 300, p).tolist(),
             completion_ids=rng.integers(3, 300, c).tolist(), sampling_logprobs=(-5.5 + rng.normal(0, .2, c)).tolist(),
             finish_reason="stop", temperature=[1.0, 0.7][i % 2],
             teacher_logprobs=(-5.0 + rng.normal(0, .5, c)).tolist() if teacher else None))
-    adv = rng.normal(size=6).astype(np.float32)
-    return pack(rollouts, adv, np.full(6, 0.5, np.float32), seq_len=16, row_multiple=2)[0]
+    adv = rng.normal(size=samples).astype(np.float32)
+    return pack(rollouts, adv, np.full(samples, 0.5, np.float32), seq_len=16, row_multiple=row_multiple)[0]
 
 
 STEP = StepConfig(teacher_tau=0.3, student_tau=0.2, use_full_reward_baseline=False, micro_batch_rows=1,
