@@ -153,21 +153,17 @@ def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None =
     leaves = dict(nnx.to_flat_state(state))
     values = {}
 
-    reader = SafetensorsReader(model_dir)
-    entries = names.base_entries(cfg)
-    _check_keys(reader, entries, cfg.num_layers)
-    for e in entries:
-        values[e.path] = _place(_load_entry(reader, e, leaves[e.path].get_value(), cfg.num_layers), e.path, mesh)
+    def load(reader: SafetensorsReader, entries: list[names.Entry]):
+        _check_keys(reader, entries, cfg.num_layers)
+        for e in entries:
+            values[e.path] = _place(_load_entry(reader, e, leaves[e.path].get_value(), cfg.num_layers), e.path, mesh)
 
+    load(SafetensorsReader(model_dir), names.base_entries(cfg))
     if lora_rank > 0:
         targets = names.lora_targets(leaves)
         if adapter_dir is not None:
-            areader = SafetensorsReader(adapter_dir, ADAPTER_WEIGHTS)
-            lentries = names.lora_entries(_adapter_targets(ac, targets, adapter_dir))
-            _check_keys(areader, lentries, cfg.num_layers)
-            for e in lentries:
-                values[e.path] = _place(_load_entry(areader, e, leaves[e.path].get_value(), cfg.num_layers),
-                                        e.path, mesh)
+            load(SafetensorsReader(adapter_dir, ADAPTER_WEIGHTS),
+                 names.lora_entries(_adapter_targets(ac, targets, adapter_dir)))
             for e in names.lora_entries(targets):  # modules the adapter does not adapt: zero delta
                 if e.path not in values:
                     abstract = leaves[e.path].get_value()
