@@ -161,10 +161,14 @@ def convert(gguf_file: str, out_dir: str) -> None:
             json.dump(obj, f, indent=2)
 
 
+def _complete(hf_dir: str) -> bool:
+    return all(os.path.exists(os.path.join(hf_dir, f)) for f in _FILES)
+
+
 def ensure_smollm2(cache_dir: str) -> str:
     """The HF folder of SmolLM2-135M-Instruct under `cache_dir`, converted once; returns its path."""
     hf_dir = os.path.join(os.path.expanduser(cache_dir), "SmolLM2-135M-Instruct")
-    if all(os.path.exists(os.path.join(hf_dir, f)) for f in _FILES):
+    if _complete(hf_dir):
         return hf_dir
     os.makedirs(os.path.dirname(hf_dir), exist_ok=True)
     # Convert into a temp dir beside the target and rename, so a crash never leaves a half-written model.
@@ -175,7 +179,7 @@ def ensure_smollm2(cache_dir: str) -> str:
         try:
             os.rename(tmp, hf_dir)
         except OSError:  # another process finished first (or a stale partial folder is in the way)
-            if not all(os.path.exists(os.path.join(hf_dir, f)) for f in _FILES):
+            if not _complete(hf_dir):
                 shutil.rmtree(hf_dir)
                 os.rename(tmp, hf_dir)
     finally:
