@@ -62,7 +62,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _weights(reader, n_heads: int, n_kv_heads: int) -> dict[str, np.ndarray]:
+def _weights(reader, n_heads: int, n_kv_heads: int, source: str) -> dict[str, np.ndarray]:
     from gguf.quants import dequantize
 
     out = {}
@@ -80,7 +80,7 @@ def _weights(reader, n_heads: int, n_kv_heads: int) -> dict[str, np.ndarray]:
                 w = _unpermute(w, n_kv_heads)
             out[f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"] = w
         else:
-            raise ValueError(f"{reader.path if hasattr(reader, 'path') else 'gguf'}: unexpected tensor {t.name!r}")
+            raise ValueError(f"{source}: unexpected tensor {t.name!r}")
     return out
 
 
@@ -154,7 +154,8 @@ def convert(gguf_file: str, out_dir: str) -> None:
         },
     }
     os.makedirs(out_dir, exist_ok=True)
-    save_file(_weights(r, n_heads, n_kv), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(_weights(r, n_heads, n_kv, gguf_file), os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config)):
         with open(os.path.join(out_dir, name), "w") as f:
