@@ -156,7 +156,6 @@ def main():
         print(f"{r['shape']:>5} {r['seq_len']:>6} | {cells[0]} | {cells[1]:>23} | {ratio}")
 
 
-
 def scaling(a, flags: list[str]) -> None:
     """The JAX step on 1, 2, 4, ... devices of this host, each count in its own process; then the table."""
     rows = []

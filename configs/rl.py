@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
         # Top-k distillation on the teacher's top-k log-probs (0 = off); topk is k.
         topk_tau=0.0,
         topk=20,
+        topk_direction="forward",  # forward: KL(teacher || student) on the top-k support; or reverse
         # Importance-ratio masks: a token outside [low, high] is dropped; geo/sequence drop the whole sample.
         token_mask_low=0.125,
         token_mask_high=8.0,

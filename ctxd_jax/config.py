@@ -146,6 +146,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              f"{config.sampling.max_tokens} leaves no room for the prompt in seq_len={config.seq_len}")
     _require(config.max_steps >= 0, "max_steps", f"must be >= 0, got {config.max_steps}")
     _require(config.max_async_level >= 0, "max_async_level", f"must be >= 0, got {config.max_async_level}")
+    _require(config.loss.topk_direction in ("forward", "reverse"), "loss.topk_direction",
+             f"{config.loss.topk_direction!r} is not 'forward' or 'reverse'")
     _require(config.loss.topk_tau == 0 or config.loss.topk > 0, "loss.topk",
              f"must be > 0 when loss.topk_tau > 0, got {config.loss.topk}")
     for kind in ("token", "geo", "sequence"):

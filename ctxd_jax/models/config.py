@@ -55,15 +55,3 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no config.json; is {model_dir!r} a Hugging Face checkpoint folder?")
         with open(path) as f:
             return cls.from_dict(json.load(f), source=path)
-
-    def num_params(self) -> int:
-        """Base (non-LoRA) parameter count, embeddings included once when tied."""
-        d, hd = self.hidden_size, self.head_dim
-        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        if self.attention_bias:
-            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        if self.qk_norm:
-            attn += 2 * hd
-        layer = attn + 3 * d * self.intermediate_size + 2 * d
-        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embed + d

@@ -117,7 +117,8 @@ class Attention(nnx.Module):
         return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
     def kernel(self, q, k, v, segment_ids):
-        # attn_impl None/'xla': dense causal & same-segment mask; 'cudnn': packed layout from segment ids.
+        # attn_impl None/'xla': dense causal & same-segment mask; 'cudnn': flash attention (plain causal for one-sample
+        # rows, the packed layout from segment ids otherwise).
         return attention(q, k, v, segment_ids, impl=self.attn_impl)
 
     def output(self, out):
