@@ -1,12 +1,12 @@
-"""`run(config, plan)`: the whole training run (issue 7).
+"""`run(config, plan)`: the whole training run, as its stages.
 
-Start the vLLM servers (loading the JAX model meanwhile), publish the initial adapter, check trainer/vLLM parity,
-evaluate the baseline, then per step: pack the step's rollouts, train, hand the new adapter to the student server,
-log, checkpoint. With `max_async_level >= 1` the next batch is sampled (with the previous adapter) while the trainer
-trains; the adapter is published only once that batch is sampled, so every batch is exactly one policy version
-behind, whatever the timing, and a resumed run replays what an uninterrupted one would have done. The checkpoint
-then also holds that sampled-but-untrained batch (without teacher scores, which are recomputed).
-Ctrl-C finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts. Servers stop on every path.
+Start the vLLM servers (loading the JAX model meanwhile), publish the initial weights, check trainer/vLLM parity
+(`parity_gate`), evaluate the baseline (`eval_baseline`), then per step (`_step`): take the step's batch from the
+rollout pipeline (ctxd_jax/pipeline.py, sampling up to `max_async_level` versions ahead), pack, train, publish the
+next version (ctxd_jax/inference/handoff.py); then `_evaluate`, log, `_checkpoint`. What a checkpoint holds besides
+the trainer's arrays is one small record, `RunState`, including the batches already sampled ahead, so a resumed run
+replays what an uninterrupted one would have done. Ctrl-C finishes the current step, saves a checkpoint and stops; a
+second Ctrl-C aborts. Servers stop on every path.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,10 @@ from ctxd_jax import orchestrator as orch
 from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.envs import get_env
 from ctxd_jax.evaluate import baseline_table, evaluate
-from ctxd_jax.inference import handoff
-from ctxd_jax.inference.deploy import build_servers
+from ctxd_jax.inference.deploy import BASE_NAME, build_servers
+from ctxd_jax.inference.handoff import Publisher
 from ctxd_jax.packing import pack
+from ctxd_jax.pipeline import RolloutPipeline
 from ctxd_jax.records import Rollout
 from ctxd_jax.trainer import LOSS_KEYS, OptimConfig, StepConfig, Trainer, mismatch_kl
 
@@ -118,127 +120,116 @@ def _attn_impl(name: str) -> str | None:
     return None if name == "xla" else name
 
 
-async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: threading.Event) -> None:
+@dataclass
+class RunState:
+    """What a checkpoint holds besides the trainer's arrays (JSON): steps done, the RNG key, and the batches
+    sampled ahead of the trainer (steps `step`, `step` + 1, ...; without teacher scores, which are recomputed)."""
+
+    step: int
+    rng: list[int]
+    pending: list[list[dict]] = dataclasses.field(default_factory=list)
+
+    def meta(self, prompts_per_step: int) -> dict:
+        return {"data_position": self.step * prompts_per_step, "rng": self.rng, "pending": self.pending or None}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "RunState":
+        return cls(meta["step"], meta["rng"], meta.get("pending") or [])
+
+
+_TEACHER_FIELDS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+
+
+@dataclass
+class Run:
+    """The parts of a run that every stage uses, built once."""
+
+    config: object
+    out: str
+    src: orch.Sources
+    trainer: Trainer
+    publisher: Publisher
+    ckpt: Checkpointer
+    eval_examples: list
+    device: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one trainer call at a time
+    min_rows: int = 0  # packed rows of the largest batch so far (fewer recompiles without micro-batches)
+
+    async def on_device(self, fn, *args):
+        def locked():
+            with self.device:
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
+
+
+def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
+    from ctxd_jax.models.hf import save_adapter, save_merged
+
     model_path = os.path.expanduser(config.model.path)
     args = config.env.get("args")
     env = get_env(config.env.name, **(args.to_dict() if args is not None else {}))
-    group = config.rollouts_per_example
-    per_step = config.batch_size // group
-    topk = config.loss.topk if config.loss.topk_tau > 0 else 0
     src = orch.Sources(
         env=env, tokenizer=tokenizer, train=env.examples("train"), student=deployment.student_client(),
-        student_model=deployment.student_model, teacher=deployment.teacher_client(),
-        teacher_model=deployment.teacher_model, context=config.teacher.context,
-        max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, group_size=group,
-        prompts_per_step=per_step, seed=config.seed, topk=topk, skip_verification=config.buffer.skip_verification)
+        teacher=deployment.teacher_client(), teacher_model=deployment.teacher_model, context=config.teacher.context,
+        max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature,
+        group_size=config.rollouts_per_example, prompts_per_step=config.batch_size // config.rollouts_per_example,
+        seed=config.seed, topk=config.loss.topk if config.loss.topk_tau > 0 else 0,
+        skip_verification=config.buffer.skip_verification)
+    merged = config.weights.mode == "merged"
+
+    def write(path):
+        if merged:
+            save_merged(trainer.model(), path, src_dir=model_path)
+        else:
+            save_adapter(trainer.model(), path, base_model_name_or_path=model_path)
+
+    publisher = Publisher([src.student], os.path.join(out, "weights"), write, merged=merged,
+                          prefix=deployment.student_model, base_name=BASE_NAME)
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=config.ckpt.keep)
-    rng_key = jax.random.key(config.seed)
-    step, position, pending = 0, 0, None
+    return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]))
+
+
+def _restore(run: Run) -> RunState:
+    config, ckpt = run.config, run.ckpt
+    state = RunState(0, np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist())
     latest = ckpt.latest_step()
     if config.ckpt.resume and latest is not None:
-        arrays, meta = ckpt.restore(trainer.state_arrays(), latest)
-        trainer.load_state_arrays(arrays)
-        step, position = meta["step"], meta["data_position"]
-        rng_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
-        if meta.get("pending"):
-            pending = [Rollout(**r) for r in meta["pending"]]
-            await orch.score_teacher(src, orch.step_examples(src, position - per_step), pending)
-        print(f"resumed from {ckpt.directory}/{step} (data position {position})", file=sys.stderr)
+        arrays, meta = ckpt.restore(run.trainer.state_arrays(), latest)
+        run.trainer.load_state_arrays(arrays)
+        state = RunState.from_meta(meta)
+        print(f"resumed from {ckpt.directory}/{state.step} (data position {state.step * run.src.prompts_per_step})",
+              file=sys.stderr)
     elif latest is not None:
         print(f"starting fresh: removing old checkpoints in {ckpt.directory} (resume with --config.ckpt.resume)",
               file=sys.stderr)
         ckpt.close()
         shutil.rmtree(ckpt.directory)
-        ckpt = Checkpointer(ckpt.directory, keep=config.ckpt.keep)
+        run.ckpt = Checkpointer(ckpt.directory, keep=config.ckpt.keep)
+    return state
 
-    weights_root = os.path.join(out, "weights")
 
-    async def publish(version: int) -> None:
-        from ctxd_jax.models.hf import save_adapter, save_merged
-
-        path = handoff.new_step_dir(weights_root, version)
-        if config.weights.mode == "merged":
-            await asyncio.to_thread(save_merged, trainer.model(), path, src_dir=model_path)
-            await handoff.publish_merged([src.student], path, root=weights_root, version=str(version))
-        else:
-            await asyncio.to_thread(save_adapter, trainer.model(), path, base_model_name_or_path=model_path)
-            await handoff.publish_adapter([src.student], src.student_model, path, root=weights_root)
-
-    async def make(s: int, version: int):
-        """Batch `s`, sampled by the adapter the server holds now (`version`)."""
-        nonlocal position
-        start, position = position, position + per_step
-        return await orch.produce(src, rng_key, s, start, version=version)
-
-    def save(s: int, next_batch) -> None:
-        teacher_keys = {"teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"}  # re-scored on resume
-        meta = {"data_position": position, "rng": np.asarray(jax.random.key_data(rng_key)).tolist(),
-                "pending": None if next_batch is None else [
-                    {k: v for k, v in dataclasses.asdict(r).items() if k not in teacher_keys} for r in next_batch]}
-        ckpt.save(s, trainer.state_arrays(), meta)
-
-    eval_examples = list(env.examples("eval")[:config.eval.num_examples])
-    await publish(step)
-    await parity_gate(config, src, trainer, step)
-    baseline = None
-    if config.teacher.eval_baseline and step == 0 and eval_examples:
-        baseline = await eval_baseline(config, src, eval_examples)
-        print(baseline_table(baseline), file=sys.stderr)
-        metrics_lib.write_json(out, "eval_baseline.json", baseline)
-
-    logger = metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=step,
-                                       tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
-                                       run_config=config.to_dict())
+async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: threading.Event) -> None:
+    run = _build(config, out, deployment, trainer, tokenizer)
+    state = _restore(run)
+    baseline, logger = None, None
     try:
-        current, times = pending, {}  # a resumed pending batch was sampled before the stop
-        if current is None and step < config.max_steps:
-            current, times = await make(step, step)
-        min_rows = 0
-        while step < config.max_steps:
-            t0 = time.perf_counter()
-            lag = config.max_async_level >= 1 and step + 1 < config.max_steps
-            next_task = asyncio.create_task(make(step + 1, step)) if lag else None
-            adv, gates = orch.advantages(current, group_size=group, loss=config.loss, advantage=config.advantage)
-            batch, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=trainer.row_multiple,
-                                topk=topk, min_rows=min_rows)
-            # Without micro-batches every row count is a new compile: keep the largest seen (shapes only grow).
-            min_rows = stats.rows if not config.trainer.micro_batch_rows else 0
-            t = time.perf_counter()
-            train = await asyncio.to_thread(trainer.step, batch)
-            t_train = time.perf_counter() - t
-            nxt, times_next = await next_task if next_task is not None else (None, {})
-            t = time.perf_counter()
-            await publish(step + 1)
-            t_publish = time.perf_counter() - t
-            step += 1
-            m = dict(orch.rollout_metrics(current, group), **train)
-            m.update({"adv/abs_mean": float(np.abs(adv).mean()), "kl_gate/mean": float(gates.mean()),
-                      "pack/rows": stats.rows, "pack/fill": stats.fill, "pack/truncated": stats.truncated,
-                      **times, "time/train": t_train, "time/publish": t_publish,
-                      "tokens/s_train": stats.tokens / t_train, "policy_version": step})
-            if config.eval.interval and step % config.eval.interval == 0 and eval_examples:
-                t = time.perf_counter()
-                r = await evaluate(env, tokenizer, eval_examples, src.student, model=src.student_model,
-                                   max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature,
-                                   seed=config.seed)
-                m.update({"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
-                          "time/eval": time.perf_counter() - t})
-            m["time/step"] = time.perf_counter() - t0
-            logger.log(step, m, samples={
-                "example_ids": [r.example_id for r in current[::group]], "policy_version": current[0].policy_version,
-                "completion": tokenizer.decode(current[0].completion_ids, skip_special_tokens=True)})
-            done = step >= config.max_steps or stop.is_set()
-            if done or (config.ckpt.interval and step % config.ckpt.interval == 0):
-                await asyncio.to_thread(save, step, nxt)
-            if done:
-                break
-            current, times = (nxt, times_next) if nxt is not None else await make(step, step)
+        await run.publisher.publish(state.step)
+        await parity_gate(config, run.src, trainer, run.publisher.model(state.step), state.step)
+        if config.teacher.eval_baseline and state.step == 0 and run.eval_examples:
+            baseline = await eval_baseline(config, run.src, run.eval_examples, run.publisher.model(0))
+            print(baseline_table(baseline), file=sys.stderr)
+            metrics_lib.write_json(out, "eval_baseline.json", baseline)
+        logger = metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
+                                           tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
+                                           run_config=config.to_dict())
+        await _train(run, state, logger, stop)
         if stop.is_set():
-            print(f"stopped at step {step}; resume with --config.ckpt.resume", file=sys.stderr)
+            print(f"stopped at step {state.step}; resume with --config.ckpt.resume", file=sys.stderr)
     finally:
-        logger.close()
-        ckpt.close()
-        for client in (src.student, src.teacher):
+        if logger is not None:
+            logger.close()
+        run.ckpt.close()
+        for client in (run.src.student, run.src.teacher):
             if client is not None:
                 await client.aclose()
         if baseline is None:
@@ -246,14 +237,116 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         metrics_lib.plot(out, baseline=baseline)
 
 
-async def parity_gate(config, src: orch.Sources, trainer: Trainer, version: int) -> float:
+async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> None:
+    """The steps, with the rollout pipeline running ahead; returns after max_steps or a stop (checkpoint saved)."""
+    config, k = run.config, run.config.max_async_level
+    key = jax.random.wrap_key_data(np.asarray(state.rng, np.uint32))
+    try:
+        async with asyncio.TaskGroup() as tg:
+            pipe = RolloutPipeline(run.src, key, tg, async_level=k, model=run.publisher.model)
+            await pipe.publish(state.step)
+            for i, batch in enumerate(state.pending):
+                pipe.start(state.step + i, sampled=[Rollout(**r) for r in batch])
+            try:
+                while state.step < config.max_steps:
+                    for s in range(state.step, min(state.step + k + 1, config.max_steps)):
+                        pipe.start(s)
+                    m = await _step(run, pipe, state)
+                    if config.eval.interval and state.step % config.eval.interval == 0 and run.eval_examples:
+                        m.update(await _evaluate(run, state.step))
+                    m["time/step"] = time.perf_counter() - m.pop("_t0")
+                    samples = m.pop("_samples")
+                    logger.log(state.step, m, samples=samples)
+                    done = state.step >= config.max_steps or stop.is_set()
+                    if done or (config.ckpt.interval and state.step % config.ckpt.interval == 0):
+                        await _checkpoint(run, pipe, state)
+                    if done:
+                        break
+            finally:
+                pipe.cancel()
+    except BaseExceptionGroup as group:  # report the first failure, not a tree of cancellations
+        raise _first_error(group) from None
+    _export_final(run)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
+    """Trains on batch `state.step` and publishes the next policy version; returns the step's metrics."""
+    config, t0 = run.config, time.perf_counter()
+    batch = await pipe.take(state.step)
+    t_wait = time.perf_counter() - t0
+    current, group = batch.rollouts, config.rollouts_per_example
+    adv, gates = orch.advantages(current, group_size=group, loss=config.loss, advantage=config.advantage)
+    packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=run.trainer.row_multiple,
+                         topk=run.src.topk, min_rows=run.min_rows)
+    # Without micro-batches every row count is a new compile: keep the largest seen (shapes only grow).
+    run.min_rows = stats.rows if not config.trainer.micro_batch_rows else 0
+    t = time.perf_counter()
+    train = await run.on_device(run.trainer.step, packed)
+    t_train = time.perf_counter() - t
+    t = time.perf_counter()
+    version = state.step + 1
+    if run.publisher.merged:  # one version at a time on the server: older batches must be done sampling
+        await pipe.sampled_before(version)
+    await run.publisher.publish(version)
+    await pipe.publish(version)
+    await run.publisher.retire(pipe.versions_in_use())
+    t_publish = time.perf_counter() - t
+    state.step = version
+    m = dict(orch.rollout_metrics(current, group), **train, **batch.times)
+    m.update({"adv/abs_mean": float(np.abs(adv).mean()), "kl_gate/mean": float(gates.mean()),
+              "pack/rows": stats.rows, "pack/fill": stats.fill, "pack/truncated": stats.truncated,
+              "time/wait": t_wait, "time/train": t_train, "time/publish": t_publish,
+              "tokens/s_train": stats.tokens / t_train, "policy_version": version, "_t0": t0})
+    m["_samples"] = {"example_ids": [r.example_id for r in current[::group]], "policy_version": batch.version,
+                     "completion": run.src.tokenizer.decode(current[0].completion_ids, skip_special_tokens=True)}
+    return m
+
+
+async def _evaluate(run: Run, step: int) -> dict:
+    config, t = run.config, time.perf_counter()
+    r = await evaluate(run.src.env, run.src.tokenizer, run.eval_examples, run.src.student,
+                       model=run.publisher.model(step), max_tokens=config.sampling.max_tokens,
+                       temperature=config.sampling.temperature, seed=config.seed)
+    return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
+            "time/eval": time.perf_counter() - t}
+
+
+async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
+    """Saves the trainer and the batches already sampled ahead (they are awaited: their versions are published)."""
+    ahead = range(state.step, min(state.step + run.config.max_async_level, run.config.max_steps))
+    state.pending = [[{k: v for k, v in dataclasses.asdict(r).items() if k not in _TEACHER_FIELDS}
+                      for r in (await pipe.peek(s)).rollouts] for s in ahead]
+    meta = state.meta(run.src.prompts_per_step)
+    await asyncio.to_thread(run.ckpt.save, state.step, run.trainer.state_arrays(), meta)
+
+
+def _export_final(run: Run) -> None:
+    """The last version's weights at a stable path, `<output_dir>/final` (the hand-off folders come and go)."""
+    latest = run.publisher.latest
+    if latest is None:
+        return
+    final, tmp = os.path.join(run.out, "final"), os.path.join(run.out, ".final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run.publisher.path(latest), tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, version: int) -> float:
     """Samples a few completions and scores them with the trainer; stops the run if the mismatch KL is too big."""
     n = config.parity.num_prompts
     if n <= 0:
         return 0.0
     examples = list(src.env.examples("eval")[:n]) or list(src.train[:n])
     one = dataclasses.replace(src, group_size=1)
-    rollouts = await orch.sample(one, examples, [config.seed + i for i in range(len(examples))], version=version)
+    rollouts = await orch.sample(one, examples, [config.seed + i for i in range(len(examples))], model=model,
+                                 version=version)
     batch, _ = pack(rollouts, np.zeros(len(rollouts)), seq_len=config.seq_len, row_multiple=trainer.row_multiple)
     logprobs = await asyncio.to_thread(trainer.logprobs, batch)
     kl = mismatch_kl(logprobs, batch.sampling_logprobs, batch.loss_mask)
@@ -266,10 +359,11 @@ async def parity_gate(config, src: orch.Sources, trainer: Trainer, version: int)
     return kl
 
 
-async def eval_baseline(config, src: orch.Sources, examples) -> dict[str, dict[str, float]]:
-    """The student without context (base weights) and, if there is one, the teacher with its context."""
+async def eval_baseline(config, src: orch.Sources, examples, student_model: str) -> dict[str, dict[str, float]]:
+    """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
+    context."""
     kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed)
-    jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=src.student_model, **kw)}
+    jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=student_model, **kw)}
     if src.teacher is not None:
         jobs["teacher"] = evaluate(src.env, src.tokenizer, examples, src.teacher, model=src.teacher_model,
                                    context=src.context, **kw)

@@ -1,14 +1,14 @@
-"""Producing one step's rollouts: seeded prompts, student samples, verification, teacher log-probs, advantages.
+"""The parts of one step's rollouts: seeded prompts, student samples, verification, teacher log-probs, advantages.
 
 Prompts are drawn by a data position (prompts consumed so far) through one seeded permutation per epoch, and each
 group's sampling seed comes from the run's RNG key folded with the step, so a resumed run draws exactly what an
-uninterrupted one would. The batch is contiguous groups of `rollouts_per_example` (prime-rl-notes §10.1).
+uninterrupted one would. The batch is contiguous groups of `rollouts_per_example`. Each group is sampled, verified
+and scored on its own (ctxd_jax/pipeline.py streams them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,7 +30,6 @@ class Sources:
     tokenizer: object
     train: Sequence[Example]
     student: Client
-    student_model: str
     teacher: Client | None
     teacher_model: str | None
     context: str
@@ -66,54 +65,41 @@ def step_examples(src: Sources, position: int) -> list[Example]:
     return [src.train[i] for i in prompt_indices(position, src.prompts_per_step, len(src.train), src.seed)]
 
 
-async def sample(src: Sources, examples: Sequence[Example], seeds: Sequence[int], *, version: int) -> list[Rollout]:
-    """`group_size` student samples of each example (one request each, n = group_size, seeded)."""
-    prompts = [render_prompt(src.tokenizer, ex.messages) for ex in examples]
-    groups = await asyncio.gather(*(
-        src.student.sample(p, src.group_size, model=src.student_model, max_tokens=src.max_tokens,
-                           temperature=src.temperature, seed=s) for p, s in zip(prompts, seeds)))
-    return [Rollout(example_id=ex.id, group=g, prompt_ids=p, completion_ids=c.token_ids, sampling_logprobs=c.logprobs,
-                    finish_reason=c.finish_reason, temperature=src.temperature, policy_version=version)
-            for g, (ex, p, comps) in enumerate(zip(examples, prompts, groups)) for c in comps]
+async def sample_group(src: Sources, example: Example, group: int, seed: int, *, model: str,
+                       version: int) -> list[Rollout]:
+    """`group_size` student samples of one example (one request, n = group_size, seeded) from `model`."""
+    prompt = render_prompt(src.tokenizer, example.messages)
+    comps = await src.student.sample(prompt, src.group_size, model=model, max_tokens=src.max_tokens,
+                                     temperature=src.temperature, seed=seed)
+    return [Rollout(example_id=example.id, group=group, prompt_ids=prompt, completion_ids=c.token_ids,
+                    sampling_logprobs=c.logprobs, finish_reason=c.finish_reason, temperature=src.temperature,
+                    policy_version=version) for c in comps]
 
 
-def verify(src: Sources, examples: Sequence[Example], rollouts: list[Rollout]) -> None:
-    """Sets each rollout's task reward (0 for all with skip_verification)."""
+async def sample(src: Sources, examples: Sequence[Example], seeds: Sequence[int], *, model: str,
+                 version: int) -> list[Rollout]:
+    """The groups of `examples`, sampled concurrently, in order."""
+    groups = await asyncio.gather(*(sample_group(src, ex, g, s, model=model, version=version)
+                                    for g, (ex, s) in enumerate(zip(examples, seeds))))
+    return [r for group in groups for r in group]
+
+
+def verify(src: Sources, example: Example, rollouts: Sequence[Rollout]) -> None:
+    """Sets the task reward of each rollout of `example`'s group (0 for all with skip_verification)."""
     for r in rollouts:
-        if src.skip_verification:
-            r.reward = 0.0
-        else:
-            text = src.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
-            r.reward = float(src.env.reward(examples[r.group], text))
+        r.reward = 0.0 if src.skip_verification else float(
+            src.env.reward(example, src.tokenizer.decode(r.completion_ids, skip_special_tokens=True)))
 
 
-async def score_teacher(src: Sources, examples: Sequence[Example], rollouts: list[Rollout]) -> None:
-    """Fills teacher log-probs (and top-k) of every rollout's completion under the teacher prompt."""
-    if src.teacher is None:
-        return
-    prompts = [teacher_prompt_ids(src.tokenizer, src.env, ex, src.context, r.prompt_ids)
-               for ex, r in zip(examples, rollouts[::src.group_size])]
+async def score_group(src: Sources, example: Example, rollouts: Sequence[Rollout]) -> None:
+    """Fills the teacher log-probs (and top-k) of one group's completions under the teacher prompt (vLLM)."""
+    prompt = teacher_prompt_ids(src.tokenizer, src.env, example, src.context, rollouts[0].prompt_ids)
     # The client bounds the requests in flight (and serialises them where the server needs it).
     scores = await asyncio.gather(*(
-        score_completion(src.teacher, model=src.teacher_model, teacher_prompt_ids=prompts[r.group],
+        score_completion(src.teacher, model=src.teacher_model, teacher_prompt_ids=prompt,
                          completion_ids=r.completion_ids, topk=src.topk) for r in rollouts))
     for r, s in zip(rollouts, scores):
         r.teacher_logprobs, r.teacher_topk_ids, r.teacher_topk_logprobs = s.logprobs, s.topk_ids, s.topk_logprobs
-
-
-async def produce(src: Sources, rng_key, step: int, position: int, *,
-                  version: int) -> tuple[list[Rollout], dict[str, float]]:
-    """The rollouts of `step` from the prompts at data `position`: sampled, verified, teacher-scored; and the
-    seconds each phase took ({'time/sample', 'time/verify', 'time/teacher'})."""
-    examples = step_examples(src, position)
-    t0 = time.perf_counter()
-    rollouts = await sample(src, examples, group_seeds(rng_key, step, len(examples)), version=version)
-    t1 = time.perf_counter()
-    verify(src, examples, rollouts)
-    t2 = time.perf_counter()
-    await score_teacher(src, examples, rollouts)
-    times = {"time/sample": t1 - t0, "time/verify": t2 - t1, "time/teacher": time.perf_counter() - t2}
-    return rollouts, times
 
 
 def advantages(rollouts: Sequence[Rollout], *, group_size: int, loss, advantage) -> tuple[np.ndarray, np.ndarray]:

@@ -133,6 +133,9 @@ def test_three_steps(three_steps, student_teacher_server, tiny_model_dir):
     ckpt.close()
     _tree_equal(arrays, trainer.state_arrays())
     assert meta["step"] == 3 and meta["data_position"] == 3 * 2 and meta["pending"] is None
+    # the final adapter at a stable path; of the hand-off folders only the one in use is left
+    assert sorted(os.listdir(os.path.join(out, "weights"))) == ["step_000003"]
+    assert os.listdir(os.path.join(out, "final")) == os.listdir(os.path.join(out, "weights", "step_000003"))
     assert meta["rng"] == np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist()
     # adapters handed over: the server's student log-probs follow the trainer's final weights, not the base's
     from ctxd_jax.inference.client import Client
@@ -143,7 +146,7 @@ def test_three_steps(three_steps, student_teacher_server, tiny_model_dir):
     async def score(model):
         async with Client.for_server(student_teacher_server) as c:
             return (await c.score(ids, 1, model=model))[0]
-    student, base = asyncio.run(score(STUDENT_ADAPTER)), asyncio.run(score("base"))
+    student, base = asyncio.run(score(f"{STUDENT_ADAPTER}-v3")), asyncio.run(score("base"))
     r = Rollout("x", 0, ids[:1], ids[1:], student, "length")
     batch, _ = pack([r], [0.0], seq_len=64, row_multiple=trainer.row_multiple)
     mine = trainer.logprobs(batch)[0, 1:len(ids)]
@@ -187,10 +190,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     """Through the CLI (each run starts its own server): an uninterrupted 3-step run, and a run killed with
     SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training."""
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
-    ref = _cli(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out))
+    # Two batches ahead of the trainer: the checkpoint holds both, sampled by versions older than its own.
+    ref = _cli(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, max_async_level=2))
     log, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, log[-3000:]
-    path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out)
+    path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_async_level=2)
     proc = _cli(path)
     ckpt_dir = os.path.join(out, "checkpoints")
     deadline = time.monotonic() + 600

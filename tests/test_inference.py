@@ -113,36 +113,42 @@ def test_teacher_logprobs_with_context_differ_and_match_jax(client, tok, base_mo
         np.testing.assert_allclose(top_lps, np.sort(ref[row])[::-1][:3], atol=ATOL)
 
 
-def test_adapter_handoff(client, tok, base_model, tiny_model_dir, tmp_path):
-    root = str(tmp_path / "adapters")
+def test_versions_stay_pinned_then_retire(client, tok, base_model, tiny_model_dir, tmp_path):
+    """Three policy versions loaded side by side: a request naming version v samples and scores with v's weights
+    (whatever was loaded after it); retiring unloads and deletes all but the kept and the latest ones."""
     prompt = render_prompt(tok, STUDENT_MSGS)
     probe = prompt + tok.encode("Paris is the capital of France.")
     base_ref = jax_logprobs(base_model, probe, len(prompt))
-    previous = None
-    for step in range(3):
-        model = randomise_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=10 + step)
-        path = save_adapter(model, handoff.new_step_dir(root, step), base_model_name_or_path=tiny_model_dir)
+    models = [randomise_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=10 + v) for v in range(3)]
+    current = {}
+    pub = handoff.Publisher([client], str(tmp_path / "weights"), lambda path: save_adapter(
+        current["model"], path, base_model_name_or_path=tiny_model_dir), merged=False, prefix=STUDENT, base_name=BASE)
+
+    async def go():
+        times = []
+        for v, model in enumerate(models):
+            current["model"] = model
+            t0 = time.perf_counter()
+            await pub.publish(v)
+            times.append(time.perf_counter() - t0)
+        scores = [(await client.score(probe, len(prompt), model=pub.model(v)))[0] for v in range(3)]
+        samples = [(await client.sample(prompt, 1, model=pub.model(v), max_tokens=8, seed=v))[0] for v in range(3)]
+        teacher, _ = await client.score(probe, len(prompt), model=BASE)
+        retired = await pub.retire(keep=[1])
+        with pytest.raises(ServerError, match=f"{STUDENT}-v0"):
+            await client.sample(prompt, 1, model=pub.model(0), max_tokens=2)
+        return times, scores, samples, teacher, retired
+
+    times, scores, samples, teacher, retired = run(go())
+    assert max(times) < 5.0
+    for model, student, s in zip(models, scores, samples):
         ref = jax_logprobs(model, probe, len(prompt))
         assert np.max(np.abs(ref - base_ref)) > 1e-2
-
-        async def go():
-            t0 = time.perf_counter()
-            await handoff.publish_adapter([client], STUDENT, path, root=root, keep=2)
-            dt = time.perf_counter() - t0
-            student, _ = await client.score(probe, len(prompt), model=STUDENT)
-            teacher, _ = await client.score(probe, len(prompt), model=BASE)
-            (s,) = await client.sample(prompt, 1, model=STUDENT, max_tokens=8, seed=step)
-            return dt, student, teacher, s
-
-        dt, student, teacher, s = run(go())
-        assert dt < 5.0
-        np.testing.assert_allclose(student, ref, atol=ATOL)  # the new adapter, no stale prefix cache
-        np.testing.assert_allclose(teacher, base_ref, atol=ATOL)  # the teacher keeps the base weights
+        np.testing.assert_allclose(student, ref, atol=ATOL)  # v's weights, not the latest's
         np.testing.assert_allclose(s.logprobs, jax_logprobs(model, prompt + s.token_ids, len(prompt)), atol=ATOL)
-        if previous is not None:
-            assert np.max(np.abs(np.subtract(student, previous))) > 1e-3
-        previous = student
-    assert [s for s, _ in handoff.step_dirs(root)] == [1, 2]
+    np.testing.assert_allclose(teacher, base_ref, atol=ATOL)  # the teacher keeps the base weights
+    assert retired == [0] and sorted(pub.loaded) == [1, 2]
+    assert sorted(os.listdir(tmp_path / "weights")) == ["step_000001", "step_000002"]
 
 
 def test_merged_reload_then_restore(client, tok, base_model, tiny_model_dir, tmp_path):
@@ -152,11 +158,12 @@ def test_merged_reload_then_restore(client, tok, base_model, tiny_model_dir, tmp
     prompt = render_prompt(tok, STUDENT_MSGS)
     probe = prompt + tok.encode("A banana is yellow when it is ripe.")
     model = randomise_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=7)
-    merged = save_merged(model, handoff.new_step_dir(str(tmp_path), 1), src_dir=tiny_model_dir)
+    pub = handoff.Publisher([client], str(tmp_path), lambda path: save_merged(model, path, src_dir=tiny_model_dir),
+                            merged=True, prefix=STUDENT, base_name=BASE)
 
     async def go():
         before, _ = await client.score(probe, len(prompt), model=BASE)  # fills the prefix cache
-        await handoff.publish_merged([client], merged, version="step-1")
+        await pub.publish(1)
         try:
             after, _ = await client.score(probe, len(prompt), model=BASE)
         finally:

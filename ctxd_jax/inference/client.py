@@ -177,10 +177,10 @@ class Client:
         return parse_prompt_logprobs(out["choices"][0]["prompt_logprobs"], ids, start, topk)
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Loads (or replaces in place) LoRA adapter `name` from `path`. Use a new folder per version: the prefix
-        cache is keyed on (name, path), so a new path never reuses blocks computed with the old weights."""
-        await self.request("POST", "/v1/load_lora_adapter",
-                           json={"lora_name": name, "lora_path": path, "load_inplace": True})
+        """Loads LoRA adapter `path` under a name it never had before (one name per policy version). Never
+        `load_inplace`: vLLM keeps that flag on the adapter's request and then re-reads the adapter from disk on every
+        engine step (7x slower sampling, measured on vLLM 0.26)."""
+        await self.request("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
 
     async def unload_adapter(self, name: str) -> None:
         await self.request("POST", "/v1/unload_lora_adapter", json={"lora_name": name})

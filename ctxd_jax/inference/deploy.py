@@ -1,9 +1,9 @@
 """The run's vLLM servers, built from the config and the Plan (ctxd_jax/config.py `make_plan`).
 
 When the plan shares one server between student and teacher, the teacher is the base model's served name and the
-student is the LoRA adapter `STUDENT_ADAPTER` on the same server. Adapter mode: the student model name is only
-valid after the first `handoff.publish_adapter` (publish the initial adapter before sampling). Merged mode: the
-student is the base name, reloaded every step, so it cannot share a server with a frozen teacher.
+student is one LoRA adapter per policy version, `STUDENT_ADAPTER-v<n>` (ctxd_jax/inference/handoff.py), on the same
+server; publish the initial version before sampling. Merged mode: the student is the base name, reloaded every step,
+so it cannot share a server with a frozen teacher.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Deployment:
     group: ServerGroup
     student: VLLMServer
     teacher: VLLMServer | None
-    student_model: str  # the model name student requests use
+    student_model: str  # adapter mode: the prefix of each version's adapter name; merged mode: the base name
     teacher_model: str | None
 
     def student_client(self, **kwargs) -> Client:
@@ -56,11 +56,15 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
     api_key = config.inference.api_key or secrets.token_urlsafe(24)  # one per run, shared by its servers
     wanted_len = config.seq_len + CONTEXT_MARGIN_TOKENS
 
+    # Versions loaded at once: the batches sampling (at most max_async_level + 1 versions) and the newest one.
+    max_loras = config.max_async_level + 2
+
     def server(sp, *, name, served, lora_rank, dev_mode, cpu_core):
         model = os.path.expanduser(sp.model)
         return VLLMServer(model, name=name, served_name=served, port=sp.port, gpu_ids=sp.gpu_ids or None,
                           cpu_core=cpu_core, tp=sp.tp, dp=sp.dp,
                           gpu_memory_utilization=config.inference.gpu_memory_utilization, lora_rank=lora_rank,
+                          max_loras=max_loras,
                           dev_mode=dev_mode, max_model_len=_max_model_len(model, wanted_len),
                           dtype=config.model.dtype, kv_cache_gib=config.inference.kv_cache_gb, api_key=api_key,
                           log_dir=log_dir, cache_dir=cache_dir)

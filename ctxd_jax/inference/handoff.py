@@ -1,64 +1,75 @@
-"""Weight hand-off from the trainer to the student servers, once per step.
+"""Weight hand-off from the trainer to the student servers: one folder and one served name per policy version.
 
-Each version goes to a new folder `<root>/step_<n>` (the trainer writes it: a PEFT adapter or merged safetensors),
-is loaded into every student server, and then all but the last `keep` folders are deleted. vLLM may reload an
-adapter from its folder after evicting it, so the folder in use is never deleted. The teacher is untouched: it is
-the base model name on a shared server (or its own server), which neither an adapter load nor anything here changes.
+Adapter mode: version v is written to `<root>/step_<v>` and loaded into every student server once, under its own
+name `<prefix>-v<v>`; requests name the version they sample from, so a batch pinned to an older version keeps
+sampling it while newer ones load. A version no batch needs any more is unloaded and its folder deleted. vLLM may
+re-read an adapter from its folder after evicting it from its cache, so a loaded version's folder stays.
+Merged mode: the servers hold one version at a time (full-weight reload under the base name); the caller publishes a
+version only once no request needs the previous one.
+Only folders this run wrote are ever deleted; the final version is also exported to a stable folder by the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ctxd_jax.inference.client import Client
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def step_dir(root: str, step: int) -> str:
     return os.path.join(os.path.abspath(root), f"step_{step:06d}")
 
 
-def step_dirs(root: str) -> list[tuple[int, str]]:
-    """(step, path) of every step folder under `root`, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := _STEP_DIR.match(d))]
-    return sorted(found)
+class Publisher:
+    """Publishes policy versions to `clients` (the student servers) and retires those no longer needed.
 
+    `write(path)` writes the current weights into an empty folder (adapter or merged safetensors)."""
 
-def clean_old(root: str, keep: int = 2) -> list[str]:
-    """Deletes all but the newest `keep` step folders; returns the deleted paths."""
-    dirs = step_dirs(root)
-    old = [p for _, p in dirs[:max(len(dirs) - keep, 0)]]
-    for p in old:
-        shutil.rmtree(p, ignore_errors=True)
-    return old
+    def __init__(self, clients: Sequence[Client], root: str, write: Callable[[str], object], *, merged: bool,
+                 prefix: str, base_name: str):
+        self.clients, self.root, self.write = list(clients), os.path.abspath(root), write
+        self.merged, self.prefix, self.base_name = merged, prefix, base_name
+        self.loaded: dict[int, str] = {}  # version -> folder, in publishing order
 
+    def model(self, version: int) -> str:
+        """The served model name that samples `version`."""
+        return self.base_name if self.merged else f"{self.prefix}-v{version}"
 
-def new_step_dir(root: str, step: int) -> str:
-    """An empty folder for version `step` (an existing one from an interrupted run is replaced)."""
-    path = step_dir(root, step)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    return path
+    def path(self, version: int) -> str:
+        return step_dir(self.root, version)
 
+    @property
+    def latest(self) -> int | None:
+        return next(reversed(self.loaded), None)
 
-async def publish_adapter(clients: Sequence[Client], name: str, path: str, *, root: str | None = None,
-                          keep: int = 2) -> None:
-    """Loads the adapter at `path` as `name` into every student server, then cleans old step folders in `root`."""
-    await asyncio.gather(*(c.load_adapter(name, path) for c in clients))
-    if root is not None:
-        clean_old(root, keep)
+    async def publish(self, version: int) -> str:
+        """Writes the current weights as `version` and makes every student server serve them; returns the folder."""
+        path = self.path(version)
+        shutil.rmtree(path, ignore_errors=True)  # a same-numbered folder of an interrupted attempt at this version
+        os.makedirs(path)
+        await asyncio.to_thread(self.write, path)
+        if self.merged:
+            await asyncio.gather(*(c.reload_weights(path, version=str(version)) for c in self.clients))
+        else:
+            await asyncio.gather(*(self._load(c, version, path) for c in self.clients))
+        self.loaded[version] = path
+        return path
 
+    async def _load(self, client: Client, version: int, path: str) -> None:
+        name = self.model(version)
+        if name in await client.models():  # left by an earlier run on a server that outlived it
+            await client.unload_adapter(name)
+        await client.load_adapter(name, path)
 
-async def publish_merged(clients: Sequence[Client], path: str, *, root: str | None = None, keep: int = 2,
-                         version: str | None = None) -> None:
-    """Reloads full weights from `path` into every student server (pause, reload, reset prefix cache, resume)."""
-    await asyncio.gather(*(c.reload_weights(path, version=version) for c in clients))
-    if root is not None:
-        clean_old(root, keep)
+    async def retire(self, keep: Iterable[int]) -> list[int]:
+        """Unloads (adapter mode) and deletes every published version not in `keep` but the latest; returns them."""
+        keep = set(keep) | {self.latest}
+        old = [v for v in self.loaded if v not in keep]
+        for v in old:
+            if not self.merged:
+                await asyncio.gather(*(c.unload_adapter(self.model(v)) for c in self.clients))
+            shutil.rmtree(self.loaded.pop(v), ignore_errors=True)
+        return old
