@@ -4,7 +4,10 @@ import json
 import statistics
 import sys
 
-PHASES = ("time/sample", "time/teacher", "time/verify", "time/train", "time/publish", "time/step")
+# wait: the trainer waiting for its batch; sample: the batch's last group sampled; rollouts: the batch complete
+# (verified, vLLM teacher scores); trainer_scoring: trainer-side teacher / behaviour log-probs after sampling.
+PHASES = ("time/wait", "time/sample", "time/rollouts", "time/trainer_scoring", "time/train", "time/publish",
+          "time/step")
 
 
 def main(path: str) -> None:

@@ -10,7 +10,7 @@ class Completion:
     """One sampled completion as the student server returns it."""
 
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float] | None  # None when not asked for
     finish_reason: str
 
 

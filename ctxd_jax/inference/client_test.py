@@ -14,6 +14,9 @@ def test_parse_completions():
     a, b = parse_completions(body)
     assert (a.token_ids, a.logprobs, a.finish_reason) == ([9], [-2.0], "length")
     assert (b.token_ids, b.logprobs, b.finish_reason) == ([7, 2], [-1.0, -0.5], "stop")
+    (c,) = parse_completions({"choices": [{"index": 0, "finish_reason": "length", "token_ids": [4, 3],
+                                           "logprobs": None}]})
+    assert (c.token_ids, c.logprobs) == ([4, 3], None)  # not asked for
     body["choices"][0]["token_ids"] = [7]
     with pytest.raises(RequestError, match="1 token ids but 2 log-probs"):
         parse_completions(body)
