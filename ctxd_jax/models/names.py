@@ -9,12 +9,10 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from ctxd_jax.models.config import ModelConfig
+from ctxd_jax.models.config import ATTN, MLP, ModelConfig
 
 Path = tuple[str, ...]
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = ATTN + MLP
 PEFT_PREFIX = "base_model.model."
 
@@ -42,7 +40,7 @@ def base_entries(cfg: ModelConfig) -> list[Entry]:
     for name in LORA_TARGETS:
         mod = _module(name)
         out.append(Entry(layer + ".".join(mod) + ".weight", ("layers", *mod, "kernel"), True, True))
-        if cfg.attention_bias and name in ("q_proj", "k_proj", "v_proj"):
+        if name in cfg.biases:
             out.append(Entry(layer + ".".join(mod) + ".bias", ("layers", *mod, "bias"), False, True))
     if cfg.qk_norm:
         for name in ("q_norm", "k_norm"):

@@ -22,7 +22,7 @@ def test_config(hf_dir):
     c = ModelConfig.from_hf(hf_dir)
     assert (c.model_type, c.vocab_size, c.hidden_size, c.num_layers) == ("llama", 49152, 576, 30)
     assert (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size) == (9, 3, 64, 1536)
-    assert c.tie_word_embeddings and c.rope_theta == 100000.0 and c.rms_norm_eps == pytest.approx(1e-5)
+    assert c.tie_word_embeddings and c.rope.theta == 100000.0 and c.rms_norm_eps == pytest.approx(1e-5)
     tc = json.load(open(os.path.join(hf_dir, "tokenizer_config.json")))
     assert (tc["eos_token"], tc["bos_token"], tc["add_bos_token"]) == ("<|im_end|>", "<|im_start|>", False)
     assert "<|im_start|>" in tc["chat_template"]

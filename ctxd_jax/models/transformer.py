@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ctxd_jax.models.attention import attention
 from ctxd_jax.models.config import ModelConfig
+from ctxd_jax.models.rope import apply_rope, rope_sin_cos
 
 # Layer remat (the scan always keeps each layer's input). nothing_saveable: recompute the whole layer in the
 # backward, least memory. dots_with_no_batch_dims_saveable: keep the projection outputs (x @ W has no dot_general
@@ -40,22 +41,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
-def rope_sin_cos(positions, head_dim: int, theta: float):
-    """HF rotate_half convention: angles for dims i and i + hd/2 are equal. Returns float32 [B, T, hd] each."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.sin(emb), jnp.cos(emb)
-
-
-def apply_rope(x, sin, cos):
-    """x [B, T, H, hd]; sin/cos [B, T, hd]."""
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
 class LoRALinear(nnx.Module):
@@ -90,16 +75,22 @@ class LoRALinear(nnx.Module):
         return y
 
 
+def _linear(cfg: ModelConfig, **kw):
+    """A projection by its HF name, with a bias where the config gives it one."""
+    return lambda name, d_in, d_out: LoRALinear(d_in, d_out, use_bias=name in cfg.biases, **kw)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora_rank, lora_alpha, dtype, param_dtype, attn_impl, rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.attn_impl = attn_impl
-        lin = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = LoRALinear(d, cfg.num_heads * hd, use_bias=cfg.attention_bias, **lin)
-        self.k_proj = LoRALinear(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **lin)
-        self.v_proj = LoRALinear(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **lin)
-        self.o_proj = LoRALinear(cfg.num_heads * hd, d, **lin)
+        lin = _linear(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+        self.q_proj = lin("q_proj", d, cfg.num_heads * hd)
+        self.k_proj = lin("k_proj", d, cfg.num_kv_heads * hd)
+        self.v_proj = lin("v_proj", d, cfg.num_kv_heads * hd)
+        self.o_proj = lin("o_proj", cfg.num_heads * hd, d)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
             self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -130,10 +121,11 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig, *, lora_rank, lora_alpha, dtype, param_dtype, rngs):
-        lin = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, **lin)
-        self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, **lin)
-        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, **lin)
+        lin = _linear(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+        self.gate_proj = lin("gate_proj", cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = lin("up_proj", cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = lin("down_proj", cfg.intermediate_size, cfg.hidden_size)
 
     def __call__(self, x):
         gate = checkpoint_name(self.gate_proj(x), "mlp_gate")
@@ -213,7 +205,7 @@ class Transformer(nnx.Module):
         """With return_layer_outputs, also returns [L, B, T, D]: each layer's output before the final norm
         (HF's hidden_states[1:L], plus the last layer's un-normed output), for per-layer parity debugging."""
         x = self.embed_tokens(tokens)
-        sin, cos = rope_sin_cos(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        sin, cos = rope_sin_cos(positions, self.cfg.rope)
         graphdef, state = nnx.split(self.layers)
 
         def layer(x, layer_state):
