@@ -100,8 +100,9 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
     when accumulating micro-batches). ratio_type 'token': ratio = r per token; 'sequence': one stop-gradient ratio
     per sample, min(exp(min(sum of its log r, 10)), sequence_clip_high), and c divided by the sample's loss-mask
     token count.
-    Optional top-k distillation adds topk_tau * sum over loss-mask tokens of topk_kl / loss_scale, differentiated
-    directly through student_topk_logprobs.
+    Optional top-k distillation adds topk_tau * sum over loss-mask tokens of topk_kl / loss_scale (each token's
+    topk_kl over its sample's loss-token count with sequence ratios), differentiated directly through
+    student_topk_logprobs.
     """
     lp = _f32(trainer_logprobs)
     shape = lp.shape
@@ -161,9 +162,11 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
         kl_term = gate * (teacher_tau * teacher_lp - student_tau * jax.lax.stop_gradient(lp))
     adv_hat = task_adv + kl_term
 
+    # With sequence ratios a sample's loss (top-k term included) is a mean over its loss tokens.
+    per_token_share = per_token(1.0 / jnp.maximum(count, 1.0)) if ratio_type == "sequence" else 1.0
     if ratio_type == "sequence":
         seq_ratio = jnp.minimum(jnp.exp(jnp.minimum(per_sample(log_ratio), _SEQ_LOG_RATIO_MAX)), sequence_clip_high)
-        weight = per_token(seq_ratio / jnp.maximum(count, 1.0))  # the sample's ratio over its loss-token count
+        weight = per_token(seq_ratio) * per_token_share
     else:
         weight = ratio
     coeff = jax.lax.stop_gradient(jnp.where(keep, weight * (adv_hat - kl_tau * log_ratio), 0.0))
@@ -193,6 +196,6 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
         metrics["teacher_seq_kl"] = diff / jnp.maximum(n_samples, 1.0)  # mean over samples of the sums
     if student_topk_logprobs is not None:
         kl = topk_kl(student_topk_logprobs, teacher_topk_logprobs, m, direction=topk_direction)
-        loss = loss + topk_tau * jnp.sum(kl) / scale
+        loss = loss + topk_tau * jnp.sum(kl * per_token_share) / scale
         metrics["topk_kl"] = jnp.sum(kl) / denom
     return loss, metrics

@@ -461,3 +461,10 @@ def test_compute_loss_topk_term():
         np.testing.assert_allclose(loss, base + 0.5 * kl[m].mean(), rtol=1e-5)
         expect = jax.grad(lambda x: topk_kl(x, t_topk, m, direction=direction).sum())(s_topk) * 0.5 / m.sum()
         np.testing.assert_allclose(grad, expect, rtol=1e-5, atol=1e-7)
+    # with sequence ratios the top-k term is a token mean per sample like the rest, and the rows divide it
+    kw["ratio_type"] = "sequence"
+    base, _ = compute_loss(lp, mu, lpT, A, None, m, **kw)
+    loss, _ = compute_loss(lp, mu, lpT, A, None, m, student_topk_logprobs=s_topk, teacher_topk_logprobs=t_topk,
+                           topk_tau=0.5, **kw)
+    kl = np.where(m, np.asarray(topk_kl(s_topk, t_topk, m)), 0.0)
+    np.testing.assert_allclose(loss, base + 0.5 * np.sum(kl.sum(1) / m.sum(1)) / 2, rtol=1e-5)
