@@ -47,8 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
         geo_mask_high=10.0,
         sequence_mask_low=0.0,
         sequence_mask_high=100.0,
+        # 'token': one importance ratio per token; 'sequence' (GSPO-like): one per sample, exp(sum of its log-ratios)
+        # capped at sequence_clip_high, and each sample's loss divided by its loss-token count.
+        ratio_type="token",
+        sequence_clip_high=10.0,
+        kl_tau=0.0,  # weight of the trainer-vs-sampler KL penalty: each token's coefficient gets -kl_tau * log ratio
     )
-    c.advantage = dict(use_full_reward_baseline=True, kl_only_incorrect=False)
+    # length_weighted_mean: group baseline sum(R * L) / sum(L), L the completion lengths, instead of the plain mean.
+    c.advantage = dict(use_full_reward_baseline=True, kl_only_incorrect=False, length_weighted_mean=False)
     # skip_verification: reward 0 for every sample, verifier not run (pure distillation).
     c.buffer = dict(skip_verification=False)
 

@@ -1,4 +1,4 @@
-"""Sequence-level reward composition and group-baseline advantages (issue 3; reference: prime-rl-notes §3).
+"""Sequence-level reward composition and group-baseline advantages (reference: prime-rl-notes §3).
 
 The batch is contiguous groups of `group_size` samples of one prompt each. Everything is computed in float32
 whatever the input dtype (sums of hundreds of log-probs lose too much in bfloat16). Taus are traced, so changing
@@ -36,15 +36,29 @@ def kl_gates(task_rewards, *, group_size: int):
     return jnp.broadcast_to(1.0 - _group_mean(r), r.shape).reshape(-1)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "use_full_reward_baseline", "kl_only_incorrect"))
+def _baseline(reward, lengths):
+    """[P, G] -> [P, 1]: the group mean, or sum(R*L)/sum(L) when `lengths` is given (the plain mean for a group
+    whose lengths are all 0, which has nothing to weight by)."""
+    if lengths is None:
+        return _group_mean(reward)
+    total = lengths.sum(axis=1, keepdims=True)
+    weighted = (reward * lengths).sum(axis=1, keepdims=True) / jnp.maximum(total, 1.0)
+    return jnp.where(total > 0, weighted, _group_mean(reward))
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "use_full_reward_baseline", "kl_only_incorrect",
+                                             "length_weighted_mean"))
 def compute_advantages(task_rewards, teacher_logprob_sums, inference_logprob_sums, *, group_size: int,
-                       adv_tau, teacher_tau, student_tau, use_full_reward_baseline: bool, kl_only_incorrect: bool):
-    """Per-sample advantages A = R - group mean(R), no std normalisation: [B] float32.
+                       adv_tau, teacher_tau, student_tau, use_full_reward_baseline: bool, kl_only_incorrect: bool,
+                       completion_lengths=None, length_weighted_mean: bool = False):
+    """Per-sample advantages A = R - b, no std normalisation: [B] float32.
 
     R = adv_tau*r + g*(teacher_tau*sum lpT - student_tau*sum lpS) when `use_full_reward_baseline` and a teacher
     is present (`teacher_logprob_sums` not None), else R = adv_tau*r. g = 1 - group mean(r) with
     `kl_only_incorrect`, else 1. The sums are over all completion tokens; lpS are the sampling (vLLM) log-probs.
     Without the full baseline the KL enters per token in the loss instead (see loss.compute_loss).
+    b is the group mean of R, or with `length_weighted_mean` sum(R*L)/sum(L) over the group, L =
+    `completion_lengths` [B] (then sum(L*A) is 0 within a group, not sum(A)).
     """
     r = _groups(task_rewards, group_size, "task_rewards")
     reward = adv_tau * r
@@ -57,4 +71,11 @@ def compute_advantages(task_rewards, teacher_logprob_sums, inference_logprob_sum
             raise ValueError(f"logprob sums {s_t.shape}/{s_s.shape} do not match task_rewards {r.shape}")
         gate = 1.0 - _group_mean(r) if kl_only_incorrect else 1.0
         reward = reward + gate * (teacher_tau * s_t - student_tau * s_s)
-    return (reward - _group_mean(reward)).reshape(-1)
+    lengths = None
+    if length_weighted_mean:
+        if completion_lengths is None:
+            raise ValueError("completion_lengths: required with length_weighted_mean")
+        lengths = _groups(completion_lengths, group_size, "completion_lengths")
+        if lengths.shape != r.shape:
+            raise ValueError(f"completion_lengths {lengths.shape} do not match task_rewards {r.shape}")
+    return (reward - _baseline(reward, lengths)).reshape(-1)

@@ -9,11 +9,13 @@ from ctxd_jax.advantage import compute_advantages, kl_gates
 TAUS = dict(adv_tau=1.0, teacher_tau=1.0, student_tau=1.0)
 
 
-def adv(r, st_, ss, group_size, full=True, kl_only_incorrect=False, **taus):
+def adv(r, st_, ss, group_size, full=True, kl_only_incorrect=False, lengths=None, **taus):
     taus = {**TAUS, **taus}
     as_arr = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
     return np.asarray(compute_advantages(as_arr(r), as_arr(st_), as_arr(ss), group_size=group_size,
-                                         use_full_reward_baseline=full, kl_only_incorrect=kl_only_incorrect, **taus))
+                                         use_full_reward_baseline=full, kl_only_incorrect=kl_only_incorrect,
+                                         completion_lengths=as_arr(lengths), length_weighted_mean=lengths is not None,
+                                         **taus))
 
 
 @pytest.mark.parametrize("rewards, gate", [([0, 0, 0, 0], 1.0), ([1, 1, 1, 1], 0.0), ([1, 0, 0, 0], 0.75)])
@@ -90,6 +92,37 @@ def test_errors_name_the_field():
         adv([1, 0, 1, 0], None, None, 3)
     with pytest.raises(ValueError, match="inference_logprob_sums"):
         adv([1, 0], [-1, -2], None, 2)
+    with pytest.raises(ValueError, match="completion_lengths"):
+        compute_advantages(jnp.ones(2), None, None, group_size=2, use_full_reward_baseline=True,
+                           kl_only_incorrect=False, length_weighted_mean=True, **TAUS)
+    with pytest.raises(ValueError, match="completion_lengths"):
+        adv([1, 0, 1, 0], None, None, 2, lengths=[1, 2, 3, 4, 5, 6])
+
+
+# ---- length-weighted baseline -------------------------------------------------------------------------------------
+
+
+def test_worked_example_length_weighted_mean():
+    # b = (1*10 + 2*30) / 40 = 1.75
+    np.testing.assert_allclose(adv([1, 2], None, None, 2, lengths=[10, 30]), [-0.75, 0.25])
+
+
+def test_length_weighted_mean_equal_lengths_is_the_plain_mean():
+    np.testing.assert_allclose(adv(R4, ST4, SS4, 4, lengths=[7] * 4), adv(R4, ST4, SS4, 4), rtol=1e-6)
+
+
+def test_length_weighted_mean_all_empty_group_falls_back_to_the_mean():
+    np.testing.assert_allclose(adv([1, 0, 1, 3], None, None, 2, lengths=[0, 0, 1, 3]), [0.5, -0.5, -1.5, 0.5])
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_length_weighted_mean_with_and_without_full_baseline(full):
+    # the baseline weights whatever R the full-baseline switch composed: with it R holds the KL sums, without not
+    lengths = np.array([2, 6, 4, 4], np.float32)
+    R = np.array(R4, np.float32) + ((0.1 * np.array(ST4) - 0.2 * np.array(SS4)) if full else 0.0)
+    b = np.sum(R * lengths) / lengths.sum()
+    np.testing.assert_allclose(adv(R4, ST4, SS4, 4, full=full, teacher_tau=0.1, student_tau=0.2, lengths=lengths),
+                               R - b, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
@@ -110,3 +143,11 @@ def test_property_groups_sum_to_zero_and_formula(groups, group_size, seed, taus,
         g = 1 - rg.mean(1, keepdims=True) if gated else 1.0
         R = R + g * (t_tau * s_t - s_tau * s_s).reshape(groups, group_size)
     np.testing.assert_allclose(a, (R - R.mean(1, keepdims=True)).reshape(-1), atol=1e-3, rtol=1e-4)
+    # length-weighted: the same R, its L-weighted mean as baseline, so sum(L*A) is 0 in every group
+    lengths = rng.integers(1, 50, n).astype(np.float32)
+    a = adv(r, s_t, s_s, group_size, full=full, kl_only_incorrect=gated, adv_tau=a_tau, teacher_tau=t_tau,
+            student_tau=s_tau, lengths=lengths)
+    L = lengths.reshape(groups, group_size)
+    np.testing.assert_allclose((a.reshape(groups, group_size) * L).sum(1), 0, atol=5e-2)
+    np.testing.assert_allclose(a, (R - (R * L).sum(1, keepdims=True) / L.sum(1, keepdims=True)).reshape(-1),
+                               atol=1e-3, rtol=1e-4)

@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
 WEIGHT_MODES = ("adapter", "merged")
 ATTN_IMPLS = ("auto", "xla", "cudnn")
+RATIO_TYPES = ("token", "sequence")  # loss.ratio_type; the loss reads this too
 REMAT_POLICIES = ("nothing_saveable", "save_attention", "save_mlp", "dots_with_no_batch_dims_saveable")
 
 
@@ -148,6 +149,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.max_async_level >= 0, "max_async_level", f"must be >= 0, got {config.max_async_level}")
     _require(config.loss.topk_direction in ("forward", "reverse"), "loss.topk_direction",
              f"{config.loss.topk_direction!r} is not 'forward' or 'reverse'")
+    _require(config.loss.ratio_type in RATIO_TYPES, "loss.ratio_type",
+             f"{config.loss.ratio_type!r} is not one of {RATIO_TYPES}")
+    _require(config.loss.kl_tau >= 0, "loss.kl_tau", f"must be >= 0, got {config.loss.kl_tau!r}")
+    _positive(config, "loss.sequence_clip_high")
     _require(config.loss.topk_tau == 0 or config.loss.topk > 0, "loss.topk",
              f"must be > 0 when loss.topk_tau > 0, got {config.loss.topk}")
     for kind in ("token", "geo", "sequence"):

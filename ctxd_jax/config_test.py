@@ -35,6 +35,8 @@ def test_defaults_are_the_reference():
     assert not c.buffer.skip_verification
     assert c.inference.parallel.dp is None and c.inference.parallel.tp == 1
     assert c.max_async_level == 1
+    assert (c.loss.ratio_type, c.loss.sequence_clip_high, c.loss.kl_tau) == ("token", 10.0, 0.0)
+    assert not c.advantage.length_weighted_mean
 
 
 def test_taus_live_only_in_loss():
@@ -106,13 +108,13 @@ def test_cpu_mode_is_one_server():
 
 @pytest.mark.parametrize("field,value", [
     ("optim__lr", 0.0), ("optim__lr", -1e-5), ("sampling__max_tokens", 0), ("lora__rank", 0), ("lora__alpha", -1.0),
-    ("batch_size", 0), ("seq_len", 0),
+    ("batch_size", 0), ("seq_len", 0), ("loss__sequence_clip_high", 0.0),
 ])
 def test_non_positive(field, value):
     assert _error(_config(**{field: value})).startswith(f"{field.replace('__', '.')}: must be > 0")
 
 
-@pytest.mark.parametrize("tau", ["adv_tau", "teacher_tau", "student_tau", "topk_tau"])
+@pytest.mark.parametrize("tau", ["adv_tau", "teacher_tau", "student_tau", "topk_tau", "kl_tau"])
 def test_negative_tau(tau):
     assert _error(_config(**{f"loss__{tau}": -0.1})).startswith(f"loss.{tau}: must be >= 0")
 
@@ -133,6 +135,7 @@ def test_choices_and_bounds():
     assert _error(_config(lora__targets=("q_proj", "v_proj"))).startswith("lora.targets: only LoRA on all of")
     assert _error(_config(loss__token_mask_low=9.0)).startswith("loss.token_mask_low: ")
     assert _error(_config(loss__topk_tau=1.0, loss__topk=0)).startswith("loss.topk: ")
+    assert _error(_config(loss__ratio_type="seq")) == "loss.ratio_type: 'seq' is not one of ('token', 'sequence')"
 
 
 def test_gpu_lists_all_or_none():

@@ -52,7 +52,7 @@ def step_config(config) -> StepConfig:
     loss, t = config.loss, config.trainer
     return StepConfig(teacher_tau=loss.teacher_tau, student_tau=loss.student_tau,
                       use_full_reward_baseline=config.advantage.use_full_reward_baseline,
-                      topk_tau=loss.topk_tau, topk_direction=loss.topk_direction,
+                      topk_tau=loss.topk_tau, topk_direction=loss.topk_direction, ratio_type=loss.ratio_type,
                       masks=tuple((k, float(loss[k])) for k in LOSS_KEYS),
                       micro_batch_rows=t.micro_batch_rows, chunk_size=t.chunk_size)
 

@@ -3,9 +3,10 @@
 Reference: prime-rl-notes §2 and §10. All per-token inputs are [R, T]: R rows that are either one sample each
 (`segment_ids=None`) or packed rows of several samples told apart by `segment_ids` (0 = padding; a row's samples
 carry distinct ids in 1..T, e.g. 1, 2, 3, ...). Per-sample reductions (geometric and sequence masks,
-teacher_seq_kl) are segment reductions over a flattened (row, segment) id, so packed and unpacked batches give the
-same loss and gradients. Per-sample scalars (advantages, kl_gates) come already broadcast to every token.
-Inputs may be float32 or bfloat16; the math is done in float32.
+teacher_seq_kl, the sequence ratio and its token count) are segment reductions over a flattened (row, segment) id,
+so packed and unpacked batches give the same loss and gradients for the same `loss_scale` (the default one counts
+rows with sequence ratios, so there it differs). Per-sample scalars (advantages, kl_gates) come already broadcast
+to every token. Inputs may be float32 or bfloat16; the math is done in float32.
 """
 
 import functools
@@ -13,7 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ctxd_jax.config import RATIO_TYPES
+
 _NEG = -1e9  # stands in for -inf log-probs so that 0 * log 0 stays 0 (and its gradient finite)
+_SEQ_LOG_RATIO_MAX = 10.0  # a sample's summed log-ratio is capped here before exp (as the reference does): finite
 
 
 def _f32(x):
@@ -29,6 +33,15 @@ def _sample_index(shape, segment_ids):
         raise ValueError(f"segment_ids: shape {segment_ids.shape} does not match the per-token inputs {shape}")
     ids = jnp.arange(rows)[:, None] * (length + 1) + segment_ids.astype(jnp.int32)
     return ids.reshape(-1), rows * (length + 1)
+
+
+def default_loss_scale(loss_mask, segment_ids=None, *, ratio_type: str = "token"):
+    """The loss's default divisor (at least 1): the number of loss-mask tokens with token ratios; with sequence
+    ratios, whose samples are already token means, the number of rows holding any (the reference divides by its
+    packed micro-batches, one row each). Takes numpy (the trainer, whole batch) or jax arrays."""
+    m = loss_mask if segment_ids is None else loss_mask & (segment_ids > 0)
+    count = m.any(axis=1).sum() if ratio_type == "sequence" else m.sum()
+    return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
 
 
 def gather_topk(logits, topk_ids):
@@ -62,17 +75,18 @@ def topk_kl(student_topk_logprobs, teacher_topk_logprobs, mask, *, direction: st
     return jnp.where(m[..., 0], kl, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("use_full_reward_baseline", "topk_direction"))
+@functools.partial(jax.jit, static_argnames=("use_full_reward_baseline", "topk_direction", "ratio_type"))
 def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advantages, kl_gates, loss_mask, *,
                  teacher_tau, student_tau, use_full_reward_baseline: bool,
                  token_mask_low=0.125, token_mask_high=8.0, geo_mask_low=0.1, geo_mask_high=10.0,
                  sequence_mask_low=0.0, sequence_mask_high=100.0,
                  segment_ids=None, loss_scale=None,
                  student_topk_logprobs=None, teacher_topk_logprobs=None, topk_tau=0.0,
-                 topk_direction: str = "forward"):
+                 topk_direction: str = "forward", ratio_type: str = "token", sequence_clip_high=10.0, kl_tau=0.0):
     """Loss (scalar float32) and metrics (dict of float32 scalars) for one micro-batch of [R, T] tokens.
 
-    Metrics are means over this call's loss-mask tokens (or samples, for geo_seq_ratio and teacher_seq_kl);
+    Metrics are means over this call's loss-mask tokens (or samples, for geo_seq_ratio, sequence_ratio and
+    teacher_seq_kl);
     num_loss_tokens and num_samples are returned so that callers can weight them across micro-batches.
 
     trainer_logprobs carry the gradient; inference_logprobs are vLLM's sampling log-probs; teacher_logprobs
@@ -81,10 +95,14 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
 
     Per-token advantage: A with the full reward baseline (kl_gates unused), else
     A + g*(teacher_tau*lpT - student_tau*sg(lp)) (no KL term at all when teacher_logprobs is None).
-    Gradient: -sum over kept tokens of r*Ahat*grad(lp), divided by `loss_scale` (default: this call's number of
-    loss-mask tokens, dropped ones included; pass the global count when accumulating micro-batches).
-    Optional top-k distillation adds topk_tau * sum over loss-mask tokens of topk_kl / loss_scale, differentiated
-    directly through student_topk_logprobs.
+    Gradient: -sum over kept tokens of c*grad(lp), c = ratio*(Ahat - kl_tau*log r), divided by `loss_scale`
+    (default `default_loss_scale` of this call: its loss-mask tokens, dropped ones included; pass the whole batch's
+    when accumulating micro-batches). ratio_type 'token': ratio = r per token; 'sequence': one stop-gradient ratio
+    per sample, min(exp(min(sum of its log r, 10)), sequence_clip_high), and c divided by the sample's loss-mask
+    token count.
+    Optional top-k distillation adds topk_tau * sum over loss-mask tokens of topk_kl / loss_scale (each token's
+    topk_kl over its sample's loss-token count with sequence ratios), differentiated directly through
+    student_topk_logprobs.
     """
     lp = _f32(trainer_logprobs)
     shape = lp.shape
@@ -97,13 +115,19 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
     if (student_topk_logprobs is None) != (teacher_topk_logprobs is None):
         raise ValueError("student_topk_logprobs and teacher_topk_logprobs: pass both or neither")
 
+    if ratio_type not in RATIO_TYPES:
+        raise ValueError(f"ratio_type: {ratio_type!r} is not one of {RATIO_TYPES}")
+
     m = jnp.asarray(loss_mask).astype(bool)
     if segment_ids is not None:
         m = m & (jnp.asarray(segment_ids) > 0)
     mf = m.astype(jnp.float32)
     n_tokens = mf.sum()
     denom = jnp.maximum(n_tokens, 1.0)
-    scale = denom if loss_scale is None else jnp.asarray(loss_scale, jnp.float32)
+    if loss_scale is None:
+        scale = default_loss_scale(m, ratio_type=ratio_type)
+    else:
+        scale = jnp.asarray(loss_scale, jnp.float32)
     ids, n_ids = _sample_index(shape, segment_ids)
 
     def per_sample(values, reduce=jax.ops.segment_sum):
@@ -138,7 +162,14 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
         kl_term = gate * (teacher_tau * teacher_lp - student_tau * jax.lax.stop_gradient(lp))
     adv_hat = task_adv + kl_term
 
-    coeff = jax.lax.stop_gradient(jnp.where(keep, ratio * adv_hat, 0.0))
+    # With sequence ratios a sample's loss (top-k term included) is a mean over its loss tokens.
+    per_token_share = per_token(1.0 / jnp.maximum(count, 1.0)) if ratio_type == "sequence" else 1.0
+    if ratio_type == "sequence":
+        seq_ratio = jnp.minimum(jnp.exp(jnp.minimum(per_sample(log_ratio), _SEQ_LOG_RATIO_MAX)), sequence_clip_high)
+        weight = per_token(seq_ratio) * per_token_share
+    else:
+        weight = ratio
+    coeff = jax.lax.stop_gradient(jnp.where(keep, weight * (adv_hat - kl_tau * log_ratio), 0.0))
     loss = -jnp.sum(jnp.where(keep, coeff * lp, 0.0)) / scale
 
     n_samples = jnp.sum(count > 0).astype(jnp.float32)  # samples with at least one loss-mask token
@@ -157,12 +188,14 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
         "task_adv_abs": token_mean(jnp.abs(task_adv)),
         "kl_contrib_abs": token_mean(jnp.abs(kl_term)),
     }
+    if ratio_type == "sequence":  # the capped per-sample ratio, mean over samples
+        metrics["sequence_ratio"] = jnp.sum(jnp.where(count > 0, seq_ratio, 0.0)) / jnp.maximum(n_samples, 1.0)
     if teacher_lp is not None:
         diff = jnp.sum(jnp.where(m, teacher_lp - jax.lax.stop_gradient(lp), 0.0))
         metrics["teacher_kl"] = diff / denom
         metrics["teacher_seq_kl"] = diff / jnp.maximum(n_samples, 1.0)  # mean over samples of the sums
     if student_topk_logprobs is not None:
         kl = topk_kl(student_topk_logprobs, teacher_topk_logprobs, m, direction=topk_direction)
-        loss = loss + topk_tau * jnp.sum(kl) / scale
+        loss = loss + topk_tau * jnp.sum(kl * per_token_share) / scale
         metrics["topk_kl"] = jnp.sum(kl) / denom
     return loss, metrics

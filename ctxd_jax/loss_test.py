@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 
-from ctxd_jax.loss import compute_loss, gather_topk, topk_kl
+from ctxd_jax.loss import compute_loss, default_loss_scale, gather_topk, topk_kl
 
 BOUNDS = dict(token_mask_low=0.125, token_mask_high=8.0, geo_mask_low=0.1, geo_mask_high=10.0,
               sequence_mask_low=0.0, sequence_mask_high=100.0)
@@ -32,6 +32,17 @@ def ref_sample(lp, mu, lpT, A, g, m, *, full, teacher_tau, student_tau, b=BOUNDS
     keep = m & ~token & ~whole
     a_hat = A + (0.0 if full or lpT is None else g * (teacher_tau * lpT - student_tau * lp))
     return keep, r, a_hat
+
+
+def ref_coeff(lp, mu, m, r, a_hat, *, ratio_type="token", kl_tau=0.0, sequence_clip_high=10.0):
+    """The per-token coefficient c of -c * grad(lp): ratio * (Ahat - kl_tau * log r); a sequence ratio is
+    min(exp(min(sum log r, 10)), clip) over the sample's loss tokens, divided by their count."""
+    log_r = np.where(m, lp - mu, 0.0)
+    if ratio_type == "sequence":
+        ratio = min(np.exp(min(log_r.sum(), 10.0)), sequence_clip_high) / max(m.sum(), 1)
+    else:
+        ratio = r
+    return ratio * (a_hat - kl_tau * log_r)
 
 
 def rand_tokens(rng, shape, spread=0.3):
@@ -189,40 +200,56 @@ def pack(samples, rows, length):
 
 
 def check_against_reference(samples, rows, length, full, teacher_tau, student_tau, dtype=jnp.float32, rtol=2e-4,
-                            **bounds):
+                            ratio_type="token", kl_tau=0.0, sequence_clip_high=10.0, **bounds):
     b = {**BOUNDS, **bounds}
     arrs, m, seg, where = pack(samples, rows, length)
-    kw = dict(teacher_tau=teacher_tau, student_tau=student_tau, use_full_reward_baseline=full, **bounds)
+    options = dict(ratio_type=ratio_type, kl_tau=kl_tau, sequence_clip_high=sequence_clip_high)
+    kw = dict(teacher_tau=teacher_tau, student_tau=student_tau, use_full_reward_baseline=full, **options, **bounds)
     cast = {k: jnp.asarray(v, dtype) for k, v in arrs.items()}
     grad, loss, metrics = grad_and_loss(cast["lp"], cast["mu"], cast["lpT"], cast["A"], cast["g"], m,
                                         segment_ids=seg, **kw)
     n = sum(s["m"].sum() for s in samples)
+    # the default divisor: loss tokens, or with sequence ratios the rows holding any
+    scale = max(n if ratio_type == "token" else (m & (seg > 0)).any(axis=1).sum(), 1)
     ref_loss, dropped = 0.0, 0
     for s, (row, start) in zip(samples, where):
         keep, r, a_hat = ref_sample(s["lp"], s["mu"], s["lpT"], s["A"], s["g"], s["m"], full=full,
                                     teacher_tau=teacher_tau, student_tau=student_tau, b=b)
-        ref_grad = np.where(keep, -r * a_hat / max(n, 1), 0)
+        coeff = ref_coeff(s["lp"], s["mu"], s["m"], r, a_hat, **options)
+        ref_grad = np.where(keep, -coeff / scale, 0)
         got = grad[row, start:start + len(s["lp"])].astype(np.float32)
         np.testing.assert_allclose(got, ref_grad, rtol=rtol, atol=1e-6)
-        ref_loss -= np.sum(np.where(keep, r * a_hat * s["lp"], 0)) / max(n, 1)
+        ref_loss -= np.sum(np.where(keep, coeff * s["lp"], 0)) / scale
         dropped += (s["m"] & ~keep).sum()
     np.testing.assert_allclose(loss, ref_loss, rtol=rtol, atol=1e-5)
     np.testing.assert_allclose(metrics["masked_total"], dropped / max(n, 1), atol=1e-6)
     return grad, loss, metrics
 
 
-def test_packed_rows_equal_one_sample_per_row():
+OPTIONS = {"token": {}, "sequence": dict(ratio_type="sequence", sequence_clip_high=3.0), "kl_tau": dict(kl_tau=0.5),
+           "all": dict(ratio_type="sequence", kl_tau=0.5)}
+
+
+@pytest.mark.parametrize("option,full", [("token", False), ("sequence", True), ("kl_tau", False), ("all", True),
+                                         ("all", False)])
+def test_packed_rows_equal_one_sample_per_row(option, full):
     rng = np.random.default_rng(4)
     samples = make_samples(rng, 5, 6, spread=1.0)
-    kw = dict(full=False, teacher_tau=0.5, student_tau=0.25)
-    _, packed_loss, packed_m = check_against_reference(samples, 3, 12, **kw)
-    # the same samples unpacked (segment_ids=None) through the same reference
+    taus = dict(teacher_tau=0.5, student_tau=0.25)
+    packed_grad, packed_loss, packed_m = check_against_reference(samples, 3, 12, full, **taus, **OPTIONS[option])
+    # the same samples unpacked (segment_ids=None), one per row; with the same divisor (the default one counts rows
+    # under sequence ratios) the loss, each token's gradient and the metrics are the packed ones
     rows = [pack([s], 1, 6) for s in samples]
     arrs = {k: np.concatenate([r[0][k] for r in rows]) for k in rows[0][0]}
     m = np.concatenate([r[1] for r in rows])
+    packed_arrs, packed_mask, seg, where = pack(samples, 3, 12)
+    scale = float(default_loss_scale(packed_mask, seg, ratio_type=OPTIONS[option].get("ratio_type", "token")))
     grad, loss, metrics = grad_and_loss(arrs["lp"], arrs["mu"], arrs["lpT"], arrs["A"], arrs["g"], m,
-                                        teacher_tau=0.5, student_tau=0.25, use_full_reward_baseline=False)
+                                        use_full_reward_baseline=full, loss_scale=scale, **taus, **OPTIONS[option])
     np.testing.assert_allclose(loss, packed_loss, rtol=1e-5)
+    for i, (s, (row, start)) in enumerate(zip(samples, where)):
+        n = len(s["lp"])
+        np.testing.assert_allclose(grad[i, :n], packed_grad[row, start:start + n], rtol=1e-5, atol=1e-8)
     for k in packed_m:
         np.testing.assert_allclose(metrics[k], packed_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -239,13 +266,16 @@ def test_padding_segment_is_ignored_even_if_loss_mask_set():
     assert metrics["masked_total"] == 0 and metrics["num_loss_tokens"] == 3
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), spread=st.sampled_from([0.1, 1.0, 3.0]),
        full=st.booleans(), taus=st.tuples(st.floats(0, 2), st.floats(0, 2)),
-       seq_high=st.sampled_from([100.0, 4.0]))
-def test_property_packed_matches_per_sample_reference(seed, n, spread, full, taus, seq_high):
+       seq_high=st.sampled_from([100.0, 4.0]), ratio_type=st.sampled_from(["token", "sequence"]),
+       kl_tau=st.sampled_from([0.0, 0.3]), clip=st.sampled_from([10.0, 1.5, 1e6]))
+def test_property_packed_matches_per_sample_reference(seed, n, spread, full, taus, seq_high, ratio_type, kl_tau,
+                                                      clip):
     samples = make_samples(np.random.default_rng(seed), n, 6, spread)
-    check_against_reference(samples, 3, 12, full, *taus, sequence_mask_high=seq_high)
+    check_against_reference(samples, 3, 12, full, *taus, sequence_mask_high=seq_high, ratio_type=ratio_type,
+                            kl_tau=kl_tau, sequence_clip_high=clip)
 
 
 def test_bfloat16_inputs():
@@ -347,3 +377,10 @@ def test_compute_loss_topk_term():
         np.testing.assert_allclose(loss, base + 0.5 * kl[m].mean(), rtol=1e-5)
         expect = jax.grad(lambda x: topk_kl(x, t_topk, m, direction=direction).sum())(s_topk) * 0.5 / m.sum()
         np.testing.assert_allclose(grad, expect, rtol=1e-5, atol=1e-7)
+    # with sequence ratios the top-k term is a token mean per sample like the rest, and the rows divide it
+    kw["ratio_type"] = "sequence"
+    base, _ = compute_loss(lp, mu, lpT, A, None, m, **kw)
+    loss, _ = compute_loss(lp, mu, lpT, A, None, m, student_topk_logprobs=s_topk, teacher_topk_logprobs=t_topk,
+                           topk_tau=0.5, **kw)
+    kl = np.where(m, np.asarray(topk_kl(s_topk, t_topk, m)), 0.0)
+    np.testing.assert_allclose(loss, base + 0.5 * np.sum(kl.sum(1) / m.sum(1)) / 2, rtol=1e-5)

@@ -108,10 +108,12 @@ def advantages(rollouts: Sequence[Rollout], *, group_size: int, loss, advantage)
     teacher = rollouts[0].teacher_logprobs is not None
     t_sums = np.asarray([sum(r.teacher_logprobs) for r in rollouts], np.float32) if teacher else None
     s_sums = np.asarray([sum(r.sampling_logprobs) for r in rollouts], np.float32)
+    lengths = np.asarray([len(r.completion_ids) for r in rollouts], np.float32)
     adv = compute_advantages(rewards, t_sums, s_sums, group_size=group_size, adv_tau=loss.adv_tau,
                              teacher_tau=loss.teacher_tau, student_tau=loss.student_tau,
                              use_full_reward_baseline=advantage.use_full_reward_baseline,
-                             kl_only_incorrect=advantage.kl_only_incorrect)
+                             kl_only_incorrect=advantage.kl_only_incorrect, completion_lengths=lengths,
+                             length_weighted_mean=advantage.length_weighted_mean)
     gates = kl_gates(rewards, group_size=group_size) if advantage.kl_only_incorrect else np.ones_like(rewards)
     return np.asarray(adv), np.asarray(gates)
 

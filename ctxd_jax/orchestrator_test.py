@@ -31,10 +31,15 @@ def _r(group, reward, n=3, teacher=-2.0):
 def test_advantages_and_metrics():
     rs = [_r(0, 1.0), _r(0, 0.0), _r(1, 0.0), _r(1, 0.0)]
     loss = ml_collections.ConfigDict(dict(adv_tau=1.0, teacher_tau=0.0, student_tau=0.0))
-    adv_cfg = ml_collections.ConfigDict(dict(use_full_reward_baseline=True, kl_only_incorrect=True))
+    adv_cfg = ml_collections.ConfigDict(dict(use_full_reward_baseline=True, kl_only_incorrect=True,
+                                             length_weighted_mean=False))
     adv, gates = orch.advantages(rs, group_size=2, loss=loss, advantage=adv_cfg)
     np.testing.assert_allclose(adv, [0.5, -0.5, 0.0, 0.0])
     np.testing.assert_allclose(gates, [0.5, 0.5, 1.0, 1.0])
+    # the lengths that weight the baseline are the completions' token counts
+    adv_cfg.length_weighted_mean = True
+    adv, _ = orch.advantages([_r(0, 1.0, n=10), _r(0, 2.0, n=30)], group_size=2, loss=loss, advantage=adv_cfg)
+    np.testing.assert_allclose(adv, [-0.75, 0.25])
     m = orch.rollout_metrics(rs, 2)
     assert m["reward/mean"] == 0.25 and m["reward/group_any_solved"] == 0.5 and m["reward/group_all_solved"] == 0.0
     assert m["teacher_kl/seq"] == 3.0  # sum(-1) - sum(-2) over 3 tokens

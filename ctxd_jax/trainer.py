@@ -2,8 +2,8 @@
 
 The model is split once into (graphdef, lora, rest); jitted functions merge it inside, differentiate only `lora`,
 and donate the LoRA and optimizer state. Rows are processed in micro-batches of fixed shape (one compile), their
-gradients summed: each micro-batch's loss is divided by the WHOLE batch's loss-token count (`loss_scale`), so the
-sum equals the gradient of the full-batch loss (prime-rl-notes §10.4).
+gradients summed: each micro-batch's loss is divided by the WHOLE batch's loss-token count (`loss_scale`; rows
+holding samples with sequence ratios), so the sum equals the gradient of the full-batch loss (prime-rl-notes §10.4).
 
 With several processes (ctxd_jax/distributed.py) the mesh spans all of them and every process calls the same methods
 with the same global batch; each process places only its own devices' rows.
@@ -22,12 +22,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ctxd_jax import distributed, sharding
-from ctxd_jax.loss import compute_loss
+from ctxd_jax.loss import compute_loss, default_loss_scale
 from ctxd_jax.models.logprobs import token_logprobs
 from ctxd_jax.packing import TrainBatch
 
+# Numbers of config.loss passed to compute_loss by name (traced there, not static).
 LOSS_KEYS = ("token_mask_low", "token_mask_high", "geo_mask_low", "geo_mask_high", "sequence_mask_low",
-             "sequence_mask_high")
+             "sequence_mask_high", "sequence_clip_high", "kl_tau")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class StepConfig:
     use_full_reward_baseline: bool = True
     topk_tau: float = 0.0
     topk_direction: str = "forward"
+    ratio_type: str = "token"  # token | sequence
     masks: tuple[tuple[str, float], ...] = ()  # (name, value) for LOSS_KEYS
     micro_batch_rows: int = 0  # 0 = all rows at once
     chunk_size: int = 1024  # tokens per chunk of the log-prob head
@@ -91,15 +93,15 @@ def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepCo
         use_full_reward_baseline=step.use_full_reward_baseline, segment_ids=mb["segment_ids"],
         loss_scale=loss_scale, student_topk_logprobs=student_topk,
         teacher_topk_logprobs=mb.get("teacher_topk_logprobs") if topk_ids is not None else None,
-        topk_tau=step.topk_tau, topk_direction=step.topk_direction, **dict(step.masks))
+        topk_tau=step.topk_tau, topk_direction=step.topk_direction, ratio_type=step.ratio_type, **dict(step.masks))
     mask = mb["loss_mask"] & (mb["segment_ids"] > 0)
     metrics = dict(metrics, entropy_sum=jnp.sum(jnp.where(mask, entropy, 0.0)))
     return loss, metrics
 
 
-# compute_loss's metrics are means over a micro-batch's loss tokens, or over its samples for these two: sums of
+# compute_loss's metrics are means over a micro-batch's loss tokens, or over its samples for these: sums of
 # (mean x count) over micro-batches divided by the summed counts give the whole batch's means.
-_WEIGHT = {"teacher_seq_kl": "num_samples", "geo_seq_ratio": "num_samples"}
+_WEIGHT = {"teacher_seq_kl": "num_samples", "geo_seq_ratio": "num_samples", "sequence_ratio": "num_samples"}
 _COUNTS = ("num_loss_tokens", "num_samples", "entropy_sum")
 
 
@@ -155,7 +157,7 @@ class Trainer:
 
     def grads(self, batch: TrainBatch):
         """(loss, summed metrics, gradient w.r.t. the LoRA state) of the whole batch, accumulated over micro-batches."""
-        loss_scale = jnp.float32(max(int(np.sum(batch.loss_mask & (batch.segment_ids > 0))), 1))
+        loss_scale = default_loss_scale(batch.loss_mask, batch.segment_ids, ratio_type=self.step_config.ratio_type)
         total = None
         for mb in self._micro_batches(batch):
             (loss, metrics), grads = self._grad(self.lora, self.rest, mb, loss_scale)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,9 +49,14 @@ STEP = StepConfig(teacher_tau=0.3, student_tau=0.2, use_full_reward_baseline=Fal
                   chunk_size=8)
 
 
-def test_accumulated_gradient_equals_direct_grad(tiny_dir):
+# sequence ratios: the whole batch's divisor is its rows, not its loss tokens; kl_tau reaches the loss
+SEQUENCE = dataclasses.replace(STEP, ratio_type="sequence", masks=(("kl_tau", 0.5), ("sequence_clip_high", 2.0)))
+
+
+@pytest.mark.parametrize("step", [STEP, SEQUENCE], ids=["token", "sequence"])
+def test_accumulated_gradient_equals_direct_grad(tiny_dir, step):
     model = _model(tiny_dir)
-    trainer = Trainer(model, make_mesh(), OptimConfig(lr=1e-2, total_steps=4), STEP)
+    trainer = Trainer(model, make_mesh(), OptimConfig(lr=1e-2, total_steps=4), step)
     batch = _batch()
     assert batch.tokens.shape[0] >= 2  # several micro-batches
     loss, _, grads = trainer.grads(batch)
@@ -60,7 +67,7 @@ def test_accumulated_gradient_equals_direct_grad(tiny_dir):
                                jnp.asarray(batch.segment_ids), jnp.asarray(batch.temperatures))
         return compute_loss(lp, batch.sampling_logprobs, batch.teacher_logprobs, batch.advantages, batch.kl_gates,
                             batch.loss_mask, teacher_tau=0.3, student_tau=0.2, use_full_reward_baseline=False,
-                            segment_ids=batch.segment_ids)[0]
+                            segment_ids=batch.segment_ids, ratio_type=step.ratio_type, **dict(step.masks))[0]
 
     ref_loss, ref_grads = jax.value_and_grad(direct)(trainer.lora)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-7)

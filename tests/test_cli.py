@@ -116,6 +116,7 @@ def test_shared_gpu_over_its_memory_is_refused():
     (["--config.loss.teacher_tau=-1"], "loss.teacher_tau: must be >= 0"),
     (["--config.loss.student_tau=-0.5"], "loss.student_tau: must be >= 0"),
     (["--config.loss.adv_tau=-1"], "loss.adv_tau: must be >= 0"),
+    (["--config.loss.ratio_type=seq"], "loss.ratio_type: 'seq' is not one of ('token', 'sequence')"),
     (["--config.batch_size=100"], "batch_size: 100 is not divisible by rollouts_per_example=16"),
     (["--config.optim.lr=0"], "optim.lr: must be > 0"),
     (["--config.sampling.max_tokens=0"], "sampling.max_tokens: must be > 0"),

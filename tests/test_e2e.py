@@ -237,11 +237,15 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
         np.testing.assert_allclose(final[key], final_ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+# The loss and advantage options that are off by default, all on in one CLI run (the Ctrl-C one: no extra server).
+OPTIONS_ON = dict(loss=dict(ratio_type="sequence", kl_tau=0.1), advantage=dict(length_weighted_mean=True))
+
+
 def test_ctrl_c_saves_and_stops(tmp_path, tiny_model_dir):
     out = str(tmp_path / "run")
     servers = ["pgrep", "-f", f"vllm.entrypoints.*{tiny_model_dir}"]
     before = set(subprocess.run(servers, capture_output=True, text=True).stdout.split())  # e.g. the session's
-    proc = _cli(config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_steps=50))
+    proc = _cli(config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_steps=50, **OPTIONS_ON))
     ckpt_dir = os.path.join(out, "checkpoints")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None and not os.path.isdir(os.path.join(ckpt_dir, "1")):
@@ -249,8 +253,11 @@ def test_ctrl_c_saves_and_stops(tmp_path, tiny_model_dir):
     proc.send_signal(signal.SIGINT)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
-    step = len(read_jsonl(os.path.join(out, "metrics.jsonl")))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    step = len(rows)
     assert f"stopped at step {step}" in log and 2 <= step < 50
+    # the options reached the trainer: sequence ratios are logged (capped at sequence_clip_high)
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 and 0 < r["sequence_ratio"] <= 10 for r in rows)
     ck = Checkpointer(ckpt_dir)
     assert ck.latest_step() == step
     ck.close()
