@@ -6,7 +6,7 @@ per row; the per-shard (shard_map) kernel on all visible GPUs against one; then 
 Rows of T tokens hold n equal segments of T // n tokens, the rest padding. Inputs are bf16 (the reference runs on
 the same values in float32). A token is wrong when its output's relative error (norm over heads and head dims)
 exceeds --wrong_rel. Gradients: of sum(out * w) for a random w that is zero on padding.
-On CPU, check the script itself: --impl=xla --seq_lens=256 --segments=1,3,40 --heads=4,2 --head_dim=16 --timing=0
+On CPU, check the script itself: --impl=xla --seq_lens=256 --segments=1,3,40 --heads=4,2 --head_dim=16
 (with XLA_FLAGS=--xla_force_host_platform_device_count=4 for the mesh part).
 """
 
@@ -106,7 +106,7 @@ def correctness(a, hq, hkv):
     rows = []
     for t in a.seq_lens:
         ref = out_and_grads(reference)
-        for n in a.segments:
+        for n in (n for n in a.segments if n <= t):
             seg = jnp.asarray(segments(t, n))[None]
             q, k, v, w = inputs(jax.random.key(n), 1, t, hq, hkv, a.head_dim)
             w = w * (seg > 0)[..., None, None]
@@ -141,7 +141,9 @@ def sharded(a, hq, hkv):
 
 def sharded_case(a, hq, hkv, devices, tp):
     t, n = a.seq_lens[0], len(devices)
-    seg = jnp.asarray(np.stack([segments(t, a.segments[i % len(a.segments)]) for i in range(n)]))  # a row a device
+    counts = sorted(c for c in a.segments if c <= t)
+    counts = counts[-1:] + counts[:-1]  # the most segments first, then the fewest: 2 rows already cover both
+    seg = jnp.asarray(np.stack([segments(t, counts[i % len(counts)]) for i in range(n)]))  # a row a device
     q, k, v, w = inputs(jax.random.key(7), n, t, hq, hkv, a.head_dim)
     w = w * (seg > 0)[..., None, None]
     bound = segment_bound(seg)
@@ -158,7 +160,8 @@ def sharded_case(a, hq, hkv, devices, tp):
     diff = max(float(np.linalg.norm(x - y) / np.linalg.norm(y))  # output and gradients: worst relative difference
                for x, y in zip((got[0],) + got[1], (one[0],) + one[1]))
     return dict(compare(*got, *want, np.asarray(seg > 0), a.wrong_rel), mesh=f"fsdp={n // tp} tp={tp}",
-                heads=f"{hq}/{hkv}", specs=f"{rows},{heads},{kv}", diff=diff, ms=ms, t=t, b=n, bound=bound)
+                heads=f"{hq}/{hkv}", specs=f"{rows},{heads},{kv}", diff=diff, ms=ms, t=t, b=n, bound=bound,
+                counts=counts)
 
 
 def timings(a, hq, hkv):
@@ -183,7 +186,8 @@ def main():
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--impl", default="cudnn")
     p.add_argument("--wrong_rel", type=float, default=0.05)
-    p.add_argument("--timing", type=int, default=1)
+    p.add_argument("--timing", type=int, default=1, help="fwd+bwd ms of each case")
+    p.add_argument("--variants", type=int, default=1, help="the 16k timing table of cuDNN variants")
     a = p.parse_args()
     a.seq_lens = [int(x) for x in a.seq_lens.split(",")]
     a.segments = [int(x) for x in a.segments.split(",")]
@@ -191,7 +195,7 @@ def main():
     kind = jax.devices()[0].device_kind
     rows = correctness(a, hq, hkv)
     mesh_rows = sharded(a, hq, hkv)
-    timing = timings(a, hq, hkv) if a.timing and a.impl == "cudnn" else None
+    timing = timings(a, hq, hkv) if a.variants and a.impl == "cudnn" else None
 
     print(f"\n{a.impl} vs XLA masked attention in float32; {hq} q / {hkv} kv heads, head {a.head_dim}, bf16 inputs; "
           f"wrong = token rel err > {a.wrong_rel} ({kind}, jax {jax.__version__})")
@@ -203,7 +207,7 @@ def main():
     if mesh_rows:
         r0 = mesh_rows[0]
         print(f"\nper-shard kernel on {len(jax.devices())} devices vs 1 device: {r0['b']} rows of {r0['t']} tokens "
-              f"(segments cycling {a.segments}), bound {r0['bound']}")
+              f"(segments cycling {r0['counts']}), bound {r0['bound']}")
         print(f"{'mesh':>12} {'q/kv':>5} {'rows,heads,kv':>14} | {'rel diff vs 1 device':>20} | {'rel vs ref':>10} "
               f"{'wrong/valid':>12} {'grad rel':>8} | {'ms f+b':>7}")
         for r in mesh_rows:
