@@ -10,10 +10,11 @@ Scaling over the GPUs of one host (JAX only; one packed row of seq_len per GPU, 
 
     python bench/trainer_bench.py --scaling=1,2,4,8 --shapes=1.7b --seq_lens=16384
 
-prints tokens/s, tokens/s per GPU and efficiency (per-GPU tokens/s over the 1-GPU run's). On CPU, check the code
-path with fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 ... --shapes=tiny --seq_lens=64
---attn_impl=. Several hosts: run `--one=SHAPE:SEQ --devices=0` on every host with CTXD_COORDINATOR_ADDRESS,
-CTXD_NUM_PROCESSES, CTXD_PROCESS_ID set (ctxd_jax/distributed.py; launch/two_hosts_trainer_bench.sh).
+prints tokens/s, tokens/s per GPU and efficiency (per-GPU tokens/s over the 1-GPU run's); `--peer=4b:16384` adds
+the PyTorch peer on one GPU for those shape:seq pairs, in the same invocation. On CPU, check the code path with fake
+devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 ... --shapes=tiny --seq_lens=64 --attn_impl=xla.
+Several hosts: run `--one=SHAPE:SEQ --devices=0` on every host with CTXD_COORDINATOR_ADDRESS, CTXD_NUM_PROCESSES,
+CTXD_PROCESS_ID set (ctxd_jax/distributed.py; launch/two_hosts_trainer_bench.sh).
 """
 
 import argparse
@@ -62,8 +63,9 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
     rng = np.random.default_rng(0)
     doc = seq_len // docs
     rows = n  # one row per device: the batch grows with the mesh (weak scaling)
-    seg = np.repeat(np.repeat(np.arange(1, docs + 1, dtype=np.int32), doc)[None], rows, 0)
-    pos = np.repeat(np.tile(np.arange(doc, dtype=np.int32), docs)[None], rows, 0)
+    seg, pos = np.zeros((rows, seq_len), np.int32), np.zeros((rows, seq_len), np.int32)  # the rest: padding
+    seg[:, :doc * docs] = np.repeat(np.arange(1, docs + 1, dtype=np.int32), doc)
+    pos[:, :doc * docs] = np.tile(np.arange(doc, dtype=np.int32), docs)
     ones = np.ones((rows, seq_len), np.float32)
     batch = TrainBatch(
         tokens=rng.integers(0, cfg.vocab_size, (rows, seq_len), dtype=np.int32), positions=pos, segment_ids=seg,
@@ -83,11 +85,14 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
             "tokens_per_s_per_device": seq_len / med, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
 
 
-def run_one(args: list[str]) -> dict:
+def run_one(args: list[str], timeout: float = 600) -> dict:
     """Runs this script (or the torch peer) in a subprocess and returns its JSON line, or an error record."""
     # The GPU is the benchmark's alone: let XLA take 95% of it (its default preallocation is 75%).
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95"))
-    p = subprocess.run([sys.executable] + args, capture_output=True, text=True, cwd=HERE, env=env)
+    try:
+        p = subprocess.run([sys.executable] + args, capture_output=True, text=True, cwd=HERE, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # one stuck run must not eat the others' time
+        return {"error": f"timed out after {timeout:.0f} s: {(e.stderr or b'')[-500:]!r}"}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -107,6 +112,8 @@ def main():
     p.add_argument("--impls", default="jax,torch")
     p.add_argument("--devices", type=int, default=1, help="with --one: mesh over this many devices (0 = all)")
     p.add_argument("--scaling", default="", help="device counts, e.g. 1,2,4,8: the JAX scaling table")
+    p.add_argument("--peer", default="", help="with --scaling: shape:seq_len pairs for the torch peer on one GPU")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per measurement (its own process)")
     p.add_argument("--one", default="", help="run one JAX measurement shape:seq_len here (a JSON line)")
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -126,10 +133,9 @@ def main():
         for seq_len in map(int, a.seq_lens.split(",")):
             row = {"shape": shape, "seq_len": seq_len}
             if "jax" in a.impls:
-                row["jax"] = run_one([__file__, f"--one={shape}:{seq_len}", *flags])
+                row["jax"] = run_one([__file__, f"--one={shape}:{seq_len}", *flags], a.timeout)
             if "torch" in a.impls:
-                row["torch"] = run_one(["torch_peer.py", f"--shape={shape}", f"--seq_len={seq_len}",
-                                        f"--steps={a.steps}"])
+                row["torch"] = run_one(torch_args(shape, seq_len, a.steps), a.timeout)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.out:
@@ -156,20 +162,32 @@ def main():
         print(f"{r['shape']:>5} {r['seq_len']:>6} | {cells[0]} | {cells[1]:>23} | {ratio}")
 
 
+def torch_args(shape: str, seq_len: int, steps: int) -> list[str]:
+    return ["torch_peer.py", f"--shape={shape}", f"--seq_len={seq_len}", f"--steps={steps}"]
+
+
 def scaling(a, flags: list[str]) -> None:
-    """The JAX step on 1, 2, 4, ... devices of this host, each count in its own process; then the table."""
-    rows = []
+    """The JAX step on 1, 2, 4, ... devices of this host, each count in its own process; the torch peer on one GPU
+    for the --peer pairs; then the tables."""
+    rows, peers = [], []
     for shape in a.shapes.split(","):
         for seq_len in map(int, a.seq_lens.split(",")):
             for n in map(int, a.scaling.split(",")):
-                m = dict(run_one([__file__, f"--one={shape}:{seq_len}", f"--devices={n}", *flags]),
+                m = dict(run_one([__file__, f"--one={shape}:{seq_len}", f"--devices={n}", *flags], a.timeout),
                          shape=shape, seq_len=seq_len, devices=n)
                 rows.append(m)
                 print(json.dumps(m), flush=True)
+    for pair in filter(None, a.peer.split(",")):
+        shape, seq_len = pair.split(":")
+        peers.append(dict(run_one(torch_args(shape, int(seq_len), a.steps), a.timeout), shape=shape,
+                          seq_len=int(seq_len)))
+        print(json.dumps(peers[-1]), flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    print(f"\n{'shape':>5} {'seq':>6} {'devices':>7} | {'tok/s':>9} {'tok/s/dev':>9} {'MFU':>5} {'GiB':>5} | "
+            json.dump({"scaling": rows, "peer": peers}, f, indent=1)
+    print(f"\nJAX train step, one row of seq tokens per device ({a.docs} sample(s) a row), attention "
+          f"{a.attn_impl or 'xla'}, remat {a.remat_policy if a.remat else 'off'}")
+    print(f"{'shape':>5} {'seq':>6} {'devices':>7} | {'tok/s':>9} {'tok/s/dev':>9} {'MFU':>5} {'GiB':>5} | "
           f"{'efficiency':>10}  device")
     for r in rows:
         if "error" in r:
@@ -181,6 +199,21 @@ def scaling(a, flags: list[str]) -> None:
         mfu = r["tokens_per_s_per_device"] * flops_per_token(r["shape"], r["seq_len"]) / H100_BF16_PEAK
         print(f"{r['shape']:>5} {r['seq_len']:>6} {r['devices']:>7} | {r['tokens_per_s']:9.0f} "
               f"{r['tokens_per_s_per_device']:9.0f} {mfu:5.1%} {r['peak_gib']:5.1f} | {eff}  {r['device_kind']}")
+    if peers:
+        peer_table(rows, peers)
+
+
+def peer_table(rows: list[dict], peers: list[dict]) -> None:
+    print(f"\n{'shape':>5} {'seq':>6} | {'torch tok/s':>11} {'GiB':>5} | {'jax 1-device tok/s':>18} | {'jax/torch':>9}")
+    for p in peers:
+        jax_one = next((r for r in rows if r["shape"] == p["shape"] and r["seq_len"] == p["seq_len"]
+                        and r["devices"] == 1 and "error" not in r), {})
+        if "error" in p:
+            print(f"{p['shape']:>5} {p['seq_len']:>6} | torch error: {p['error'][-300:]}")
+            continue
+        jt = jax_one.get("tokens_per_s")
+        print(f"{p['shape']:>5} {p['seq_len']:>6} | {p['tokens_per_s']:11.0f} {p['peak_gib']:5.1f} | "
+              f"{jt or float('nan'):18.0f} | {jt / p['tokens_per_s'] if jt else float('nan'):9.2f}")
 
 
 if __name__ == "__main__":

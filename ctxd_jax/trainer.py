@@ -6,7 +6,9 @@ gradients summed: each micro-batch's loss is divided by the WHOLE batch's loss-t
 holding samples with sequence ratios), so the sum equals the gradient of the full-batch loss (prime-rl-notes §10.4).
 
 With several processes (ctxd_jax/distributed.py) the mesh spans all of them and every process calls the same methods
-with the same global batch; each process places only its own devices' rows.
+with the same global batch; each process places only its own devices' rows. Jitted calls run under
+`jax.set_mesh(mesh)`: the attention kernel reads the mesh there and runs per shard (models/attention.py), with the
+batch's segment bound (segment_bound) as a static argument.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ctxd_jax import distributed, sharding
 from ctxd_jax.loss import compute_loss, default_loss_scale
+from ctxd_jax.models.attention import segment_bound
 from ctxd_jax.models.logprobs import token_logprobs
 from ctxd_jax.packing import TrainBatch
 
@@ -79,12 +82,12 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
                        optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
 
 
-def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepConfig):
+def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepConfig, max_segments=None):
     """(loss, metrics) of one micro-batch (a dict of TrainBatch fields) with the model nnx.merge(graphdef, lora, rest)."""
     model = nnx.merge(graphdef, lora, rest)
     topk_ids = mb.get("teacher_topk_ids")
     out = token_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["temperatures"],
-                         chunk_size=step.chunk_size, gather_ids=topk_ids)
+                         chunk_size=step.chunk_size, gather_ids=topk_ids, max_segments=max_segments)
     logprobs, entropy = out[0], out[1]
     student_topk = out[2] if topk_ids is not None else None
     loss, metrics = compute_loss(
@@ -124,10 +127,11 @@ class Trainer:
         self.dp = mesh.shape["fsdp"]
         self._batch_sharding = NamedSharding(mesh, sharding.batch_spec())
         loss = functools.partial(micro_batch_loss, graphdef=self.graphdef, step=step)
-        self._grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        self._grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnames="max_segments")
         self._add = jax.jit(_accumulate, donate_argnums=0)
         self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
-        self._score = jax.jit(functools.partial(_score, graphdef=self.graphdef, chunk_size=step.chunk_size))
+        self._score = jax.jit(functools.partial(_score, graphdef=self.graphdef, chunk_size=step.chunk_size),
+                              static_argnames="max_segments")
 
     @property
     def micro_batch_rows(self) -> int:
@@ -158,13 +162,14 @@ class Trainer:
     def grads(self, batch: TrainBatch):
         """(loss, summed metrics, gradient w.r.t. the LoRA state) of the whole batch, accumulated over micro-batches."""
         loss_scale = default_loss_scale(batch.loss_mask, batch.segment_ids, ratio_type=self.step_config.ratio_type)
-        total = None
-        for mb in self._micro_batches(batch):
-            (loss, metrics), grads = self._grad(self.lora, self.rest, mb, loss_scale)
-            weighted = {k: v * metrics[_WEIGHT.get(k, "num_loss_tokens")] if k not in _COUNTS else v
-                        for k, v in metrics.items()}
-            item = (loss, weighted, grads)
-            total = item if total is None else self._add(total, item)
+        total, bound = None, segment_bound(batch.segment_ids)
+        with jax.set_mesh(self.mesh):
+            for mb in self._micro_batches(batch):
+                (loss, metrics), grads = self._grad(self.lora, self.rest, mb, loss_scale, max_segments=bound)
+                weighted = {k: v * metrics[_WEIGHT.get(k, "num_loss_tokens")] if k not in _COUNTS else v
+                            for k, v in metrics.items()}
+                item = (loss, weighted, grads)
+                total = item if total is None else self._add(total, item)
         return total
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
@@ -187,9 +192,10 @@ class Trainer:
 
     def logprobs(self, batch: TrainBatch) -> np.ndarray:
         """Trainer log-probs [rows, seq_len] of the batch's tokens under the current weights (0 where undefined)."""
-        out = []
-        for mb in self._micro_batches(batch):
-            out.append(distributed.to_host(self._score(self.lora, self.rest, mb)))
+        out, bound = [], segment_bound(batch.segment_ids)
+        with jax.set_mesh(self.mesh):
+            for mb in self._micro_batches(batch):
+                out.append(distributed.to_host(self._score(self.lora, self.rest, mb, max_segments=bound)))
         return np.concatenate(out)
 
     def model(self) -> nnx.Module:
@@ -207,10 +213,10 @@ class Trainer:
         self.lora, self.opt_state, self.updates = lora, arrays["opt_state"], int(arrays["updates"])
 
 
-def _score(lora, rest, mb, *, graphdef, chunk_size):
+def _score(lora, rest, mb, *, graphdef, chunk_size, max_segments=None):
     model = nnx.merge(graphdef, lora, rest)
     return token_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["temperatures"],
-                          chunk_size=chunk_size)[0]
+                          chunk_size=chunk_size, max_segments=max_segments)[0]
 
 
 def mismatch_kl(trainer_logprobs, sampling_logprobs, mask) -> float:

@@ -55,13 +55,14 @@ def hidden_logprobs(hidden, head_kernel, tokens, segment_ids, temperatures, *, c
 
 
 def token_logprobs(model, tokens, positions, segment_ids, temperatures, *, chunk_size: int = 1024,
-                   gather_ids=None):
+                   gather_ids=None, max_segments: int | None = None):
     """(logprobs [B,T], entropy [B,T]) [+ logprobs at gather_ids [B,T,k] when given].
 
     logprobs[b,t] = log softmax(logits_{t-1} / temperatures[b,t])[tokens[b,t]]; entropy[b,t] is that distribution's
     entropy; gather_ids[b,t] are candidate ids for position t (e.g. the teacher's top-k) scored by the same
     distribution. All are 0 at each segment's first token and at padding (segment 0). One chunked pass.
+    max_segments: the model's bound on segments per row (attention.segment_bound; the cuDNN kernel needs it).
     """
-    hidden = model(tokens, positions, segment_ids)
+    hidden = model(tokens, positions, segment_ids, max_segments=max_segments)
     return hidden_logprobs(hidden, model.lm_head_kernel(), tokens, segment_ids, temperatures,
                            chunk_size=chunk_size, gather_ids=gather_ids)

@@ -107,10 +107,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
-    def kernel(self, q, k, v, segment_ids):
+    def kernel(self, q, k, v, segment_ids, max_segments=None):
         # attn_impl None/'xla': dense causal & same-segment mask; 'cudnn': flash attention (plain causal for one-sample
-        # rows, the packed layout from segment ids otherwise).
-        return attention(q, k, v, segment_ids, impl=self.attn_impl)
+        # rows, the packed layout from segment ids otherwise, with room for max_segments per row).
+        return attention(q, k, v, segment_ids, impl=self.attn_impl, max_segments=max_segments)
 
     def output(self, out):
         b, t = out.shape[:2]
@@ -149,9 +149,9 @@ class Block(nnx.Module):
         x = x + self.self_attn.output(attn_out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def __call__(self, x, sin, cos, segment_ids):
+    def __call__(self, x, sin, cos, segment_ids, max_segments=None):
         q, k, v = self.attention_inputs(x, sin, cos)
-        return self.after_attention(x, self.self_attn.kernel(q, k, v, segment_ids))
+        return self.after_attention(x, self.self_attn.kernel(q, k, v, segment_ids, max_segments))
 
 
 class Embed(nnx.Module):
@@ -201,15 +201,17 @@ class Transformer(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def __call__(self, tokens, positions, segment_ids, *, return_layer_outputs: bool = False):
-        """With return_layer_outputs, also returns [L, B, T, D]: each layer's output before the final norm
+    def __call__(self, tokens, positions, segment_ids, *, max_segments: int | None = None,
+                 return_layer_outputs: bool = False):
+        """max_segments: static bound on segments per row, needed by the cuDNN kernel (attention.segment_bound of
+        the host batch). With return_layer_outputs, also returns [L, B, T, D]: each layer's output before the final norm
         (HF's hidden_states[1:L], plus the last layer's un-normed output), for per-layer parity debugging."""
         x = self.embed_tokens(tokens)
         sin, cos = rope_sin_cos(positions, self.cfg.rope)
         graphdef, state = nnx.split(self.layers)
 
         def layer(x, layer_state):
-            y = nnx.merge(graphdef, layer_state)(x, sin, cos, segment_ids)
+            y = nnx.merge(graphdef, layer_state)(x, sin, cos, segment_ids, max_segments)
             return y, (y if return_layer_outputs else None)
 
         def layer_around_attention(x, layer_state):
@@ -217,7 +219,8 @@ class Transformer(nnx.Module):
             before = remat(lambda s, x: nnx.merge(graphdef, s).attention_inputs(x, sin, cos))
             after = remat(lambda s, x, a: nnx.merge(graphdef, s).after_attention(x, a))
             q, k, v = before(layer_state, x)
-            y = after(layer_state, x, nnx.merge(graphdef, layer_state).self_attn.kernel(q, k, v, segment_ids))
+            attn = nnx.merge(graphdef, layer_state).self_attn.kernel(q, k, v, segment_ids, max_segments)
+            y = after(layer_state, x, attn)
             return y, (y if return_layer_outputs else None)
 
         if self.remat and self.remat_policy == "save_attention":
