@@ -33,7 +33,7 @@ from shapes import H100_BF16_PEAK, flops_per_token, hf_config  # noqa: E402
 
 
 def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, attn_impl: str | None,
-                  chunk_size: int, remat_policy: str, devices: int = 1) -> dict:
+                  chunk_size: int, remat_policy: str, devices: int = 1, shard_weights: bool = False) -> dict:
     """One train step's time on a mesh of the first `devices` devices (0 = all, of every process)."""
     from ctxd_jax import distributed
 
@@ -57,7 +57,7 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
         raise ValueError(f"--devices={devices}: only {len(all_devices)} devices")
     mesh = sharding.make_mesh(all_devices[:devices or len(all_devices)])
     n = mesh.devices.size
-    sharding.shard_model(model, mesh)
+    sharding.shard_model(model, mesh, shard_weights=shard_weights)
     trainer = Trainer(model, mesh, OptimConfig(lr=1e-5, max_norm=1.0),
                       StepConfig(teacher_tau=0.0, student_tau=0.0, chunk_size=chunk_size))
     rng = np.random.default_rng(0)
@@ -111,6 +111,7 @@ def main():
     p.add_argument("--chunk_size", type=int, default=4096)
     p.add_argument("--impls", default="jax,torch")
     p.add_argument("--devices", type=int, default=1, help="with --one: mesh over this many devices (0 = all)")
+    p.add_argument("--shard_weights", type=int, default=0, help="FSDP-shard the frozen weights (trainer.shard_weights)")
     p.add_argument("--scaling", default="", help="device counts, e.g. 1,2,4,8: the JAX scaling table")
     p.add_argument("--peer", default="", help="with --scaling: shape:seq_len pairs for the torch peer on one GPU")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement (its own process)")
@@ -120,10 +121,11 @@ def main():
     if a.one:
         shape, seq_len = a.one.split(":")
         print(json.dumps(jax_step_time(shape, int(seq_len), a.steps, a.docs, bool(a.remat),
-                                       a.attn_impl or None, a.chunk_size, a.remat_policy, a.devices)))
+                                       a.attn_impl or None, a.chunk_size, a.remat_policy, a.devices,
+                                       bool(a.shard_weights))))
         return
     flags = [f"--steps={a.steps}", f"--docs={a.docs}", f"--remat={a.remat}", f"--remat_policy={a.remat_policy}",
-             f"--attn_impl={a.attn_impl}", f"--chunk_size={a.chunk_size}"]
+             f"--attn_impl={a.attn_impl}", f"--chunk_size={a.chunk_size}", f"--shard_weights={a.shard_weights}"]
     if a.scaling:
         scaling(a, flags)
         return

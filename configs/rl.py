@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
         # Share of each trainer GPU that JAX may take (XLA_PYTHON_CLIENT_MEM_FRACTION). Where the trainer shares a GPU
         # with vLLM, this plus the servers' gpu_memory_utilization must stay <= 1.
         gpu_memory_fraction=0.9,
+        # Shard the frozen base weights over the data-parallel GPUs too (FSDP: least memory). False replicates them,
+        # so only the LoRA gradients cross GPUs: faster where the base model fits on each trainer GPU.
+        shard_weights=False,
     )
 
     c.inference = dict(

@@ -110,7 +110,8 @@ def _load_trainer(config):
     mesh = make_mesh(tp=config.trainer.tp)
     model = load_model(path, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, dtype=dtype, param_dtype=dtype,
                        mesh=mesh, seed=config.seed, remat=config.trainer.remat,
-                       remat_policy=config.trainer.remat_policy, attn_impl=_attn_impl(config.trainer.attn_impl))
+                       remat_policy=config.trainer.remat_policy, attn_impl=_attn_impl(config.trainer.attn_impl),
+                       shard_weights=config.trainer.shard_weights)
     return Trainer(model, mesh, optim_config(config), step_config(config)), AutoTokenizer.from_pretrained(path)
 
 

@@ -12,7 +12,15 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from ctxd_jax.models.attention import MIN_SEGMENT_BOUND
 from ctxd_jax.records import Rollout
+
+# At most this many samples share a row, so a row's runs of segment ids (with its padding) fit the attention
+# kernel's smallest segment bound. cuDNN's packed attention on GPU needs memory in proportion to the bound times the
+# row length (a bound of 512 at 16k tokens asked for 258 GiB on an H200) and its gradients drifted from XLA's past
+# 64 segments (relative error 0.18 at 65 segments in a 16k row, 0.55 at 300 in a 4k row; outputs stayed exact), so
+# rows of many short samples are split instead (bench/attention_check.py, BENCHMARKS.md).
+MAX_SAMPLES_PER_ROW = MIN_SEGMENT_BOUND - 1
 
 
 class TrainBatch(NamedTuple):
@@ -47,8 +55,10 @@ class PackStats:
         return self.tokens / (self.rows * self.seq_len)
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices of `lengths` grouped into bins of at most `capacity`, longest first; ties keep input order."""
+def first_fit_decreasing(lengths: Sequence[int], capacity: int,
+                         max_items: int = MAX_SAMPLES_PER_ROW) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins of at most `capacity` tokens and `max_items` items, longest first; ties
+    keep input order."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     room: list[int] = []
@@ -56,7 +66,7 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
         if lengths[i] > capacity:
             raise ValueError(f"sample {i} has {lengths[i]} tokens > seq_len {capacity}; truncate first")
         for b, free in enumerate(room):
-            if lengths[i] <= free:
+            if lengths[i] <= free and len(bins[b]) < max_items:
                 bins[b].append(i)
                 room[b] -= lengths[i]
                 break

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ctxd_jax.packing import first_fit_decreasing, pack
+from ctxd_jax.packing import MAX_SAMPLES_PER_ROW, first_fit_decreasing, pack
 from ctxd_jax.records import Rollout
 
 
@@ -103,3 +103,12 @@ def test_errors_name_the_problem():
         pack([_rollout(0, 2, 2)], [1.0, 2.0], seq_len=8)
     with pytest.raises(ValueError, match="teacher_logprobs"):
         pack([_rollout(0, 2, 2), _rollout(1, 2, 2, teacher=False)], [1.0, 2.0], seq_len=8)
+
+
+def test_rows_hold_at_most_max_samples():
+    lengths = [2] * 200  # short samples that would all fit one row by tokens
+    bins = first_fit_decreasing(lengths, 1000)
+    assert [len(b) for b in bins] == [MAX_SAMPLES_PER_ROW] * 3 + [200 - 3 * MAX_SAMPLES_PER_ROW]
+    assert first_fit_decreasing([2] * 5, 1000, max_items=2) == [[0, 1], [2, 3], [4]]
+    batch, stats = pack([_rollout(i, 1, 1) for i in range(70)], advantages=np.zeros(70), seq_len=512)
+    assert stats.rows == 2 and int(batch.segment_ids.max()) == MAX_SAMPLES_PER_ROW

@@ -1,8 +1,10 @@
 """Device mesh ('fsdp', 'tp') and partition rules for the model tree (paths as in .notes/interfaces.md).
 
-Rules, by path: big kernels and embeddings shard their largest remaining dim that divides over 'fsdp'; 'tp' takes
-attention heads / MLP intermediate (q/k/v/gate/up: output dim, o/down: input dim, embeddings/lm_head: vocab) when
-divisible. Stacked-layer axes, norms, biases and LoRA params are replicated (small). Batches shard over 'fsdp'.
+Rules, by path: with `shard_weights` (FSDP), big kernels and embeddings shard their largest remaining dim that
+divides over 'fsdp'; without, the frozen weights are replicated over 'fsdp' and only the LoRA gradients cross devices
+(faster where the weights fit on each device: BENCHMARKS.md, "Scaling"); 'tp' takes attention heads / MLP intermediate (q/k/v/gate/up:
+output dim, o/down: input dim, embeddings/lm_head: vocab) when divisible. Stacked-layer axes, norms, biases and LoRA
+params are replicated (small). Batches shard over 'fsdp'.
 """
 
 import numpy as np
@@ -22,7 +24,8 @@ def make_mesh(devices=None, *, tp: int = 1) -> Mesh:
     return Mesh(np.array(devices).reshape(len(devices) // tp, tp), AXES)
 
 
-def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh | None = None) -> P:
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh | None = None, *,
+               shard_weights: bool = True) -> P:
     """PartitionSpec for one Variable. Without a mesh, divisibility is assumed (axis sizes 1)."""
     sizes = dict(mesh.shape) if mesh is not None else {a: 1 for a in AXES}
     name = path[-1]
@@ -44,7 +47,7 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh | None 
     if tp_dim is not None and sizes["tp"] > 1 and shape[tp_dim] % sizes["tp"] == 0:
         spec[tp_dim] = "tp"
     free = [d for d in dims if spec[d] is None and shape[d] % sizes["fsdp"] == 0]
-    if free:
+    if free and shard_weights:
         spec[max(free, key=lambda d: shape[d])] = "fsdp"
     return P(*spec)
 
@@ -53,24 +56,24 @@ def _path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh):
+def state_shardings(state: nnx.State, mesh: Mesh, *, shard_weights: bool = True):
     """A pytree like `state` with a NamedSharding per Variable value (for jax.jit in/out shardings)."""
 
     def one(path, leaf):
         names = tuple(n for n in _path_names(path) if n not in ("value", "raw_value"))
-        return NamedSharding(mesh, param_spec(names, leaf.shape, mesh))
+        return NamedSharding(mesh, param_spec(names, leaf.shape, mesh, shard_weights=shard_weights))
 
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+def shard_state(state: nnx.State, mesh: Mesh, *, shard_weights: bool = True) -> nnx.State:
     """Places every Variable of `state` by the rules above."""
-    return jax.device_put(state, state_shardings(state, mesh))
+    return jax.device_put(state, state_shardings(state, mesh, shard_weights=shard_weights))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh) -> None:
+def shard_model(model: nnx.Module, mesh: Mesh, *, shard_weights: bool = True) -> None:
     """Moves a model's Variables onto the mesh in place."""
-    nnx.update(model, shard_state(nnx.state(model), mesh))
+    nnx.update(model, shard_state(nnx.state(model), mesh, shard_weights=shard_weights))
 
 
 def batch_spec() -> P:

@@ -27,6 +27,8 @@ def test_param_spec_rules():
     assert sharding.param_spec(("layers", "self_attn", "q_proj", "lora_a"), (2, 128, 4)) == P()
     assert sharding.param_spec(("embed_tokens", "embedding"), (384, 128)) == P("fsdp", None)
     assert sharding.param_spec(("layers", "mlp", "down_proj", "kernel"), (2, 256, 128)) == P(None, "fsdp", None)
+    # replicated frozen weights: nothing over fsdp
+    assert sharding.param_spec(("layers", "mlp", "down_proj", "kernel"), (2, 256, 128), shard_weights=False) == P()
 
 
 def test_indivisible_dims_fall_back():

@@ -22,8 +22,8 @@ from jax.sharding import PartitionSpec as P
 # Smallest segment bound of the cuDNN packed layout. cuDNN's softmax statistics hold B x bound x heads x T float32
 # (kept for the backward: 128 MiB a layer per 64 slots for a 16k row of 32 heads), so the bound follows the batch
 # rather than the worst case T; powers of two from 64 keep it to a handful of compiled shapes per run (rows of up
-# to 63 samples, the usual RL batch, all share one). Packing does not cap samples per row: a cap would split rows
-# of many short samples, wasting the row's compute, and would still leave other callers to get the bound right.
+# to 63 samples, the usual RL batch, all share one). The trainer's packing keeps rows within the smallest bound
+# (ctxd_jax/packing.py says why); larger bounds are for other callers' rows.
 MIN_SEGMENT_BOUND = 64
 # jax before 0.11.1 strides packed k/v offsets by the QUERY head count: under GQA the kernel reads the wrong keys
 # without an error. There, k and v get one head per query head before the packed call.

@@ -109,12 +109,13 @@ def _adapter_targets(adapter_config: dict, model_targets: list[str], adapter_dir
     return [t for t in model_targets if t in targets]
 
 
-def _place(value, path, mesh):
+def _place(value, path, mesh, shard_weights):
     if mesh is None:
         return jnp.asarray(value)
     from ctxd_jax.sharding import param_spec
 
-    return jax.device_put(value, jax.sharding.NamedSharding(mesh, param_spec(path, value.shape, mesh)))
+    spec = param_spec(path, value.shape, mesh, shard_weights=shard_weights)
+    return jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
@@ -129,7 +130,7 @@ def _init_lora(cfg, lora_rank, lora_alpha, dtype, param_dtype, key):
 def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, mesh=None, seed: int = 0, adapter_dir: str | None = None,
                remat: bool = False, remat_policy: str = "nothing_saveable",
-               attn_impl: str | None = None) -> Transformer:
+               attn_impl: str | None = None, shard_weights: bool = True) -> Transformer:
     """HF checkpoint (+ optional PEFT adapter) -> Transformer, each array placed straight into its sharding.
 
     With `adapter_dir`, rank and alpha default to the adapter's (explicit values must agree). Without it, LoRA
@@ -152,11 +153,12 @@ def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None =
     graphdef, state = nnx.split(nnx.eval_shape(build))
     leaves = dict(nnx.to_flat_state(state))
     values = {}
+    place = functools.partial(_place, mesh=mesh, shard_weights=shard_weights)
 
     def load(reader: SafetensorsReader, entries: list[names.Entry]):
         _check_keys(reader, entries, cfg.num_layers)
         for e in entries:
-            values[e.path] = _place(_load_entry(reader, e, leaves[e.path].get_value(), cfg.num_layers), e.path, mesh)
+            values[e.path] = place(_load_entry(reader, e, leaves[e.path].get_value(), cfg.num_layers), e.path)
 
     load(SafetensorsReader(model_dir), names.base_entries(cfg))
     if lora_rank > 0:
@@ -167,11 +169,11 @@ def load_model(model_dir: str, *, lora_rank: int = 0, lora_alpha: float | None =
             for e in names.lora_entries(targets):  # modules the adapter does not adapt: zero delta
                 if e.path not in values:
                     abstract = leaves[e.path].get_value()
-                    values[e.path] = _place(np.zeros(abstract.shape, abstract.dtype), e.path, mesh)
+                    values[e.path] = place(np.zeros(abstract.shape, abstract.dtype), e.path)
         else:
             lora = _init_lora(cfg, lora_rank, lora_alpha, dtype, param_dtype, jax.random.key(seed))
             for path, var in nnx.to_flat_state(lora):
-                values[path] = _place(var.get_value(), path, mesh)
+                values[path] = place(var.get_value(), path)
 
     unfilled = sorted(set(leaves) - set(values))
     if unfilled:
