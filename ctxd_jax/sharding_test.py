@@ -28,7 +28,7 @@ def test_param_spec_rules():
     assert sharding.param_spec(("embed_tokens", "embedding"), (384, 128)) == P("fsdp", None)
     assert sharding.param_spec(("layers", "mlp", "down_proj", "kernel"), (2, 256, 128)) == P(None, "fsdp", None)
     # replicated frozen weights: nothing over fsdp
-    assert sharding.param_spec(("layers", "mlp", "down_proj", "kernel"), (2, 256, 128), shard_weights=False) == P()
+    assert sharding.param_spec(("layers", "mlp", "down_proj", "kernel"), (2, 256, 128), shard_weights=False) == P(None, None, None)
 
 
 def test_indivisible_dims_fall_back():
