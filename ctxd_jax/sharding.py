@@ -1,4 +1,4 @@
-"""Device mesh ('fsdp', 'tp') and partition rules for the model tree (paths as in .notes/interfaces.md).
+"""Device mesh ('fsdp', 'tp') and partition rules for the model tree (paths as models/transformer.py builds it).
 
 Rules, by path: big kernels and embeddings shard their largest remaining dim that divides over 'fsdp'; 'tp' takes
 attention heads / MLP intermediate (q/k/v/gate/up: output dim, o/down: input dim, embeddings/lm_head: vocab) when
