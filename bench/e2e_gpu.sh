@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole loop on one GPU: one vLLM server (student adapter + base-model teacher) sharing the GPU with the JAX
 # trainer; a random Qwen3-0.6B-shaped model on Sokoban; a few steps; then the phase table.
-# Needs vLLM importable (the GPU image lacks it: ../shared/gpu/CARRY.md). Usage: bash bench/e2e_gpu.sh [OUT_DIR]
+# Needs the GPU stack as the python3 on PATH (BUILD.md: launch/install.sh --gpu, then activate .venv).
+# Usage: bash bench/e2e_gpu.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-/tmp/e2e_gpu}

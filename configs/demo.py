@@ -15,7 +15,7 @@ from ctxd_jax.envs.persona import style_context
 def get_config() -> ml_collections.ConfigDict:
     c = rl.get_config()
     c.model.path = "~/.cache/ctxd_jax/SmolLM2-135M-Instruct"
-    c.model.dtype = "float32"  # bf16 is slower than f32 on this CPU (../shared/reference/smollm2-notes.md)
+    c.model.dtype = "float32"  # bf16 was slower than f32 on a 2-core CPU (docs/demo.md)
     c.seq_len = 256
     c.max_steps = 16  # reward reaches ~1.0 by step ~10 (measured); the rest shows the teacher KL falling
     c.output_dir = "outputs/demo"

@@ -1,8 +1,8 @@
 """Rollouts -> TrainBatch: samples packed first-fit-decreasing into rows of `seq_len` (numpy only).
 
-Alignment (prime-rl-notes §10.2): position t of a row holds log p(token_t | earlier tokens of its sample), so the
-sampling and teacher log-probs of completion token i sit at the position of that token, and the loss mask is true
-on completion tokens only. Segment id 0 marks padding; positions restart at 0 for every sample.
+Alignment (the reference's, docs/reference.md): position t of a row holds log p(token_t | earlier tokens of its
+sample), so the sampling and teacher log-probs of completion token i sit at the position of that token, and the loss
+mask is true on completion tokens only. Segment id 0 marks padding; positions restart at 0 for every sample.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Device mesh ('fsdp', 'tp') and partition rules for the model tree (paths as in .notes/interfaces.md).
+"""Device mesh ('fsdp', 'tp') and partition rules for the model tree (paths as models/transformer.py builds it).
 
 Rules, by path: with `shard_weights` (FSDP), big kernels and embeddings shard their largest remaining dim that
 divides over 'fsdp'; without, the frozen weights are replicated over 'fsdp' and only the LoRA gradients cross devices

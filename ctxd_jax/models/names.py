@@ -1,4 +1,4 @@
-"""The one name map between Hugging Face / PEFT safetensors keys and the NNX tree (see .notes/interfaces.md).
+"""The one name map between Hugging Face / PEFT safetensors keys and the NNX tree of models/transformer.py.
 
 Loading and both exports go through `base_entries` / `lora_entries`, so a name or a transpose is written once.
 Per-layer HF tensors map onto one layer-stacked NNX array (leading axis L): `{i}` in `Entry.hf` is the layer.

@@ -2,7 +2,7 @@
 folder (float32 `model.safetensors`, `config.json`, `tokenizer.json`, `tokenizer_config.json` with the chat template).
 
 numpy + gguf + safetensors + tokenizers only (no torch, no transformers): ~6 s, <1 GB RSS. The output is identical to
-transformers' own GGUF loader (see ../shared/reference/smollm2-notes.md §1b).
+transformers' own GGUF loader (checked when written; docs/demo.md).
 
     python -m ctxd_jax.models.smollm2 --out ~/.cache/ctxd_jax/smollm2
 """
