@@ -60,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # context: the teacher's system message (replaces the student's); '' = the teacher sees the student's prompt.
     # model: the teacher's HF folder; '' = the student's base model (then one server can serve both).
-    c.teacher = dict(context=TEACHER_CONTEXT, eval_baseline=True, model="")
+    # scorer: who computes the teacher's log-probs: 'trainer' (the base model is the teacher: the trainer scores it
+    # with LoRA off, no teacher server), 'vllm' (a teacher server's prompt_logprobs), 'auto' (trainer when it can).
+    c.teacher = dict(context=TEACHER_CONTEXT, eval_baseline=True, model="", scorer="auto")
     # args: keyword arguments of the environment class; here the reference run's puzzle sizes and split sizes.
     c.env = dict(name="sokoban", args=dict(seed=40, num_train=15000, num_eval=1000, min_w=4, max_w=9, min_h=4,
                                            max_h=9, min_boxes=1, max_boxes=7, max_depth=80))

@@ -18,6 +18,9 @@ WEIGHT_MODES = ("adapter", "merged")
 ATTN_IMPLS = ("auto", "xla", "cudnn")
 RATIO_TYPES = ("token", "sequence")  # loss.ratio_type; the loss reads this too
 REMAT_POLICIES = ("nothing_saveable", "save_attention", "save_mlp", "dots_with_no_batch_dims_saveable")
+# Who computes the teacher's log-probs: the JAX trainer (base weights, LoRA off; only when the teacher is the
+# student's base model), a vLLM server (prompt_logprobs), or 'auto' = the trainer whenever it can.
+TEACHER_SCORERS = ("auto", "trainer", "vllm")
 
 
 class ConfigError(ValueError):
@@ -80,12 +83,16 @@ class TrainerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The processes a run starts. `teacher` is `student` itself when one server serves both; None = no teacher."""
+    """The processes a run starts. `teacher` is `student` itself when one server serves both; None = no teacher
+    server. `teacher_scorer` ('trainer' or 'vllm', resolved) says who computes the teacher's log-probs, which the
+    run needs when `teacher_logprobs` (a KL tau > 0); with 'trainer' no teacher server runs."""
 
     cpu: bool
     student: ServerPlan
     teacher: ServerPlan | None
     trainer: TrainerPlan
+    teacher_scorer: str = "vllm"
+    teacher_logprobs: bool = False
 
     @property
     def teacher_shared(self) -> bool:
@@ -101,7 +108,10 @@ class Plan:
         mode = "CPU" if self.cpu else "GPU"
         lines = [f"plan ({mode} mode):"]
         lines += [f"  {s.describe()}" for s in self.servers]
-        if self.teacher is None:
+        if self.teacher_scorer == "trainer":
+            what = "log-probs from the JAX trainer (LoRA off)" if self.teacher_logprobs else "no log-probs (KL taus 0)"
+            lines.append(f"  teacher = the student's base model: {what}, samples from the student server")
+        elif self.teacher is None:
             lines.append("  no teacher (all KL taus 0, no baseline eval)")
         lines.append(f"  {self.trainer.describe()}")
         return "\n".join(lines)
@@ -131,6 +141,17 @@ def _needs_teacher_for_loss(config: ml_collections.ConfigDict) -> bool:
 
 def _teacher_model(config: ml_collections.ConfigDict) -> str:
     return config.teacher.model or config.model.path
+
+
+def _teacher_is_base(config: ml_collections.ConfigDict) -> bool:
+    return os.path.expanduser(_teacher_model(config)) == os.path.expanduser(config.model.path)
+
+
+def teacher_scorer(config: ml_collections.ConfigDict) -> str:
+    """'trainer' or 'vllm': `teacher.scorer` with 'auto' resolved (the trainer when the teacher is the base model)."""
+    if config.teacher.scorer != "auto":
+        return config.teacher.scorer
+    return "trainer" if _teacher_is_base(config) else "vllm"
 
 
 def _check_values(config: ml_collections.ConfigDict) -> None:
@@ -178,6 +199,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         _require(0 < value <= 1, field, f"must be in (0, 1], got {value!r}")
     _require(config.ckpt.interval >= 0, "ckpt.interval", f"must be >= 0, got {config.ckpt.interval}")
+    _require(config.teacher.scorer in TEACHER_SCORERS, "teacher.scorer",
+             f"{config.teacher.scorer!r} is not one of {TEACHER_SCORERS}")
+    _require(config.teacher.scorer != "trainer" or _teacher_is_base(config), "teacher.scorer",
+             f"'trainer' scores with the student's base model (LoRA off), but teacher.model is "
+             f"{config.teacher.model!r}; use 'vllm' or 'auto'")
 
 
 def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
@@ -194,15 +220,16 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
     _require(n % tp == 0, "inference.parallel.tp", f"{tp} does not divide the {n} inference GPUs")
     _require(dp is None or dp * tp == n, "inference.parallel.dp",
              f"dp={dp} x tp={tp} != {n} inference GPUs (leave dp unset to infer it)")
-    if gpus.teacher:
+    vllm_teacher = teacher_scorer(config) == "vllm"
+    if gpus.teacher and vllm_teacher:
         _require(len(gpus.teacher) % tp == 0, "inference.parallel.tp",
                  f"{tp} does not divide the {len(gpus.teacher)} teacher GPUs")
     _require(len(gpus.trainer) % config.trainer.tp == 0, "trainer.tp",
              f"{config.trainer.tp} does not divide the {len(gpus.trainer)} trainer GPUs")
-    if _needs_teacher_for_loss(config) and not gpus.teacher:
+    if _needs_teacher_for_loss(config) and not gpus.teacher and vllm_teacher:
         taus = ", ".join(f"{t}={config.loss[t]}" for t in TAU_FIELDS[1:] if config.loss[t] > 0)
-        raise ConfigError(f"teacher_gpu_ids: {taus} needs a teacher server; "
-                          "give --teacher_gpu_ids or set these taus to 0")
+        raise ConfigError(f"teacher_gpu_ids: {taus} needs a teacher server (teacher.scorer="
+                          f"{config.teacher.scorer!r}); give --teacher_gpu_ids or set these taus to 0")
 
 
 def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list[str]:
@@ -213,9 +240,12 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
         out.append(f"buffer.skip_verification: every task reward is 0, so loss.adv_tau={loss.adv_tau} has no effect")
     if config.buffer.skip_verification and config.advantage.kl_only_incorrect:
         out.append("advantage.kl_only_incorrect: no effect with buffer.skip_verification (rewards 0, the gate is 1)")
-    if config.teacher.eval_baseline and plan.teacher is None:
+    if config.teacher.eval_baseline and plan.teacher is None and plan.teacher_scorer == "vllm":
         out.append("teacher.eval_baseline: no effect without a teacher server (give --teacher_gpu_ids)")
-    if gpus.teacher and not _needs_teacher_for_loss(config) and not config.teacher.eval_baseline:
+    if gpus.teacher and plan.teacher_scorer == "trainer":
+        out.append(f"teacher_gpu_ids: unused: the teacher is the student's base model, the trainer scores it "
+                   f"(teacher.scorer={config.teacher.scorer!r}); no teacher server starts")
+    elif gpus.teacher and not _needs_teacher_for_loss(config) and not config.teacher.eval_baseline:
         out.append("teacher_gpu_ids: unused (KL taus 0 and teacher.eval_baseline off); no teacher server starts")
     if loss.adv_tau == 0 and loss.teacher_tau == 0 and loss.student_tau == 0 and loss.topk_tau == 0:
         out.append("loss: every tau is 0, so every advantage is 0 and training changes nothing")
@@ -243,14 +273,14 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
     """The processes of a validated config (dp already resolved)."""
     tp, port = config.inference.parallel.tp, config.inference.port
     student = ServerPlan(("student",), config.model.path, gpus.inference, config.inference.parallel.dp, tp, port)
-    teacher_model = _teacher_model(config)
+    teacher_model, scorer = _teacher_model(config), teacher_scorer(config)
     if gpus.cpu:
         wanted = _needs_teacher_for_loss(config) or config.teacher.eval_baseline
         teacher_gpus = ()
     else:
         wanted = bool(gpus.teacher) and (_needs_teacher_for_loss(config) or config.teacher.eval_baseline)
         teacher_gpus = gpus.teacher
-    if not wanted:
+    if not wanted or scorer == "trainer":  # the trainer scores the base model, the student server samples it
         teacher = None
     elif teacher_model == config.model.path and teacher_gpus == gpus.inference:
         # One server: the teacher is the base model, the student its LoRA adapter (half the memory and start-up).
@@ -259,7 +289,8 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
     else:
         teacher = ServerPlan(("teacher",), teacher_model, teacher_gpus, max(len(teacher_gpus) // tp, 1), tp, port + 1)
     workers = max(len(gpus.trainer) // config.trainer.tp, 1)
-    return Plan(gpus.cpu, student, teacher, TrainerPlan(gpus.trainer, workers, config.trainer.tp))
+    return Plan(gpus.cpu, student, teacher, TrainerPlan(gpus.trainer, workers, config.trainer.tp), scorer,
+                _needs_teacher_for_loss(config))
 
 
 def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:

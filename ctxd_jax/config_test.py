@@ -1,10 +1,11 @@
 import pytest
 
 from configs import demo, rl
-from ctxd_jax.config import ConfigError, Gpus, parse_gpu_ids, resolve, validate
+from ctxd_jax.config import ConfigError, Gpus, parse_gpu_ids, resolve, teacher_scorer, validate
 
 CPU = Gpus()
 THREE = Gpus(inference=(0,), teacher=(1,), trainer=(2,))
+VLLM = {"teacher__scorer": "vllm"}  # a teacher vLLM server scores, as before the trainer could
 
 
 def _config(**overrides):
@@ -52,10 +53,15 @@ def test_config_is_locked():
 
 def test_demo_is_valid_on_cpu():
     config, plan, warnings = resolve(demo.get_config(), CPU)
-    assert plan.cpu and plan.teacher_shared and plan.servers == (plan.student,)
-    assert plan.student.roles == ("student", "teacher") and plan.student.gpu_ids == ()
+    assert plan.cpu and plan.teacher is None and plan.servers == (plan.student,)
+    assert (plan.teacher_scorer, plan.teacher_logprobs) == ("trainer", True)  # the base model is the teacher
+    assert plan.student.roles == ("student",) and plan.student.gpu_ids == ()
     assert not config.model.path.startswith("~")
     assert warnings == []
+    c = demo.get_config()
+    c.teacher.scorer = "vllm"
+    _, plan, _ = resolve(c, CPU)
+    assert plan.teacher_shared and plan.student.roles == ("student", "teacher") and plan.teacher_scorer == "vllm"
 
 
 @pytest.mark.parametrize("text,ids", [("", ()), ("0", (0,)), ("0,1, 3", (0, 1, 3)), ("2,", (2,))])
@@ -70,18 +76,41 @@ def test_parse_gpu_ids_rejects(text):
 
 
 @pytest.mark.parametrize("tau", ["teacher_tau", "student_tau", "topk_tau"])
-def test_kl_tau_needs_teacher_gpus(tau):
-    c = _config(**{"loss__teacher_tau": 0.0, "loss__student_tau": 0.0, f"loss__{tau}": 0.5})
-    msg = _error(c, Gpus(inference=(0,), trainer=(1,)))
-    assert msg.startswith("teacher_gpu_ids: ") and f"{tau}=0.5" in msg
-    validate(c, THREE)  # fine with a teacher
+def test_kl_tau_needs_teacher_gpus_with_a_vllm_teacher(tau):
+    taus = {"loss__teacher_tau": 0.0, "loss__student_tau": 0.0, f"loss__{tau}": 0.5}
+    no_teacher_gpus = Gpus(inference=(0,), trainer=(1,))
+    msg = _error(_config(**taus, **VLLM), no_teacher_gpus)
+    assert msg.startswith("teacher_gpu_ids: ") and f"{tau}=0.5" in msg and "teacher.scorer='vllm'" in msg
+    validate(_config(**taus, **VLLM), THREE)  # fine with a teacher
+    _, plan, warnings = resolve(_config(**taus), no_teacher_gpus)  # the trainer scores the base model
+    assert plan.teacher is None and plan.teacher_scorer == "trainer" and plan.teacher_logprobs and warnings == []
 
 
 def test_pure_rl_needs_no_teacher():
-    c = _config(loss__teacher_tau=0.0, loss__student_tau=0.0)
+    c = _config(loss__teacher_tau=0.0, loss__student_tau=0.0, **VLLM)
     _, plan, warnings = resolve(c, Gpus(inference=(0,), trainer=(1,)))
     assert plan.teacher is None
     assert any(w.startswith("teacher.eval_baseline: ") for w in warnings)
+    # The base model is the teacher: the student server samples it for the baseline, no warning.
+    _, plan, warnings = resolve(_config(loss__teacher_tau=0.0, loss__student_tau=0.0), Gpus(inference=(0,),
+                                                                                           trainer=(1,)))
+    assert plan.teacher is None and not plan.teacher_logprobs and warnings == []
+
+
+def test_teacher_scorer():
+    assert teacher_scorer(_config()) == "trainer"
+    assert teacher_scorer(_config(teacher__model="/models/other")) == "vllm"
+    assert teacher_scorer(_config(teacher__model="Qwen/Qwen3-4B-Instruct-2507")) == "trainer"  # = model.path
+    assert teacher_scorer(_config(**VLLM)) == "vllm"
+    assert _error(_config(teacher__scorer="both")).startswith("teacher.scorer: 'both' is not one of")
+    assert _error(_config(teacher__scorer="trainer", teacher__model="/models/other")) == (
+        "teacher.scorer: 'trainer' scores with the student's base model (LoRA off), but teacher.model is "
+        "'/models/other'; use 'vllm' or 'auto'")
+    _, plan, warnings = resolve(_config(), THREE)
+    assert plan.teacher is None and plan.servers == (plan.student,)
+    assert warnings == ["teacher_gpu_ids: unused: the teacher is the student's base model, the trainer scores it "
+                        "(teacher.scorer='auto'); no teacher server starts"]
+    assert "teacher = the student's base model: log-probs from the JAX trainer (LoRA off)" in plan.describe()
 
 
 def test_batch_divisible_by_group():
@@ -92,7 +121,7 @@ def test_dp_inferred_and_checked():
     gpus = Gpus(inference=(0, 1, 2, 3), teacher=(4,), trainer=(5,))
     config, plan, _ = resolve(_config(), gpus)
     assert config.inference.parallel.dp == 4 and plan.student.dp == 4
-    tp2 = _config(inference__parallel__tp=2)
+    tp2 = _config(inference__parallel__tp=2, **VLLM)
     config, plan, _ = resolve(tp2, Gpus(inference=(0, 1, 2, 3), teacher=(4, 5), trainer=(6,)))
     assert (plan.student.dp, plan.student.tp, plan.teacher.dp) == (2, 2, 1)
     assert _error(tp2, gpus).startswith("inference.parallel.tp: 2 does not divide the 1 teacher")
@@ -144,18 +173,19 @@ def test_gpu_lists_all_or_none():
 
 
 def test_merged_weights_cannot_share_teacher_server():
-    assert _error(_config(weights__mode="merged")).startswith("weights.mode: 'merged'")
-    validate(_config(weights__mode="merged"), THREE)  # teacher on its own server
+    assert _error(_config(weights__mode="merged", **VLLM)).startswith("weights.mode: 'merged'")
+    validate(_config(weights__mode="merged", **VLLM), THREE)  # teacher on its own server
+    validate(_config(weights__mode="merged"), CPU)  # the trainer scores the teacher: no teacher server at all
 
 
 def test_teacher_sharing():
     same = Gpus(inference=(0,), teacher=(0,), trainer=(1,))
-    _, plan, _ = resolve(_config(), same)
+    _, plan, _ = resolve(_config(**VLLM), same)
     assert plan.teacher_shared
     half = dict(inference__gpu_memory_utilization=0.45)  # two servers on one GPU must share it
     _, plan, _ = resolve(_config(teacher__model="/models/other", **half), same)
     assert not plan.teacher_shared and plan.teacher.model == "/models/other" and plan.teacher.port == 8001
-    _, plan, _ = resolve(_config(**half), Gpus(inference=(0, 1), teacher=(1,), trainer=(2,)))
+    _, plan, _ = resolve(_config(**half, **VLLM), Gpus(inference=(0, 1), teacher=(1,), trainer=(2,)))
     assert not plan.teacher_shared and plan.teacher.gpu_ids == (1,) and plan.student.dp == 2
 
 
@@ -171,7 +201,7 @@ def test_num_train_workers():
 
 def test_warnings():
     def warns(**kw):
-        return validate(_config(**kw), THREE)
+        return validate(_config(**VLLM, **kw), THREE)
 
     assert warns() == []
     assert any(w.startswith("advantage.kl_only_incorrect: ") for w in
@@ -179,7 +209,8 @@ def test_warnings():
     assert any(w.startswith("buffer.skip_verification: ") for w in warns(buffer__skip_verification=True))
     assert warns(buffer__skip_verification=True, loss__adv_tau=0.0) == []
     one_gpu = Gpus(inference=(0,), teacher=(0,), trainer=(0,))
-    assert validate(_config(inference__gpu_memory_utilization=0.45, trainer__gpu_memory_fraction=0.45), one_gpu) == []
+    assert validate(_config(inference__gpu_memory_utilization=0.45, trainer__gpu_memory_fraction=0.45, **VLLM),
+                    one_gpu) == []
 
 
 def test_shared_gpus_must_fit():
@@ -188,7 +219,7 @@ def test_shared_gpus_must_fit():
     # The reference layout with the teacher beside a student replica: two servers on GPU 1.
     layout = Gpus(inference=(0, 1), teacher=(1,), trainer=(2, 3))
     with pytest.raises(ConfigError, match=r"GPU 1 is shared \(student server 0.9, teacher server 0.9"):
-        validate(_config(), layout)
-    assert validate(_config(inference__gpu_memory_utilization=0.45), layout) == []
+        validate(_config(**VLLM), layout)
+    assert validate(_config(inference__gpu_memory_utilization=0.45, **VLLM), layout) == []
     with pytest.raises(ConfigError, match=r"^trainer.attn_impl: 'flash'"):
         validate(_config(trainer__attn_impl="flash"), THREE)

@@ -76,6 +76,15 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int,
     return bins
 
 
+def placements(bins: Sequence[Sequence[int]], lengths: Sequence[int]):
+    """(row, segment id, index, start offset) of every sequence in `bins`: laid end to end, segment ids from 1."""
+    for row, members in enumerate(bins):
+        start = 0
+        for seg, i in enumerate(members, start=1):
+            yield row, seg, i, start
+            start += lengths[i]
+
+
 def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int, row_multiple: int = 1,
          topk: int = 0, min_rows: int = 0) -> tuple[TrainBatch, PackStats]:
     """Packs `rollouts` (with their per-sample `advantages` and `kl_gates`) into a TrainBatch.
@@ -122,29 +131,26 @@ def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int
     if topk:
         b["teacher_topk_ids"] = np.zeros(shape + (topk,), np.int32)
         b["teacher_topk_logprobs"] = np.zeros(shape + (topk,), np.float32)
-    for row, members in enumerate(bins):
-        start = 0
-        for seg, i in enumerate(members, start=1):
-            r, length = rollouts[i], lengths[i]
-            p = len(r.prompt_ids)
-            sl = slice(start, start + length)
-            b["tokens"][row, sl] = (list(r.prompt_ids) + list(r.completion_ids))[:length]
-            b["positions"][row, sl] = np.arange(length)
-            b["segment_ids"][row, sl] = seg
-            b["advantages"][row, sl] = advantages[i]
-            b["kl_gates"][row, sl] = kl_gates[i]
-            b["temperatures"][row, sl] = r.temperature
-            c = max(0, length - p)  # completion tokens that survived truncation
-            if c:
-                cs = slice(start + p, start + p + c)
-                b["loss_mask"][row, cs] = True
-                b["sampling_logprobs"][row, cs] = r.sampling_logprobs[:c]
-                if "teacher_logprobs" in b:
-                    b["teacher_logprobs"][row, cs] = r.teacher_logprobs[:c]
-                if topk:
-                    b["teacher_topk_ids"][row, cs] = np.asarray(r.teacher_topk_ids[:c], np.int32)[:, :topk]
-                    b["teacher_topk_logprobs"][row, cs] = np.asarray(r.teacher_topk_logprobs[:c], np.float32)[:, :topk]
-            start += length
+    for row, seg, i, start in placements(bins, lengths):
+        r, length = rollouts[i], lengths[i]
+        p = len(r.prompt_ids)
+        sl = slice(start, start + length)
+        b["tokens"][row, sl] = (list(r.prompt_ids) + list(r.completion_ids))[:length]
+        b["positions"][row, sl] = np.arange(length)
+        b["segment_ids"][row, sl] = seg
+        b["advantages"][row, sl] = advantages[i]
+        b["kl_gates"][row, sl] = kl_gates[i]
+        b["temperatures"][row, sl] = r.temperature
+        c = max(0, length - p)  # completion tokens that survived truncation
+        if c:
+            cs = slice(start + p, start + p + c)
+            b["loss_mask"][row, cs] = True
+            b["sampling_logprobs"][row, cs] = r.sampling_logprobs[:c]
+            if "teacher_logprobs" in b:
+                b["teacher_logprobs"][row, cs] = r.teacher_logprobs[:c]
+            if topk:
+                b["teacher_topk_ids"][row, cs] = np.asarray(r.teacher_topk_ids[:c], np.int32)[:, :topk]
+                b["teacher_topk_logprobs"][row, cs] = np.asarray(r.teacher_topk_logprobs[:c], np.float32)[:, :topk]
     stats = PackStats(samples=n, rows=rows, filler_rows=rows - len(bins), truncated=sum(f > seq_len for f in full),
                       tokens=sum(lengths), loss_tokens=int(b["loss_mask"].sum()), seq_len=seq_len)
     return TrainBatch(**b), stats

@@ -4,8 +4,8 @@
         [--dtype=float32|bfloat16] [--batch_tokens=8192]
 
 Each input line is {"tokens": [ids...]}; each output line (same order) is {"logprobs": [...]} with
-log p(token_t | tokens_<t) for t >= 1. Sequences are packed several to a row (segment ids), in one fixed batch
-shape, so the model compiles once.
+log p(token_t | tokens_<t) for t >= 1. Sequences are packed several to a row (segment ids) by
+ctxd_jax.scoring, in a few bucketed shapes, so the model compiles a few times at most.
 """
 
 import json
@@ -17,11 +17,9 @@ from absl import app, flags
 from flax import nnx
 
 from ctxd_jax.models.hf import load_model
-from ctxd_jax.models.logprobs import token_logprobs
-from ctxd_jax.packing import first_fit_decreasing
+from ctxd_jax.scoring import score_rows_jit, score_sequences
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MIN_ROW = 128
 
 
 def read_sequences(path: str) -> list[list[int]]:
@@ -40,47 +38,15 @@ def read_sequences(path: str) -> list[list[int]]:
     return seqs
 
 
-def batch_shape(lengths: list[int], batch_tokens: int) -> tuple[int, int]:
-    """(rows per call, row length): rows fit the longest sequence (a power of two >= MIN_ROW), and at most as many
-    rows as `batch_tokens` allows."""
-    row = max(MIN_ROW, 1 << (max(lengths) - 1).bit_length())
-    return max(1, batch_tokens // row), row
-
-
-@nnx.jit
-def _score_rows(model, tokens, positions, segment_ids):
-    logprobs, _ = token_logprobs(model, tokens, positions, segment_ids, jnp.ones(tokens.shape, jnp.float32))
-    return logprobs
-
-
 def score(model, seqs: list[list[int]], *, batch_tokens: int = 8192) -> list[np.ndarray]:
     """log p(token_t | tokens_<t), t >= 1, for every sequence (float32 arrays of len(seq) - 1)."""
-    if not seqs:
-        return []
-    lengths = [len(s) for s in seqs]
-    rows_per_call, row_len = batch_shape(lengths, batch_tokens)
-    rows = first_fit_decreasing(lengths, row_len)
-    rows_per_call = min(rows_per_call, len(rows))  # no all-padding rows when everything fits in one call
-    out: list[np.ndarray | None] = [None] * len(seqs)
-    for start in range(0, len(rows), rows_per_call):
-        group = rows[start:start + rows_per_call]
-        tokens = np.zeros((rows_per_call, row_len), np.int32)
-        positions = np.zeros_like(tokens)
-        segments = np.zeros_like(tokens)
-        spans = []
-        for r, row in enumerate(group):
-            offset = 0
-            for seg, i in enumerate(row, 1):
-                n = lengths[i]
-                tokens[r, offset:offset + n] = seqs[i]
-                positions[r, offset:offset + n] = np.arange(n)
-                segments[r, offset:offset + n] = seg
-                spans.append((i, r, offset, n))
-                offset += n
-        logprobs = np.asarray(jax.device_get(_score_rows(model, tokens, positions, segments)))
-        for i, r, offset, n in spans:
-            out[i] = logprobs[r, offset + 1:offset + n]
-    return out
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def run(rows):
+        return [np.asarray(x) for x in jax.device_get(score_rows_jit(lora, rest, rows, graphdef=graphdef,
+                                                                       chunk_size=1024))]
+
+    return [s.logprobs for s in score_sequences(run, seqs, batch_tokens=batch_tokens)]
 
 
 FLAGS = flags.FLAGS

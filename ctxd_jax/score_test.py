@@ -13,7 +13,7 @@ from flax import nnx
 
 from ctxd_jax.models.hf import load_model, save_adapter
 from ctxd_jax.models.hf_test import randomise_lora, torch_logprobs
-from ctxd_jax.score import batch_shape, read_sequences, score
+from ctxd_jax.score import read_sequences, score
 from ctxd_jax.tiny import write_tiny_checkpoint
 
 SEQS = [[1, 17, 40, 99, 23, 5, 300, 77], [5], [2, 60, 61], list(range(3, 200)), [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]]
@@ -34,12 +34,6 @@ def _peft_logprobs(base, adapter, seqs):
 
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
     return [torch_logprobs(hf, s) if len(s) > 1 else np.zeros(0) for s in seqs]
-
-
-def test_batch_shape():
-    assert batch_shape([3, 5], 1024) == (8, 128)
-    assert batch_shape([129], 1024) == (4, 256)
-    assert batch_shape([5000], 1024) == (1, 8192)
 
 
 def test_packed_scores_match_peft(base_and_adapter):

@@ -28,7 +28,10 @@ from ctxd_jax.loss import compute_loss, default_loss_scale
 from ctxd_jax.models.attention import segment_bound
 from ctxd_jax.models.logprobs import token_logprobs
 from ctxd_jax.packing import TrainBatch
+from ctxd_jax.scoring import ROW_KEYS, Scores, score_rows_jit, score_sequences
 
+# Tokens per device in one call of Trainer.score (forward only: far less memory per token than a train step).
+SCORE_TOKENS_PER_DEVICE = 16384
 # Numbers of config.loss passed to compute_loss by name (traced there, not static).
 LOSS_KEYS = ("token_mask_low", "token_mask_high", "geo_mask_low", "geo_mask_high", "sequence_mask_low",
              "sequence_mask_high", "sequence_clip_high", "kl_tau")
@@ -130,8 +133,7 @@ class Trainer:
         self._grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnames="max_segments")
         self._add = jax.jit(_accumulate, donate_argnums=0)
         self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
-        self._score = jax.jit(functools.partial(_score, graphdef=self.graphdef, chunk_size=step.chunk_size),
-                              static_argnames="max_segments")
+        self._zero_lora = None  # made on first use by base_lora()
 
     @property
     def micro_batch_rows(self) -> int:
@@ -192,10 +194,14 @@ class Trainer:
 
     def logprobs(self, batch: TrainBatch) -> np.ndarray:
         """Trainer log-probs [rows, seq_len] of the batch's tokens under the current weights (0 where undefined)."""
-        out, bound = [], segment_bound(batch.segment_ids)
+        out = []
         with jax.set_mesh(self.mesh):
             for mb in self._micro_batches(batch):
-                out.append(distributed.to_host(self._score(self.lora, self.rest, mb, max_segments=bound)))
+                rows = {k: mb[k] for k in ROW_KEYS}
+                logprobs = score_rows_jit(self.lora, self.rest, rows, graphdef=self.graphdef,
+                                          chunk_size=self.step_config.chunk_size,
+                                          max_segments=segment_bound(batch.segment_ids))[0]
+                out.append(distributed.to_host(logprobs))
         return np.concatenate(out)
 
     def model(self) -> nnx.Module:
@@ -212,11 +218,37 @@ class Trainer:
         nnx.replace_by_pure_dict(lora, arrays["lora"])
         self.lora, self.opt_state, self.updates = lora, arrays["opt_state"], int(arrays["updates"])
 
+    # ---- Scoring under another LoRA state (ctxd_jax/scoring.py): the teacher with LoRA off (the base model) and
+    # behaviour log-probs under a snapshot. These read only `rest` (never donated) and the LoRA state passed in, so a
+    # worker thread may call them between train steps without touching the train state.
 
-def _score(lora, rest, mb, *, graphdef, chunk_size, max_segments=None):
-    model = nnx.merge(graphdef, lora, rest)
-    return token_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["temperatures"],
-                          chunk_size=chunk_size, max_segments=max_segments)[0]
+    def snapshot_lora(self) -> nnx.State:
+        """A copy of the current LoRA state in its own buffers: it outlives the train step, which donates
+        self.lora. Score with it later (behaviour log-probs of this policy version)."""
+        return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), self.lora)
+
+    def base_lora(self) -> nnx.State:
+        """A LoRA state of zeros (made once): every adapter then adds exactly 0, so the model is the base model."""
+        if self._zero_lora is None:
+            self._zero_lora = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self.lora)
+        return self._zero_lora
+
+    def score(self, seqs, *, lora: nnx.State, starts=None, temperatures=None, topk: int = 0,
+              batch_tokens: int = SCORE_TOKENS_PER_DEVICE) -> list[Scores]:
+        """Log-probs (and the top-k when topk > 0) of `seqs` at their tokens t >= starts[i], at temperatures[i]
+        (defaults 1, 1), with the LoRA state `lora` (e.g. base_lora() or a snapshot_lora()). Rows are packed and
+        sharded over the mesh like a train batch; `batch_tokens` tokens per device and call."""
+
+        def run(rows):
+            bound = segment_bound(rows["segment_ids"])
+            rows = {k: jax.device_put(v, self._batch_sharding) for k, v in rows.items()}
+            with jax.set_mesh(self.mesh):
+                out = score_rows_jit(lora, self.rest, rows, graphdef=self.graphdef,
+                                     chunk_size=self.step_config.chunk_size, topk=topk, max_segments=bound)
+            return [distributed.to_host(x) for x in out]
+
+        return score_sequences(run, seqs, starts=starts, temperatures=temperatures,
+                               batch_tokens=batch_tokens * self.dp, row_multiple=self.dp)
 
 
 def mismatch_kl(trainer_logprobs, sampling_logprobs, mask) -> float:

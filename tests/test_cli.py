@@ -8,6 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPUS = ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2"]
+VLLM = "--config.teacher.scorer=vllm"  # a teacher vLLM server scores (the default lets the trainer score the base)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -46,7 +47,7 @@ COMMON = {
 
 @pytest.mark.parametrize("name", COMMON)
 def test_common_configuration(name):
-    r = ok("--config=configs/rl.py", *COMMON[name], *GPUS)
+    r = ok("--config=configs/rl.py", *COMMON[name], *GPUS, VLLM)
     assert "warning" not in r.stderr, r.stderr
     assert "vLLM server [student] " in r.stdout and "on GPUs 0 (dp=1, tp=1)" in r.stdout
     assert "JAX trainer on GPUs 2 (num_train_workers=1, tp=1)" in r.stdout
@@ -58,21 +59,38 @@ def test_common_configuration(name):
     assert "vLLM server [teacher] " in r.stdout and "on GPUs 1 (dp=1, tp=1), port 8001" in r.stdout
 
 
+@pytest.mark.parametrize("name", COMMON)
+def test_common_configuration_with_the_trainer_scoring_the_teacher(name):
+    # The teacher is the base model (teacher.model ''): no teacher server, no teacher GPUs needed.
+    r = ok("--config=configs/rl.py", *COMMON[name], "--inference_gpu_ids=0", "--trainer_gpu_ids=2")
+    assert r.stderr == ""
+    plan = r.stdout.split("plan (GPU mode):\n")[1].splitlines()
+    what = "no log-probs (KL taus 0)" if name == "pure_rl" else "log-probs from the JAX trainer (LoRA off)"
+    assert plan == ["  vLLM server [student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0 (dp=1, tp=1), port 8000",
+                    f"  teacher = the student's base model: {what}, samples from the student server",
+                    "  JAX trainer on GPUs 2 (num_train_workers=1, tp=1)"], r.stdout
+    r = ok(*COMMON[name], *GPUS)
+    assert "warning: teacher_gpu_ids: unused: the teacher is the student's base model" in r.stderr
+    assert "[teacher]" not in r.stdout
+
+
 def test_pure_rl_without_teacher_gpus():
-    r = ok(*COMMON["pure_rl"], "--inference_gpu_ids=0", "--trainer_gpu_ids=1")
+    r = ok(*COMMON["pure_rl"], "--inference_gpu_ids=0", "--trainer_gpu_ids=1", VLLM)
     assert "no teacher" in r.stdout and "teacher" not in r.stdout.split("plan (")[1].split("no teacher")[0]
     assert "warning: teacher.eval_baseline: " in r.stderr
 
 
 @pytest.mark.parametrize("name", ["hybrid", "gated", "pure_distillation", "token_kl"])
 def test_kl_without_teacher_gpus_is_refused(name):
-    msg = refused(*COMMON[name], "--inference_gpu_ids=0", "--trainer_gpu_ids=1")
+    msg = refused(*COMMON[name], "--inference_gpu_ids=0", "--trainer_gpu_ids=1", VLLM)
     assert msg.startswith("teacher_gpu_ids: ")
 
 
 def test_default_and_demo_cpu_plans():
     r = ok()  # --config defaults to configs/rl.py
-    assert "plan (CPU mode)" in r.stdout and "vLLM server [student + teacher] " in r.stdout
+    assert "plan (CPU mode)" in r.stdout and "vLLM server [student] " in r.stdout
+    assert "teacher = the student's base model: log-probs from the JAX trainer" in r.stdout
+    assert "vLLM server [student + teacher] " in ok(VLLM).stdout
     r = ok("--config=configs/demo.py")
     assert "SmolLM2-135M-Instruct on CPU" in r.stdout and "JAX trainer on CPU" in r.stdout
     assert "name: ahoy" in r.stdout and r.stderr == ""
@@ -95,11 +113,11 @@ def test_reference_gpu_layout_infers_dp():
 
 # launch/four_gpus.sh's layouts: trainer on two GPUs; the student on two (dp=2), one of them shared with the teacher.
 SHARED_GPU = ["--inference_gpu_ids=0,1", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3",
-              "--config.inference.parallel.dp=2"]
+              "--config.inference.parallel.dp=2", VLLM]
 
 
 @pytest.mark.parametrize("args,servers", [
-    (["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3"],
+    (["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3", VLLM],
      ["[student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0 (dp=1, tp=1), port 8000",
       "[teacher] Qwen/Qwen3-4B-Instruct-2507 on GPUs 1 (dp=1, tp=1), port 8001"]),
     # Student replica and teacher each take gpu_memory_utilization of GPU 1: two shares must add up to <= 1.
@@ -140,6 +158,8 @@ def test_shared_gpu_over_its_memory_is_refused():
     (["--trainer_gpu_ids=1"], "inference_gpu_ids: empty while other GPU ids are given"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--config=configs/demo.py", "--config.env.name=nope"], "env.name: unknown environment 'nope'"),
+    (["--config.teacher.scorer=trainer", "--config.teacher.model=/models/other"],
+     "teacher.scorer: 'trainer' scores with the student's base model (LoRA off), but teacher.model is"),
 ])
 def test_refusals(args, prefix):
     assert refused(*args).startswith(prefix)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from ctxd_jax.envs import get_env
 from ctxd_jax.inference import handoff
 from ctxd_jax.inference.client import Client
 from ctxd_jax.inference.server import ServerError, VLLMServer, group_members
@@ -23,6 +24,10 @@ from ctxd_jax.inference.teacher import render_prompt, score_completion
 from ctxd_jax.models.hf import load_model, save_adapter
 from ctxd_jax.models.hf_test import randomise_lora
 from ctxd_jax.models.logprobs import token_logprobs
+from ctxd_jax.records import Rollout
+from ctxd_jax.scoring import score_teacher_in_trainer
+from ctxd_jax.sharding import make_mesh
+from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
 
 pytestmark = pytest.mark.vllm
 BASE = "base"
@@ -111,6 +116,37 @@ def test_teacher_logprobs_with_context_differ_and_match_jax(client, tok, base_mo
     for row, (top_ids, top_lps) in enumerate(zip(with_ctx.topk_ids, with_ctx.topk_logprobs)):
         np.testing.assert_allclose(top_lps, ref[row][top_ids], atol=ATOL)
         np.testing.assert_allclose(top_lps, np.sort(ref[row])[::-1][:3], atol=ATOL)
+
+
+def test_trainer_teacher_scores_equal_vllm_prompt_logprobs(client, tok, tiny_model_dir):
+    """The trainer with LoRA off scores the teacher as the server's base model does: log-probs and top-k."""
+    k = 5
+    # A trained-looking LoRA (non-zero B): LoRA left on would change every log-prob.
+    trainer = Trainer(randomise_lora(load_model(tiny_model_dir, lora_rank=4, lora_alpha=8.0), seed=4), make_mesh(),
+                      OptimConfig(lr=1e-3), StepConfig(chunk_size=64))
+    env = get_env("ahoy")
+    examples = list(env.examples("train")[:2])
+    prompts = [render_prompt(tok, ex.messages) for ex in examples]
+    teacher_prompts = [render_prompt(tok, env.teacher_messages(ex, env.default_context)) for ex in examples]
+
+    async def go():
+        groups = await asyncio.gather(*(client.sample(p, 2, model=BASE, max_tokens=12, seed=7 + i)
+                                        for i, p in enumerate(prompts)))
+        rollouts = [Rollout(example_id=ex.id, group=g, prompt_ids=p, completion_ids=c.token_ids,
+                            sampling_logprobs=c.logprobs, finish_reason=c.finish_reason)
+                    for g, (ex, p, comps) in enumerate(zip(examples, prompts, groups)) for c in comps]
+        served = await asyncio.gather(*(
+            score_completion(client, model=BASE, teacher_prompt_ids=teacher_prompts[r.group],
+                             completion_ids=r.completion_ids, topk=k) for r in rollouts))
+        return rollouts, served
+
+    rollouts, served = run(go())
+    score_teacher_in_trainer(trainer, tok, env, examples, rollouts, env.default_context, topk=k)
+    assert sum(len(r.completion_ids) for r in rollouts) > 20 and len(teacher_prompts[0]) > len(prompts[0]) + 50
+    for r, s in zip(rollouts, served):
+        np.testing.assert_allclose(r.teacher_logprobs, s.logprobs, atol=ATOL)
+        np.testing.assert_array_equal(r.teacher_topk_ids, s.topk_ids)
+        np.testing.assert_allclose(r.teacher_topk_logprobs, s.topk_logprobs, atol=ATOL)
 
 
 def test_versions_stay_pinned_then_retire(client, tok, base_model, tiny_model_dir, tmp_path):

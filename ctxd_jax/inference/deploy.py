@@ -4,6 +4,8 @@ When the plan shares one server between student and teacher, the teacher is the 
 student is one LoRA adapter per policy version, `STUDENT_ADAPTER-v<n>` (ctxd_jax/inference/handoff.py), on the same
 server; publish the initial version before sampling. Merged mode: the student is the base name, reloaded every step,
 so it cannot share a server with a frozen teacher.
+When the trainer scores the teacher (plan.teacher_scorer 'trainer': the teacher is the base model) there is no
+teacher server; the teacher is sampled (eval baseline) as the student server's base model.
 """
 
 from __future__ import annotations
@@ -30,12 +32,25 @@ class Deployment:
     teacher: VLLMServer | None
     student_model: str  # adapter mode: the prefix of each version's adapter name; merged mode: the base name
     teacher_model: str | None
+    teacher_scorer: str = "vllm"  # the plan's: 'trainer' = the base model is the teacher, scored by the trainer
 
     def student_client(self, **kwargs) -> Client:
         return Client.for_server(self.student, **kwargs)
 
     def teacher_client(self, **kwargs) -> Client | None:
+        """The teacher server, for scoring (prompt_logprobs); None without one (e.g. the trainer scores)."""
         return None if self.teacher is None else Client.for_server(self.teacher, **kwargs)
+
+    def teacher_sampler(self, **kwargs) -> tuple[Client, str] | None:
+        """(client, model name) to sample the teacher from (with its context, e.g. the eval baseline), or None: the
+        teacher server, else, when the trainer scores the teacher, the student server's base model. In merged mode
+        that base name serves the student after the first reload: it is the teacher only while the LoRA is zero
+        (step 0)."""
+        if self.teacher is not None:
+            return Client.for_server(self.teacher, **kwargs), self.teacher_model
+        if self.teacher_scorer == "trainer":
+            return Client.for_server(self.student, **kwargs), BASE_NAME
+        return None
 
 
 def _max_model_len(model_dir: str, wanted: int) -> int:
@@ -80,4 +95,4 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
         teacher_model = TEACHER_NAME
     servers = [student] + ([teacher] if teacher is not None and teacher is not student else [])
     return Deployment(ServerGroup(servers), student, teacher, BASE_NAME if merged else STUDENT_ADAPTER,
-                      teacher_model)
+                      teacher_model, plan.teacher_scorer)

@@ -7,6 +7,9 @@ from ctxd_jax.config import Gpus, resolve
 from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, TEACHER_NAME, build_servers
 
 
+VLLM = {"teacher.scorer": "vllm"}
+
+
 def _deploy(gpus, **overrides):
     config = get_config()
     config.unlock()
@@ -18,16 +21,30 @@ def _deploy(gpus, **overrides):
 
 
 def test_shared_server_serves_student_adapter_and_base_teacher():
-    d = _deploy(Gpus(inference=(0,), teacher=(0,), trainer=(1,)))
+    d = _deploy(Gpus(inference=(0,), teacher=(0,), trainer=(1,)), **VLLM)
     assert d.teacher is d.student and d.group.servers == [d.student]
     assert (d.student_model, d.teacher_model) == (STUDENT_ADAPTER, BASE_NAME)
+    client, model = d.teacher_sampler()
+    assert client.server is d.student and model == BASE_NAME and d.teacher_client().server is d.student
     assert d.student.model_dir == "Qwen/Qwen3-4B-Instruct-2507"  # a hub id is not made a path
     assert "--enable-lora" in d.student.args and d.student.env["CUDA_VISIBLE_DEVICES"] == "0"
 
 
+def test_trainer_scored_teacher_has_no_server_and_samples_the_student_base():
+    for gpus in (Gpus(), Gpus(inference=(0,), trainer=(1,)), Gpus(inference=(0,), teacher=(2,), trainer=(1,))):
+        d = _deploy(gpus)
+        assert d.group.servers == [d.student] and d.teacher is None and d.teacher_client() is None
+        assert d.student.name == "student" and d.student_model == STUDENT_ADAPTER
+        client, model = d.teacher_sampler()
+        assert client.server is d.student and model == BASE_NAME
+    pure_rl = _deploy(Gpus(inference=(0,), trainer=(1,)), **VLLM, **{"loss.teacher_tau": 0.0, "loss.student_tau": 0.0})
+    assert pure_rl.teacher is None and pure_rl.teacher_sampler() is None  # no teacher to sample
+
+
 def test_separate_teacher_server():
-    d = _deploy(Gpus(inference=(0, 1), teacher=(2,), trainer=(3,)))
+    d = _deploy(Gpus(inference=(0, 1), teacher=(2,), trainer=(3,)), **VLLM)
     assert d.group.servers == [d.student, d.teacher] and d.teacher_model == TEACHER_NAME
+    assert d.teacher_sampler()[0].server is d.teacher and d.teacher_sampler()[1] == TEACHER_NAME
     assert d.teacher.env["CUDA_VISIBLE_DEVICES"] == "2" and d.teacher.port == d.student.port + 1
     assert d.student.args[d.student.args.index("--data-parallel-size") + 1] == "2"
     assert "--enable-lora" not in d.teacher.args and d.teacher.api_key == d.student.api_key
@@ -35,6 +52,6 @@ def test_separate_teacher_server():
 
 def test_merged_mode_needs_own_teacher():
     with pytest.raises(ValueError, match="weights.mode"):
-        _deploy(Gpus(inference=(0,), teacher=(0,), trainer=(1,)), **{"weights.mode": "merged"})
-    d = _deploy(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged"})
+        _deploy(Gpus(inference=(0,), teacher=(0,), trainer=(1,)), **{"weights.mode": "merged"}, **VLLM)
+    d = _deploy(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged"}, **VLLM)
     assert d.student_model == BASE_NAME and d.student.env["VLLM_SERVER_DEV_MODE"] == "1"

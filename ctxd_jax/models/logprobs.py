@@ -1,4 +1,4 @@
-"""Per-token log-probs and entropies from the final hidden states, in chunks of tokens.
+"""Per-token log-probs and entropies (and optionally the top-k) from the final hidden states, in chunks of tokens.
 
 Logits exist one chunk at a time ([chunk, V] float32) and each chunk is rematerialised in the backward pass, so
 neither the forward nor the gradient holds [B*T, V] float32.
@@ -8,19 +8,23 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunk_stats(h, w, targets, temps, ids):
-    """h [C, D], w [D, V], targets [C], temps [C], ids [C, k] -> logprob [C], entropy [C], logprob at ids [C, k]."""
+def _chunk_stats(h, w, targets, temps, ids, topk):
+    """h [C, D], w [D, V], targets [C], temps [C], ids [C, k] -> logprob [C], entropy [C], logprob at ids [C, k]
+    [+ the `topk` most likely ids [C, topk] and their log-probs, best first]."""
     logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32) / temps[:, None]
     lse = jax.nn.logsumexp(logits, axis=-1)
     logp = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - lse
     probs = jnp.exp(logits - lse[:, None])
     entropy = lse - jnp.sum(probs * logits, axis=-1)
     at_ids = jnp.take_along_axis(logits, ids, axis=-1) - lse[:, None]
-    return logp, entropy, at_ids
+    if not topk:
+        return logp, entropy, at_ids
+    top_logits, top_ids = jax.lax.top_k(logits, topk)
+    return logp, entropy, at_ids, top_ids.astype(jnp.int32), top_logits - lse[:, None]
 
 
 def hidden_logprobs(hidden, head_kernel, tokens, segment_ids, temperatures, *, chunk_size: int = 1024,
-                    gather_ids=None):
+                    gather_ids=None, topk: int = 0):
     """Like token_logprobs, from final hidden states [B, T, D] and the [D, V] head."""
     b, t, d = hidden.shape
     k = 0 if gather_ids is None else gather_ids.shape[-1]
@@ -39,30 +43,33 @@ def hidden_logprobs(hidden, head_kernel, tokens, segment_ids, temperatures, *, c
         temps = jnp.pad(temps, (0, pad), constant_values=1.0)
     nc = (n + pad) // chunk
     # prevent_cse=False: inside lax.map (a scan) CSE cannot merge the recomputation anyway.
-    body = jax.checkpoint(lambda xs: _chunk_stats(xs[0], head_kernel, xs[1], xs[2], xs[3]), prevent_cse=False)
-    logp, ent, at_ids = jax.lax.map(
+    body = jax.checkpoint(lambda xs: _chunk_stats(xs[0], head_kernel, xs[1], xs[2], xs[3], topk), prevent_cse=False)
+    logp, ent, at_ids, *top = jax.lax.map(
         body, (h.reshape(nc, chunk, d), targets.reshape(nc, chunk), temps.reshape(nc, chunk),
                ids.reshape(nc, chunk, k)))
 
     def unflatten(x):  # [nc, chunk, ...] -> [B, T, ...], zeros at t=0, invalid positions zeroed
         x = x.reshape((nc * chunk,) + x.shape[2:])[:n].reshape((b, t - 1) + x.shape[2:])
         mask = valid.reshape(valid.shape + (1,) * (x.ndim - 2))
-        x = jnp.where(mask, x, 0.0)
+        x = jnp.where(mask, x, jnp.zeros((), x.dtype))
         return jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
 
     out = unflatten(logp), unflatten(ent)
-    return out if gather_ids is None else out + (unflatten(at_ids),)
+    out = out if gather_ids is None else out + (unflatten(at_ids),)
+    return out + tuple(unflatten(x) for x in top)
 
 
 def token_logprobs(model, tokens, positions, segment_ids, temperatures, *, chunk_size: int = 1024,
-                   gather_ids=None, max_segments: int | None = None):
-    """(logprobs [B,T], entropy [B,T]) [+ logprobs at gather_ids [B,T,k] when given].
+                   gather_ids=None, topk: int = 0, max_segments: int | None = None):
+    """(logprobs [B,T], entropy [B,T]) [+ logprobs at gather_ids [B,T,k] when given] [+ top-k ids [B,T,topk] int32
+    and their logprobs [B,T,topk], best first, when topk > 0].
 
     logprobs[b,t] = log softmax(logits_{t-1} / temperatures[b,t])[tokens[b,t]]; entropy[b,t] is that distribution's
     entropy; gather_ids[b,t] are candidate ids for position t (e.g. the teacher's top-k) scored by the same
-    distribution. All are 0 at each segment's first token and at padding (segment 0). One chunked pass.
+    distribution; the top-k are the k most likely ids of that distribution. All are 0 at each segment's first token
+    and at padding (segment 0). One chunked pass.
     max_segments: the model's bound on segments per row (attention.segment_bound; the cuDNN kernel needs it).
     """
     hidden = model(tokens, positions, segment_ids, max_segments=max_segments)
     return hidden_logprobs(hidden, model.lm_head_kernel(), tokens, segment_ids, temperatures,
-                           chunk_size=chunk_size, gather_ids=gather_ids)
+                           chunk_size=chunk_size, gather_ids=gather_ids, topk=topk)

@@ -68,3 +68,18 @@ def test_gradient_through_chunks_matches_full(case):
     full = jax.grad(lambda h, w: jnp.sum(_reference(h, w, tokens, segs, temps, ids)[0]), argnums=(0, 1))(hidden, w)
     for g, f in zip(chunked, full):
         np.testing.assert_allclose(g, f, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_chunked_topk_equals_full_sort(case, chunk_size):
+    model, tokens, positions, segs, temps, ids, hidden = case
+    w = model.lm_head_kernel()
+    *_, top_ids, top_lps = hidden_logprobs(hidden, w, tokens, segs, temps, chunk_size=chunk_size, topk=K)
+    logp_all = np.asarray(jax.nn.log_softmax((hidden[:, :-1] @ w) / temps[:, 1:, None], -1))
+    want_ids = np.argsort(-logp_all, -1)[..., :K]
+    valid = np.asarray((segs[:, 1:] == segs[:, :-1]) & (segs[:, 1:] != 0))
+    assert top_ids.dtype == jnp.int32 and top_ids.shape == (B, T, K)
+    np.testing.assert_array_equal(np.asarray(top_ids)[:, 1:][valid], want_ids[valid])
+    np.testing.assert_allclose(np.asarray(top_lps)[:, 1:][valid],
+                               np.take_along_axis(logp_all, want_ids, -1)[valid], atol=1e-5)
+    assert not np.asarray(top_ids)[:, 1:][~valid].any() and not np.asarray(top_lps)[:, 0].any()

@@ -1,0 +1,138 @@
+"""Log-probs (and the top-k) of token sequences under the model with a given LoRA state, packed several to a row.
+
+One piece of code for every scorer: `python -m ctxd_jax.score`, `Trainer.logprobs`, and the trainer-side scores of
+the rollout pipeline:
+
+- teacher: when the teacher is the student's base model with a context in its prompt (`teacher.scorer` resolves to
+  'trainer'), the trainer scores the teacher prompt + completion itself with a LoRA state of zeros (every adapter
+  adds exactly 0, so the model is the base model) at temperature 1, top-k included: what a vLLM teacher server's
+  prompt_logprobs give, without the server, the JSON of k entries per position, or a second copy of the weights;
+- behaviour: the log-probs of the policy version that sampled a rollout, from a snapshot of that version's LoRA
+  state (`Trainer.snapshot_lora`), at the rollout's sampling temperature.
+
+Sequences are packed first-fit-decreasing into rows. Row length and rows per call come from a ladder of sizes (four
+per octave): repeated calls reuse a few compiled shapes and pad by at most a quarter. The LM head runs in chunks
+(ctxd_jax.models.logprobs), so no call holds [tokens, vocab] float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ctxd_jax.inference.teacher import teacher_prompt_ids
+from ctxd_jax.models.logprobs import token_logprobs
+from ctxd_jax.packing import first_fit_decreasing, placements
+
+MIN_ROW = 128
+ROW_KEYS = ("tokens", "positions", "segment_ids", "temperatures")
+
+
+@dataclass
+class Scores:
+    """One sequence's scores at its tokens t in [start, len): log p(seq[t] | seq[:t]) and the top-k there."""
+
+    logprobs: np.ndarray                     # [n] float32
+    topk_ids: np.ndarray | None = None       # [n, k] int32, most likely first
+    topk_logprobs: np.ndarray | None = None  # [n, k] float32
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest size >= max(n, minimum) of the ladder 1..8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ..."""
+    n = max(n, minimum)
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)  # n lies in [4 step, 8 step): four sizes per octave
+    return -(-n // step) * step
+
+
+def rows_per_call(num_rows: int, row_len: int, *, batch_tokens: int, row_multiple: int = 1) -> int:
+    """All `num_rows` rows (bucketed) when they fit in `batch_tokens`, else as many as fit; a multiple of
+    `row_multiple` (at least one)."""
+    cap = max(row_multiple, batch_tokens // row_len // row_multiple * row_multiple)
+    return min(cap, -(-bucket(num_rows) // row_multiple) * row_multiple)
+
+
+def score_rows(lora, rest, rows: dict, *, graphdef, chunk_size: int, topk: int = 0, max_segments: int | None = None):
+    """(log-probs [R, T],) + (top-k ids [R, T, k], top-k log-probs [R, T, k]) if topk, of packed `rows` (a dict
+    holding ROW_KEYS arrays; other keys are ignored) under the model nnx.merge(graphdef, lora, rest). Call under
+    `jax.set_mesh` with `max_segments` = attention.segment_bound of the rows where the model runs on a mesh."""
+    model = nnx.merge(graphdef, lora, rest)
+    out = token_logprobs(model, *(rows[k] for k in ROW_KEYS), chunk_size=chunk_size, topk=topk,
+                         max_segments=max_segments)
+    return (out[0],) + tuple(out[2:])  # no entropy
+
+
+# Model structures (GraphDefs) are hashable and compare by structure: one cache for every model of a shape.
+score_rows_jit = jax.jit(score_rows, static_argnames=("graphdef", "chunk_size", "topk", "max_segments"))
+
+
+def score_sequences(run: Callable[[dict], Sequence[np.ndarray]], seqs: Sequence[Sequence[int]], *,
+                    starts: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
+                    batch_tokens: int = 8192, row_multiple: int = 1) -> list[Scores]:
+    """Scores of every sequence at its tokens t >= starts[i] (default 1), at temperatures[i] (default 1).
+
+    `run(rows)` scores one call's rows (a dict of ROW_KEYS numpy arrays [R, T]) and returns numpy arrays as
+    score_rows does; R is a multiple of `row_multiple` (the data-parallel size)."""
+    if not seqs:
+        return []
+    lengths = [len(s) for s in seqs]
+    starts = [1] * len(seqs) if starts is None else list(starts)
+    temperatures = [1.0] * len(seqs) if temperatures is None else list(temperatures)
+    for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+        if not 1 <= start <= n:
+            raise ValueError(f"sequence {i}: start {start} is not in [1, {n}] (token 0 has no log-prob)")
+    row_len = bucket(max(lengths), MIN_ROW)
+    bins = first_fit_decreasing(lengths, row_len)
+    per_call = rows_per_call(len(bins), row_len, batch_tokens=batch_tokens, row_multiple=row_multiple)
+    out: list[Scores | None] = [None] * len(seqs)
+    for first in range(0, len(bins), per_call):
+        spans = list(placements(bins[first:first + per_call], lengths))
+        rows = {k: np.zeros((per_call, row_len), np.int32) for k in ROW_KEYS[:3]}
+        rows["temperatures"] = np.ones((per_call, row_len), np.float32)
+        for row, seg, i, at in spans:
+            span = slice(at, at + lengths[i])
+            rows["tokens"][row, span] = seqs[i]
+            rows["positions"][row, span] = np.arange(lengths[i])
+            rows["segment_ids"][row, span] = seg
+            rows["temperatures"][row, span] = temperatures[i]
+        got = run(rows)
+        for row, _, i, at in spans:
+            out[i] = Scores(*(x[row, at + starts[i]:at + lengths[i]] for x in got))
+    return out
+
+
+def score_teacher_in_trainer(trainer, tokenizer, env, examples, rollouts, context: str | None,
+                             topk: int = 0) -> None:
+    """Fills every rollout's teacher_logprobs (and teacher_topk_ids / teacher_topk_logprobs when topk > 0): the
+    base model's log-probs of its completion under the teacher prompt, at temperature 1, scored by `trainer` with
+    LoRA off. The same numbers as orchestrator.score_teacher with a vLLM server serving the base model.
+
+    `examples[r.group]` is rollout r's example (a list indexed by group, or a dict). Reads only the trainer's
+    frozen weights, never its LoRA or optimizer state, so a worker thread may call it between train steps."""
+    prompts: dict[int, list[int]] = {}
+    for r in rollouts:
+        if r.group not in prompts:
+            prompts[r.group] = teacher_prompt_ids(tokenizer, env, examples[r.group], context, r.prompt_ids)
+            if not prompts[r.group]:
+                raise ValueError("teacher prompt is empty: the first completion token would have no log-prob")
+    seqs = [prompts[r.group] + list(r.completion_ids) for r in rollouts]
+    scores = trainer.score(seqs, lora=trainer.base_lora(), starts=[len(prompts[r.group]) for r in rollouts],
+                           topk=topk)
+    for r, s in zip(rollouts, scores):
+        r.teacher_logprobs = s.logprobs.tolist()
+        r.teacher_topk_ids = s.topk_ids.tolist() if topk else None
+        r.teacher_topk_logprobs = s.topk_logprobs.tolist() if topk else None
+
+
+def behaviour_logprobs(trainer, rollouts, lora) -> list[list[float]]:
+    """Per rollout, the log-probs of its completion tokens under its own prompt at its sampling temperature, with
+    the LoRA state `lora` (a `Trainer.snapshot_lora()` of the policy version that sampled it)."""
+    seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
+    scores = trainer.score(seqs, lora=lora, starts=[len(r.prompt_ids) for r in rollouts],
+                           temperatures=[r.temperature for r in rollouts])
+    return [s.logprobs.tolist() for s in scores]
