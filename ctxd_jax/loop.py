@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -28,12 +29,14 @@ import numpy as np
 from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
 from ctxd_jax.checkpoint import Checkpointer
+from ctxd_jax.config import needs_teacher_scores
 from ctxd_jax.envs import get_env
 from ctxd_jax.evaluate import baseline_table, evaluate
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers
 from ctxd_jax.inference.handoff import Publisher
 from ctxd_jax.packing import pack
 from ctxd_jax.pipeline import RolloutPipeline
+from ctxd_jax.scoring import behaviour_logprobs, score_teacher_in_trainer
 from ctxd_jax.records import Rollout
 from ctxd_jax.trainer import LOSS_KEYS, OptimConfig, StepConfig, Trainer, mismatch_kl
 
@@ -152,8 +155,11 @@ class Run:
     publisher: Publisher
     ckpt: Checkpointer
     eval_examples: list
+    teacher_sampler: tuple | None  # (client, model) that samples the teacher with its context (eval baseline)
+    trainer_teacher: bool  # the trainer scores the teacher (LoRA off) after each batch is sampled
     device: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one trainer call at a time
     min_rows: int = 0  # packed rows of the largest batch so far (fewer recompiles without micro-batches)
+    snapshots: dict = dataclasses.field(default_factory=dict)  # version -> LoRA state (sampling.logprobs='trainer')
 
     async def on_device(self, fn, *args):
         def locked():
@@ -175,7 +181,7 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
         max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature,
         group_size=config.rollouts_per_example, prompts_per_step=config.batch_size // config.rollouts_per_example,
         seed=config.seed, topk=config.loss.topk if config.loss.topk_tau > 0 else 0,
-        skip_verification=config.buffer.skip_verification)
+        skip_verification=config.buffer.skip_verification, vllm_logprobs=config.sampling.logprobs == "vllm")
     merged = config.weights.mode == "merged"
 
     def write(path):
@@ -187,7 +193,9 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
     publisher = Publisher([src.student], os.path.join(out, "weights"), write, merged=merged,
                           prefix=deployment.student_model, base_name=BASE_NAME)
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=config.ckpt.keep)
-    return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]))
+    trainer_teacher = deployment.teacher_scorer == "trainer" and needs_teacher_scores(config)
+    return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]),
+               deployment.teacher_sampler(), trainer_teacher)
 
 
 def _restore(run: Run) -> RunState:
@@ -214,10 +222,11 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
     state = _restore(run)
     baseline, logger = None, None
     try:
-        await run.publisher.publish(state.step)
+        await _publish(run, state.step)
         await parity_gate(config, run.src, trainer, run.publisher.model(state.step), state.step)
         if config.teacher.eval_baseline and state.step == 0 and run.eval_examples:
-            baseline = await eval_baseline(config, run.src, run.eval_examples, run.publisher.model(0))
+            baseline = await eval_baseline(config, run.src, run.eval_examples, run.publisher.model(0),
+                                           run.teacher_sampler)
             print(baseline_table(baseline), file=sys.stderr)
             metrics_lib.write_json(out, "eval_baseline.json", baseline)
         logger = metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
@@ -230,7 +239,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         if logger is not None:
             logger.close()
         run.ckpt.close()
-        for client in (run.src.student, run.src.teacher):
+        for client in (run.src.student, run.src.teacher, (run.teacher_sampler or (None,))[0]):
             if client is not None:
                 await client.aclose()
         if baseline is None:
@@ -244,7 +253,9 @@ async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> No
     key = jax.random.wrap_key_data(np.asarray(state.rng, np.uint32))
     try:
         async with asyncio.TaskGroup() as tg:
-            pipe = RolloutPipeline(run.src, key, tg, async_level=k, model=run.publisher.model)
+            trainer_side = run.trainer_teacher or config.sampling.logprobs == "trainer"
+            hook = functools.partial(_after_sampling, run) if trainer_side else None
+            pipe = RolloutPipeline(run.src, key, tg, async_level=k, model=run.publisher.model, after_sampling=hook)
             await pipe.publish(state.step)
             for i, batch in enumerate(state.pending):
                 pipe.start(state.step + i, sampled=[Rollout(**r) for r in batch])
@@ -294,12 +305,14 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     version = state.step + 1
     if run.publisher.merged:  # one version at a time on the server: older batches must be done sampling
         await pipe.sampled_before(version)
-    await run.publisher.publish(version)
+    await _publish(run, version)
     await pipe.publish(version)
-    await run.publisher.retire(pipe.versions_in_use())
+    keep = pipe.versions_in_use()
+    await run.publisher.retire(keep)
+    run.snapshots = {v: lora for v, lora in run.snapshots.items() if v in keep or v == version}
     t_publish = time.perf_counter() - t
     state.step = version
-    m = dict(orch.rollout_metrics(current, group), **train, **batch.times)
+    m = dict(orch.rollout_metrics(current, group), **train, **batch.metrics)
     m.update({"adv/abs_mean": float(np.abs(adv).mean()), "kl_gate/mean": float(gates.mean()),
               "pack/rows": stats.rows, "pack/fill": stats.fill, "pack/truncated": stats.truncated,
               "time/wait": t_wait, "time/train": t_train, "time/publish": t_publish,
@@ -307,6 +320,36 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     m["_samples"] = {"example_ids": [r.example_id for r in current[::group]], "policy_version": batch.version,
                      "completion": run.src.tokenizer.decode(current[0].completion_ids, skip_special_tokens=True)}
     return m
+
+
+async def _publish(run: Run, version: int) -> None:
+    """The trainer's current weights become policy `version` on the student servers (and, when the trainer computes
+    the behaviour log-probs, a LoRA snapshot of it)."""
+    await run.publisher.publish(version)
+    if run.config.sampling.logprobs == "trainer":
+        run.snapshots[version] = await run.on_device(run.trainer.snapshot_lora)
+
+
+async def _after_sampling(run: Run, examples, rollouts: list[Rollout], version: int) -> dict:
+    return await run.on_device(_score_on_trainer, run, examples, rollouts, version)
+
+
+def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int) -> dict:
+    """Trainer-side scores of a sampled batch: behaviour log-probs under the sampling version's snapshot (a batch
+    resumed from a checkpoint already has them), teacher log-probs (and top-k) with LoRA off."""
+    out = {}
+    if version in run.snapshots:
+        trainer_lps = behaviour_logprobs(run.trainer, rollouts, run.snapshots[version])
+        served = [(r.sampling_logprobs, lp) for r, lp in zip(rollouts, trainer_lps) if r.sampling_logprobs]
+        if served:  # vLLM's own log-probs of some groups: how far the trainer's are from them
+            vllm, mine = (np.concatenate(x) for x in zip(*served))
+            out["mismatch_kl/vllm"] = mismatch_kl(mine, vllm, np.ones(vllm.shape, bool))
+        for r, lp in zip(rollouts, trainer_lps):
+            r.sampling_logprobs = lp
+    if run.trainer_teacher:
+        src = run.src
+        score_teacher_in_trainer(run.trainer, src.tokenizer, src.env, examples, rollouts, src.context, src.topk)
+    return out
 
 
 async def _evaluate(run: Run, step: int) -> dict:
@@ -360,12 +403,13 @@ async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, v
     return kl
 
 
-async def eval_baseline(config, src: orch.Sources, examples, student_model: str) -> dict[str, dict[str, float]]:
+async def eval_baseline(config, src: orch.Sources, examples, student_model: str,
+                        teacher_sampler: tuple | None) -> dict[str, dict[str, float]]:
     """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
-    context."""
+    context (`teacher_sampler`: its client and model name)."""
     kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed)
     jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=student_model, **kw)}
-    if src.teacher is not None:
-        jobs["teacher"] = evaluate(src.env, src.tokenizer, examples, src.teacher, model=src.teacher_model,
-                                   context=src.context, **kw)
+    if teacher_sampler is not None:
+        client, model = teacher_sampler
+        jobs["teacher"] = evaluate(src.env, src.tokenizer, examples, client, model=model, context=src.context, **kw)
     return dict(zip(jobs, await asyncio.gather(*jobs.values())))

@@ -40,6 +40,7 @@ class Sources:
     seed: int
     topk: int = 0
     skip_verification: bool = False
+    vllm_logprobs: bool = True  # False: the trainer computes the behaviour log-probs (sampling.logprobs='trainer')
 
 
 def prompt_indices(position: int, count: int, num_examples: int, seed: int) -> list[int]:
@@ -65,12 +66,13 @@ def step_examples(src: Sources, position: int) -> list[Example]:
     return [src.train[i] for i in prompt_indices(position, src.prompts_per_step, len(src.train), src.seed)]
 
 
-async def sample_group(src: Sources, example: Example, group: int, seed: int, *, model: str,
-                       version: int) -> list[Rollout]:
-    """`group_size` student samples of one example (one request, n = group_size, seeded) from `model`."""
+async def sample_group(src: Sources, example: Example, group: int, seed: int, *, model: str, version: int,
+                       logprobs: bool = True) -> list[Rollout]:
+    """`group_size` student samples of one example (one request, n = group_size, seeded) from `model`; without
+    `logprobs`, their sampling_logprobs are None (for the trainer to fill)."""
     prompt = render_prompt(src.tokenizer, example.messages)
     comps = await src.student.sample(prompt, src.group_size, model=model, max_tokens=src.max_tokens,
-                                     temperature=src.temperature, seed=seed)
+                                     temperature=src.temperature, seed=seed, logprobs=logprobs)
     return [Rollout(example_id=example.id, group=group, prompt_ids=prompt, completion_ids=c.token_ids,
                     sampling_logprobs=c.logprobs, finish_reason=c.finish_reason, temperature=src.temperature,
                     policy_version=version) for c in comps]

@@ -22,8 +22,9 @@ from ctxd_jax.envs import Example
 from ctxd_jax.records import Rollout
 
 # After sampling, before the batch is handed over: trainer-side work on the whole batch (teacher scores and/or
-# behaviour log-probs computed by the trainer), given the batch's examples, rollouts and policy version.
-BatchHook = Callable[[Sequence[Example], list[Rollout], int], Awaitable[None]]
+# behaviour log-probs computed by the trainer), given the batch's examples, rollouts and policy version; returns
+# metrics of the batch.
+BatchHook = Callable[[Sequence[Example], list[Rollout], int], Awaitable[dict[str, float]]]
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Batch:
     step: int
     version: int
     rollouts: list[Rollout]
-    times: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # phase times and the after-sampling hook's
 
 
 class RolloutPipeline:
@@ -113,13 +114,15 @@ class RolloutPipeline:
         self._sampled[step].set()
         if self.after_sampling is not None:
             t = time.perf_counter()
-            await self.after_sampling(examples, rollouts, version)
+            times.update(await self.after_sampling(examples, rollouts, version))
             times["time/trainer_scoring"] = time.perf_counter() - t
         return Batch(step, version, rollouts, times)
 
     async def _group(self, g: int, example: Example, seed: int, version: int, score: bool, times: dict,
                      t0: float) -> list[Rollout]:
-        rollouts = await orch.sample_group(self.src, example, g, seed, model=self.model(version), version=version)
+        # Without vLLM's log-probs, group 0 still brings them: the trainer's are checked against them (mismatch).
+        rollouts = await orch.sample_group(self.src, example, g, seed, model=self.model(version), version=version,
+                                           logprobs=self.src.vllm_logprobs or g == 0)
         times["time/sample"] = max(times.get("time/sample", 0.0), time.perf_counter() - t0)  # the last group's
         t = time.perf_counter()
         orch.verify(self.src, example, rollouts)

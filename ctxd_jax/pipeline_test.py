@@ -30,14 +30,15 @@ class FakeClient:
         finally:
             self.in_flight -= 1
 
-    async def sample(self, prompt_ids, n, *, model, max_tokens, temperature, seed):
+    async def sample(self, prompt_ids, n, *, model, max_tokens, temperature, seed, logprobs=True):
         self.log.append(("sample", model, seed))
         await self._pause()
         if seed == self.fail_on_seed:
             raise RuntimeError(f"server died while sampling seed {seed}")
         self.log.append(("sampled", model, seed))
         rng = random.Random(f"{model}/{seed}")
-        return [Completion([rng.randrange(3, 300) for _ in range(4)], [-1.0] * 4, "length") for _ in range(n)]
+        return [Completion([rng.randrange(3, 300) for _ in range(4)], [-1.0] * 4 if logprobs else None, "length")
+                for _ in range(n)]
 
     async def score(self, ids, start, *, model, topk=0):
         self.log.append(("score", model, None))
@@ -58,11 +59,12 @@ def _sources(tokenizer, client, teacher=True):
                         prompts_per_step=3, seed=0)
 
 
-async def _run(src, steps: int, async_level: int, fail_step: int | None = None):
+async def _run(src, steps: int, async_level: int, after_sampling=None):
     """The loop's schedule without a trainer: publish version s + 1 once batch s is taken."""
     batches = []
     async with asyncio.TaskGroup() as tg:
-        pipe = RolloutPipeline(src, jax.random.key(0), tg, async_level=async_level, model=lambda v: f"student-v{v}")
+        pipe = RolloutPipeline(src, jax.random.key(0), tg, async_level=async_level, model=lambda v: f"student-v{v}",
+                               after_sampling=after_sampling)
         await pipe.publish(0)
         try:
             for step in range(steps):
@@ -107,8 +109,19 @@ def test_versions_are_pinned_and_runs_do_not_depend_on_timing(tokenizer, async_l
         assert [r.example_id for r in b.rollouts[::2]] == [ex.id for ex in orch.step_examples(src, b.step * 3)]
 
 
+class Slower:
+    """Delays that grow call by call (0.1 s, 0.2 s, ...): the groups' samples come back far apart."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def random(self):
+        self.calls += 1
+        return 5.0 * self.calls
+
+
 def test_groups_stream_to_the_teacher_while_others_sample(tokenizer):
-    client = FakeClient(random.Random(3))
+    client = FakeClient(Slower())
     asyncio.run(_run(_sources(tokenizer, client), 1, 0))
     events = [e for e, _, _ in client.log]
     # a group went to the teacher before the last group's samples came back
@@ -155,3 +168,23 @@ def test_resumed_batches_are_rescored_not_resampled(tokenizer):
     batch = asyncio.run(main())
     assert [e for e, _, _ in client.log] == ["score"] * 6  # no "sample"
     assert batch.rollouts[0].teacher_logprobs == [-0.5] * 4
+
+
+def test_trainer_side_hook_fills_what_vllm_did_not_send(tokenizer):
+    """sampling.logprobs='trainer': only group 0 asks vLLM for log-probs; the hook sees the whole sampled batch with
+    its version before the trainer does, and its metrics land in the batch's."""
+    src = _sources(tokenizer, FakeClient(random.Random(0)), teacher=False)
+    src.vllm_logprobs = False
+    seen = []
+
+    async def hook(examples, rollouts, version):
+        seen.append((len(examples), version, [r.sampling_logprobs is not None for r in rollouts]))
+        for r in rollouts:
+            r.sampling_logprobs = [-2.0] * len(r.completion_ids)
+        return {"mismatch_kl/vllm": 0.5}
+
+    batches = asyncio.run(_run(src, 3, 1, after_sampling=hook))
+    assert seen == [(3, v, [True, True, False, False, False, False]) for v in (0, 0, 1)]
+    for b in batches:
+        assert b.metrics["mismatch_kl/vllm"] == 0.5 and "time/trainer_scoring" in b.metrics
+        assert all(r.sampling_logprobs == [-2.0] * 4 for r in b.rollouts)

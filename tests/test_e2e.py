@@ -89,8 +89,12 @@ def config_file(path, model_dir, out, **overrides):
 
 
 def run_in_process(config, server):
-    """loop._main on the shared server; returns the trainer (its final state)."""
-    deployment = Deployment(ServerGroup([]), server, server, STUDENT_ADAPTER, "base")
+    """loop._main on the shared server; returns the trainer (its final state). The teacher is the server's base
+    model, scored by vLLM, or by the trainer with teacher.scorer='trainer' (then there is no teacher server)."""
+    if config.teacher.scorer == "trainer":
+        deployment = Deployment(ServerGroup([]), server, None, STUDENT_ADAPTER, None, "trainer")
+    else:
+        deployment = Deployment(ServerGroup([]), server, server, STUDENT_ADAPTER, "base")
     trainer, tokenizer = loop._load_trainer(config)
     asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
     return trainer
@@ -163,6 +167,9 @@ CONFIGS = {
                               buffer=dict(skip_verification=True)),
     "token_kl_topk": dict(loss=dict(adv_tau=1.0, teacher_tau=1.0, student_tau=1.0, topk_tau=1.0, topk=4),
                           advantage=dict(use_full_reward_baseline=False)),
+    # the trainer scores the teacher (top-k too) and the behaviour log-probs; vLLM samples without log-probs
+    "trainer_side": dict(loss=dict(adv_tau=1.0, teacher_tau=1.0, student_tau=1.0, topk_tau=1.0, topk=4),
+                         teacher=dict(scorer="trainer", eval_baseline=False), sampling=dict(logprobs="trainer")),
 }
 
 
@@ -176,8 +183,10 @@ def test_common_configurations(name, tmp_path, student_teacher_server, tiny_mode
     assert np.isfinite(row["loss"]) and "teacher_kl" in row
     if name == "pure_distillation":
         assert row["reward/mean"] == 0.0
-    if name == "token_kl_topk":
+    if name in ("token_kl_topk", "trainer_side"):
         assert np.isfinite(row["topk_kl"]) and row["kl_contrib_abs"] > 0
+    if name == "trainer_side":  # vLLM's log-probs of group 0 against the trainer's: the same model, float32
+        assert 0 <= row["mismatch_kl/vllm"] < 1e-3 and row["mismatch_kl"] < 1e-3
 
 
 def _cli(config_path, *extra):
