@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -55,30 +54,8 @@ def step_config(config) -> StepConfig:
                       micro_batch_rows=t.micro_batch_rows, chunk_size=t.chunk_size)
 
 
-class StopFlag:
-    """First SIGINT asks the loop to stop after the current step (with a checkpoint); the second aborts."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        if self.event.is_set():
-            raise KeyboardInterrupt
-        self.event.set()
-        print("\nstopping after this step (checkpoint first); Ctrl-C again to abort", file=sys.stderr)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def run(config, plan) -> None:
+def run(config, plan, stop: threading.Event) -> None:
+    """`stop` (set by the command line on SIGINT/SIGTERM): finish the step, checkpoint, return."""
     out = os.path.abspath(os.path.expanduser(config.output_dir))
     os.makedirs(out, exist_ok=True)
     deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
@@ -91,8 +68,7 @@ def run(config, plan) -> None:
             server.start()
         trainer, tokenizer = _load_trainer(config)
         deployment.group.start()  # waits until healthy
-        with StopFlag() as stop:
-            asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop.event))
+        asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop))
     finally:
         deployment.group.stop()
 
