@@ -35,11 +35,21 @@ class RunDir:
     path: str
     resume_step: int | None  # the checkpoint this start continues from; None = a fresh run
     max_steps: int
+    overwrite: bool = False  # the earlier run's files are to be deleted (clear) before the start
 
     @property
     def complete(self) -> bool:
         """Nothing left to train: the latest checkpoint is at (or past) max_steps."""
         return self.resume_step is not None and self.resume_step >= self.max_steps
+
+    def clear(self) -> None:
+        """Deletes what a run writes here (RUN_ENTRIES) and nothing else."""
+        for name in RUN_ENTRIES:
+            target = os.path.join(self.path, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.remove(target)
 
 
 def run_path(config) -> str:
@@ -54,17 +64,12 @@ def checkpointer(config):
 
 
 def prepare(config) -> RunDir:
-    """What this start does with `config.output_dir`; raises ConfigError (naming the flag to pass) where it may not
-    start. With ckpt.overwrite, deletes the earlier run's files (RUN_ENTRIES) first."""
+    """What this start does with `config.output_dir` (it changes nothing there); raises ConfigError, naming the flag
+    to pass, where it may not start. With ckpt.overwrite the caller deletes the earlier run (RunDir.clear) once every
+    other check has passed."""
     path = run_path(config)
     if config.ckpt.overwrite:
-        for name in RUN_ENTRIES:
-            target = os.path.join(path, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.lexists(target):
-                os.remove(target)
-        return RunDir(path, None, config.max_steps)
+        return RunDir(path, None, config.max_steps, overwrite=True)
     latest = latest_step(path)
     held = _held(path, latest)
     if not held:

@@ -79,4 +79,6 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / "mine").mkdir()
     run = rundir.prepare(config)
-    assert run.resume_step is None and sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]
+    assert run.resume_step is None and run.overwrite and os.path.isdir(tmp_path / "checkpoints")  # not yet
+    run.clear()
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]

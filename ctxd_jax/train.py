@@ -187,12 +187,14 @@ def main(argv: list[str]) -> int:
     from ctxd_jax.checkpoint import CheckpointError
 
     try:
+        run = rundir.prepare(config)  # first: the quickest refusal
         preflight.check(config, plan)
-        run = rundir.prepare(config)
     except config_lib.ConfigError as e:
         _fail(str(e))
     except CheckpointError as e:  # a checkpoint in the run folder that cannot be read
         _fail(f"output_dir: {e}")
+    if run.overwrite:
+        run.clear()
     if run.complete:
         _replot(run.path)
         print(f"{run.path}: the run is complete (checkpoint at step {run.resume_step}, max_steps "

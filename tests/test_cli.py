@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,3 +186,24 @@ def test_used_run_folder_is_refused_and_kept(tiny_model_dir, tmp_path):
     assert msg == (f"output_dir: {out} holds a run (metrics of 3 steps); continue it with --config.ckpt.resume=true "
                    "or start over with --config.ckpt.overwrite=true (deletes it)")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "weights" / "step_000003").is_dir()
+
+
+def test_complete_run_only_redraws_its_plots(tiny_model_dir, tmp_path):
+    """README command 1 run again: the demo resumes by default, and a run at max_steps starts nothing."""
+    from configs import demo
+    from ctxd_jax import rundir
+    from ctxd_jax.config import Gpus, resolve
+
+    c = demo.get_config()
+    c.update_from_flattened_dict({"model.path": tiny_model_dir, "output_dir": str(tmp_path)})
+    config = resolve(c, Gpus())[0]
+    ckpt = rundir.checkpointer(config)
+    ckpt.save(config.max_steps, {"w": np.zeros(2)}, {"data_position": 0})
+    ckpt.close()
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "reward/mean": 0.5}}\n' for s in (1, 2)))
+    r = cli(*tiny_run(tiny_model_dir, tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().endswith(f"{tmp_path}: the run is complete (checkpoint at step {config.max_steps}, "
+                                     f"max_steps {config.max_steps}); plots redrawn. Raise --config.max_steps to "
+                                     "train on.")
+    assert (tmp_path / "reward.png").exists() and not (tmp_path / "logs").exists()  # no server started
