@@ -18,6 +18,7 @@ python3 -m ctxd_jax.train --config=configs/rl.py --config.model.path="$MODEL" \
   --config.inference.gpu_memory_utilization=0.65 --config.trainer.gpu_memory_fraction=0.3 \
   --config.max_steps="$STEPS" --config.batch_size=256 --config.rollouts_per_example=16 \
   --config.sampling.max_tokens=1024 --config.seq_len=4096 --config.teacher.eval_baseline=False \
-  --config.ckpt.interval=0 --config.log.tensorboard=False --config.output_dir="$OUT_DIR/run"
+  --config.ckpt.interval=0 --config.log.tensorboard=False --config.output_dir="$OUT_DIR/run" \
+  --config.ckpt.overwrite=true
 cp "$OUT_DIR"/run/logs/*.log "$OUT_DIR/vllm.log" 2>/dev/null || true
 python3 bench/phase_table.py "$OUT_DIR/run/metrics.jsonl"

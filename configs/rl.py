@@ -10,7 +10,7 @@ not stored here: ctxd_jax/config.py computes them from this and the GPU id flags
 import ml_collections
 from ml_collections import config_dict
 
-from ctxd_jax.envs.sokoban import TEACHER_CONTEXT
+from ctxd_jax.config import env_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,11 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Total samples per step, and the group size of the advantage baseline.
     c.batch_size = 256
     c.rollouts_per_example = 16
-    # logprobs: who computes each sampled token's behaviour log-prob (the importance ratios' denominator). 'vllm' asks
-    # the sampling server for it; 'trainer' scores the batch with the sampling version's LoRA in the trainer instead,
-    # so vLLM samples without per-token log-probs (they cost it up to half its speed); one group a batch still
-    # brings vLLM's, for the mismatch_kl/vllm metric.
-    c.sampling = dict(max_tokens=8192, temperature=1.0, logprobs="vllm")
+    # logprobs: who computes each sampled token's behaviour log-prob (the importance ratios' denominator). 'trainer'
+    # scores the batch with the sampling version's LoRA in the trainer, so vLLM samples without per-token log-probs
+    # (0.93-0.95x its base-model speed through an adapter, against 0.60-0.65x with them; BENCHMARKS.md); one group a
+    # batch still brings vLLM's, for the mismatch_kl/vllm metric. 'vllm' asks the sampling server for them.
+    c.sampling = dict(max_tokens=8192, temperature=1.0, logprobs="trainer")
 
     # reward = adv_tau * task + teacher_tau * sum(lp_teacher) - student_tau * sum(lp_student).
     # The only copy of the taus.
@@ -62,14 +62,15 @@ def get_config() -> ml_collections.ConfigDict:
     # skip_verification: reward 0 for every sample, verifier not run (pure distillation).
     c.buffer = dict(skip_verification=False)
 
-    # context: the teacher's system message (replaces the student's); '' = the teacher sees the student's prompt.
+    # context: the teacher's system message (replaces the student's); unset = the environment's own context (for
+    # Sokoban our guide); '' = the teacher sees the student's prompt.
     # model: the teacher's HF folder; '' = the student's base model (then one server can serve both).
     # scorer: who computes the teacher's log-probs: 'trainer' (the base model is the teacher: the trainer scores it
     # with LoRA off, no teacher server), 'vllm' (a teacher server's prompt_logprobs), 'auto' (trainer when it can).
-    c.teacher = dict(context=TEACHER_CONTEXT, eval_baseline=True, model="", scorer="auto")
-    # args: keyword arguments of the environment class; here the reference run's puzzle sizes and split sizes.
-    c.env = dict(name="sokoban", args=dict(seed=40, num_train=15000, num_eval=1000, min_w=4, max_w=9, min_h=4,
-                                           max_h=9, min_boxes=1, max_boxes=7, max_depth=80))
+    c.teacher = dict(context=config_dict.placeholder(str), eval_baseline=True, model="", scorer="auto")
+    # name picks the environment; env.<name> holds its keyword arguments at its own defaults (Sokoban's are the
+    # reference run's puzzle and split sizes), e.g. --config.env.name=ahoy --config.env.ahoy.num_eval=32.
+    c.env = env_config("sokoban")
 
     c.optim = dict(
         lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,
@@ -103,7 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
         # dp: None = inferred as len(inference_gpu_ids) / tp.
         parallel=dict(dp=config_dict.placeholder(int), tp=1),
         gpu_memory_utilization=0.9,
-        port=8000,  # the teacher's own server, when there is one, takes port + 1
+        # uds: each server listens on a Unix socket in a folder only this user can open (vLLM's dev endpoints take
+        # no key); tcp: 127.0.0.1:port, for layouts that need a network address (BUILD.md).
+        transport="uds",
+        port=8000,  # tcp only; the teacher's own server, when there is one, takes port + 1
         api_key="",  # '' = a random key per run
         kv_cache_gb=4,  # CPU only: VLLM_CPU_KVCACHE_SPACE
     )
@@ -111,7 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.parity = dict(max_mismatch_kl=1e-2, num_prompts=4)
 
     c.eval = dict(interval=1000, num_examples=1024)
-    c.ckpt = dict(interval=50, resume=False, keep=2)
+    # A run folder (output_dir) that holds a run is never reused silently: resume=True continues it (from its latest
+    # checkpoint, refusing a config that changes what the saved state depends on); overwrite=True deletes it first.
+    c.ckpt = dict(interval=50, resume=False, overwrite=False, keep=2)
     c.log = dict(tensorboard=True, wandb="")  # wandb: project name, '' = off
 
     c.lock()

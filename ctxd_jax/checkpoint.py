@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: arrays (LoRA, optimizer state) plus JSON metadata (step, RNG key, data position).
+"""Orbax checkpoints of a run: arrays (LoRA, optimizer state) plus JSON metadata (step, RNG key, data position, and
+the run's resolved config, so a resume can tell what changed).
 
 Orbax writes each step into a temporary folder and renames it when complete, so the latest step it lists is the
 latest COMPLETE checkpoint; a run killed mid-save leaves only a temporary folder that is ignored.
@@ -17,10 +18,12 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    """`save(step, arrays, meta)` / `restore(target)`; keeps the newest `keep` checkpoints under `directory`."""
+    """`save(step, arrays, meta)` / `restore(target)`; keeps the newest `keep` checkpoints under `directory`.
+    `config` (the run's resolved config as a dict) is stored in every checkpoint's metadata under "config"."""
 
-    def __init__(self, directory: str, *, keep: int = 2):
+    def __init__(self, directory: str, *, keep: int = 2, config: dict | None = None):
         self.directory = os.path.abspath(directory)
+        self.config = config
         options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True,
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
@@ -32,8 +35,9 @@ class Checkpointer:
     def save(self, step: int, arrays, meta: dict) -> str:
         """Blocking save; overwrites nothing (a step already saved is skipped). Returns the step folder."""
         if step not in self._manager.all_steps():
+            meta = dict(meta, step=step, **({} if self.config is None else {"config": self.config}))
             self._manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                             meta=ocp.args.JsonSave(dict(meta, step=step))))
+                                                             meta=ocp.args.JsonSave(meta)))
             self._manager.wait_until_finished()
         return os.path.join(self.directory, str(step))
 
@@ -50,6 +54,13 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types; name the folder and the step
             raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: {e})") from e
         return out["arrays"], out["meta"]
+
+    def meta(self, step: int) -> dict:
+        """The JSON metadata of `step` alone (no arrays are read)."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises many types; name the folder and the step
+            raise CheckpointError(f"{self.directory}/{step}: cannot read its metadata ({type(e).__name__}: {e})") from e
 
     def close(self) -> None:
         self._manager.close()

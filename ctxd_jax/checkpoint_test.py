@@ -40,3 +40,15 @@ def test_round_trip_and_latest(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert meta["step"] == 3 and meta["data_position"] == 30 and meta["rng"] == np.asarray(key).tolist()
     ck.close()
+
+
+def test_config_is_stored_and_read_alone(tmp_path):
+    config = {"batch_size": 16, "lora": {"rank": 8, "targets": ("q_proj", "v_proj")}}
+    ck = Checkpointer(str(tmp_path / "ckpt"), config=config)
+    ck.save(5, _state(0), {"data_position": 50})
+    ck.close()
+    meta = Checkpointer(str(tmp_path / "ckpt")).meta(5)
+    assert meta["config"] == {"batch_size": 16, "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]}}
+    assert meta["step"] == 5 and meta["data_position"] == 50
+    with pytest.raises(CheckpointError, match="/6: cannot read its metadata"):
+        Checkpointer(str(tmp_path / "ckpt")).meta(6)

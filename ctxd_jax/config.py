@@ -8,7 +8,9 @@ import dataclasses
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
+from ctxd_jax import envs
 from ctxd_jax.models.names import LORA_TARGETS
 
 TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
@@ -22,6 +24,7 @@ REMAT_POLICIES = ("nothing_saveable", "save_attention", "save_mlp", "dots_with_n
 # student's base model), a vLLM server (prompt_logprobs), or 'auto' = the trainer whenever it can.
 TEACHER_SCORERS = ("auto", "trainer", "vllm")
 LOGPROB_SOURCES = ("vllm", "trainer")  # sampling.logprobs
+TRANSPORTS = ("uds", "tcp")
 
 
 class ConfigError(ValueError):
@@ -62,11 +65,12 @@ class ServerPlan:
     gpu_ids: tuple[int, ...]
     dp: int
     tp: int
-    port: int
+    port: int | None  # None: a private Unix socket (inference.transport='uds')
 
     def describe(self) -> str:
         where = f"GPUs {','.join(map(str, self.gpu_ids))} (dp={self.dp}, tp={self.tp})" if self.gpu_ids else "CPU"
-        return f"vLLM server [{' + '.join(self.roles)}] {self.model} on {where}, port {self.port}"
+        listen = "a private Unix socket" if self.port is None else f"port {self.port}"
+        return f"vLLM server [{' + '.join(self.roles)}] {self.model} on {where}, {listen}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +211,9 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.teacher.scorer != "trainer" or _teacher_is_base(config), "teacher.scorer",
              f"'trainer' scores with the student's base model (LoRA off), but teacher.model is "
              f"{config.teacher.model!r}; use 'vllm' or 'auto'")
+    _require(config.inference.transport in TRANSPORTS, "inference.transport",
+             f"{config.inference.transport!r} is not one of {TRANSPORTS}")
+    _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
 
 
 def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
@@ -274,7 +281,8 @@ def _check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan) -> None:
 
 def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
     """The processes of a validated config (dp already resolved)."""
-    tp, port = config.inference.parallel.tp, config.inference.port
+    tp = config.inference.parallel.tp
+    port = config.inference.port if config.inference.transport == "tcp" else None
     student = ServerPlan(("student",), config.model.path, gpus.inference, config.inference.parallel.dp, tp, port)
     teacher_model, scorer = _teacher_model(config), teacher_scorer(config)
     if gpus.cpu:
@@ -290,19 +298,53 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
         student = dataclasses.replace(student, roles=("student", "teacher"))
         teacher = student
     else:
-        teacher = ServerPlan(("teacher",), teacher_model, teacher_gpus, max(len(teacher_gpus) // tp, 1), tp, port + 1)
+        teacher = ServerPlan(("teacher",), teacher_model, teacher_gpus, max(len(teacher_gpus) // tp, 1), tp,
+                             None if port is None else port + 1)
     workers = max(len(gpus.trainer) // config.trainer.tp, 1)
     return Plan(gpus.cpu, student, teacher, TrainerPlan(gpus.trainer, workers, config.trainer.tp), scorer,
                 needs_teacher_scores(config))
 
 
+def env_config(name: str) -> ml_collections.ConfigDict:
+    """config.env: `name` picks the environment; one section per registered environment holds its keyword arguments
+    at that environment's own defaults, so `--config.env.name=X --config.env.X.ARG=V` switches and overrides."""
+    sections = {env: {arg: config_dict.placeholder(kind) if default is None else default
+                      for arg, (default, kind) in envs.default_args(env).items()} for env in envs.env_names()}
+    return ml_collections.ConfigDict({"name": name, **sections})
+
+
+def _resolve_env(config: ml_collections.ConfigDict) -> tuple[dict, envs.Environment]:
+    """(env section of the resolved config: name and args of the chosen environment only, the environment). Builds it
+    once (cheap: examples are lazy) so bad arguments fail before anything starts."""
+    name = config.env.name
+    if name not in envs.env_names():
+        raise ConfigError(f"env.name: unknown environment {name!r} (known: {', '.join(envs.env_names())})")
+    _require(name in config.env, f"env.{name}", "missing from the config (build config.env with env_config)")
+    args = config.env[name].to_dict()
+    try:
+        env = envs.get_env(name, **args)
+    except TypeError as e:
+        raise ConfigError(f"env.{name}: {e}") from e
+    except ValueError as e:  # an environment names its argument 'env.ARG'
+        message = str(e)
+        raise ConfigError(f"env.{name}.{message[4:]}" if message.startswith("env.") else f"env.{name}: {message}") \
+            from e
+    return {"name": name, "args": args}, env
+
+
 def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:
-    """Validate; return (config with dp filled in and ~ expanded, plan, warnings).
+    """Validate; return (config with dp filled in, ~ expanded, env reduced to the chosen one's name and args, the
+    teacher context defaulted to the environment's, plan, warnings).
 
     Raises ConfigError on the first bad field."""
     _check_values(config)
     _check_layout(config, gpus)
+    env_section, env = _resolve_env(config)
     resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.env = env_section
+    if resolved.teacher.context is None:
+        resolved.teacher.context = env.default_context
     resolved.model.path = os.path.expanduser(resolved.model.path)
     resolved.teacher.model = os.path.expanduser(resolved.teacher.model)
     if resolved.inference.parallel.dp is None:

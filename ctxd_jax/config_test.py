@@ -2,6 +2,8 @@ import pytest
 
 from configs import demo, rl
 from ctxd_jax.config import ConfigError, Gpus, parse_gpu_ids, resolve, teacher_scorer, validate
+from ctxd_jax.envs.persona import style_context
+from ctxd_jax.envs.sokoban import TEACHER_CONTEXT
 
 CPU = Gpus()
 THREE = Gpus(inference=(0,), teacher=(1,), trainer=(2,))
@@ -32,7 +34,10 @@ def test_defaults_are_the_reference():
     assert (c.batch_size, c.rollouts_per_example) == (256, 16)
     assert (c.sampling.max_tokens, c.sampling.temperature) == (8192, 1.0)
     assert (c.optim.lr, c.optim.max_norm, c.lora.rank, c.lora.alpha) == (1e-5, 1.0, 16, 64)
-    assert c.teacher.eval_baseline and c.teacher.context
+    assert c.teacher.eval_baseline and c.teacher.context is None  # the environment's own context
+    assert resolve(c, THREE)[0].teacher.context == TEACHER_CONTEXT
+    assert c.env.sokoban.to_dict() == dict(seed=40, num_train=15000, num_eval=1000, min_w=4, max_w=9, min_h=4,
+                                           max_h=9, min_boxes=1, max_boxes=7, max_depth=80)
     assert not c.buffer.skip_verification
     assert c.inference.parallel.dp is None and c.inference.parallel.tp == 1
     assert c.max_async_level == 1
@@ -184,7 +189,9 @@ def test_teacher_sharing():
     assert plan.teacher_shared
     half = dict(inference__gpu_memory_utilization=0.45)  # two servers on one GPU must share it
     _, plan, _ = resolve(_config(teacher__model="/models/other", **half), same)
-    assert not plan.teacher_shared and plan.teacher.model == "/models/other" and plan.teacher.port == 8001
+    assert not plan.teacher_shared and plan.teacher.model == "/models/other" and plan.teacher.port is None
+    _, plan, _ = resolve(_config(teacher__model="/models/other", inference__transport="tcp", **half), same)
+    assert (plan.student.port, plan.teacher.port) == (8000, 8001)
     _, plan, _ = resolve(_config(**half, **VLLM), Gpus(inference=(0, 1), teacher=(1,), trainer=(2,)))
     assert not plan.teacher_shared and plan.teacher.gpu_ids == (1,) and plan.student.dp == 2
 
@@ -223,3 +230,21 @@ def test_shared_gpus_must_fit():
     assert validate(_config(inference__gpu_memory_utilization=0.45, **VLLM), layout) == []
     with pytest.raises(ConfigError, match=r"^trainer.attn_impl: 'flash'"):
         validate(_config(trainer__attn_impl="flash"), THREE)
+
+
+def test_switching_environment_takes_its_defaults():
+    config, _, _ = resolve(_config(env__name="ahoy"), CPU)
+    assert config.env.to_dict() == {"name": "ahoy", "args": {"seed": 0, "num_eval": 96, "num_train": None}}
+    assert config.teacher.context == style_context("ahoy")
+    config, _, _ = resolve(_config(env__name="cheers", env__cheers__num_train=10, teacher__context=""), CPU)
+    assert config.env.args.num_train == 10 and config.teacher.context == ""
+    assert _error(_config(env__name="nope")).startswith("env.name: unknown environment 'nope' (known: ahoy, caps")
+    assert _error(_config(env__name="ahoy", env__ahoy__num_eval=0)).startswith("env.ahoy.num_eval: 0 must be in")
+    assert _error(_config(env__sokoban__num_train=0)).startswith("env.sokoban: ")
+
+
+def test_transport_and_output_dir():
+    assert _error(_config(inference__transport="http")).startswith("inference.transport: 'http' is not one of")
+    assert _error(_config(output_dir="")).startswith("output_dir: is empty")
+    _, plan, _ = resolve(_config(), CPU)
+    assert plan.student.port is None and "a private Unix socket" in plan.describe()

@@ -5,8 +5,8 @@ Start the vLLM servers (loading the JAX model meanwhile), publish the initial we
 rollout pipeline (ctxd_jax/pipeline.py, sampling up to `max_async_level` versions ahead), pack, train, publish the
 next version (ctxd_jax/inference/handoff.py); then `_evaluate`, log, `_checkpoint`. What a checkpoint holds besides
 the trainer's arrays is one small record, `RunState`, including the batches already sampled ahead, so a resumed run
-replays what an uninterrupted one would have done. Ctrl-C finishes the current step, saves a checkpoint and stops; a
-second Ctrl-C aborts. Servers stop on every path.
+replays what an uninterrupted one would have done. A stop (the command line sets it on SIGINT/SIGTERM) finishes the
+current step and saves a checkpoint. Servers stop on every path.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -32,7 +31,8 @@ from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.config import needs_teacher_scores
 from ctxd_jax.envs import get_env
 from ctxd_jax.evaluate import baseline_table, evaluate
-from ctxd_jax.inference.deploy import BASE_NAME, build_servers
+from ctxd_jax import rundir
+from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
 from ctxd_jax.inference.handoff import Publisher
 from ctxd_jax.packing import pack
 from ctxd_jax.pipeline import RolloutPipeline
@@ -60,30 +60,8 @@ def step_config(config) -> StepConfig:
                       micro_batch_rows=t.micro_batch_rows, chunk_size=t.chunk_size)
 
 
-class StopFlag:
-    """First SIGINT asks the loop to stop after the current step (with a checkpoint); the second aborts."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        if self.event.is_set():
-            raise KeyboardInterrupt
-        self.event.set()
-        print("\nstopping after this step (checkpoint first); Ctrl-C again to abort", file=sys.stderr)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def run(config, plan) -> None:
+def run(config, plan, stop: threading.Event) -> None:
+    """`stop` (set by the command line on SIGINT/SIGTERM): finish the step, checkpoint, return."""
     out = os.path.abspath(os.path.expanduser(config.output_dir))
     os.makedirs(out, exist_ok=True)
     deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
@@ -96,8 +74,7 @@ def run(config, plan) -> None:
             server.start()
         trainer, tokenizer = _load_trainer(config)
         deployment.group.start()  # waits until healthy
-        with StopFlag() as stop:
-            asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop.event))
+        asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop))
     finally:
         deployment.group.stop()
 
@@ -180,7 +157,7 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
         teacher=deployment.teacher_client(), teacher_model=deployment.teacher_model, context=config.teacher.context,
         max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature,
         group_size=config.rollouts_per_example, prompts_per_step=config.batch_size // config.rollouts_per_example,
-        seed=config.seed, topk=config.loss.topk if config.loss.topk_tau > 0 else 0,
+        seed=config.seed, topk=teacher_topk(config),
         skip_verification=config.buffer.skip_verification, vllm_logprobs=config.sampling.logprobs == "vllm")
     merged = config.weights.mode == "merged"
 
@@ -192,7 +169,7 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
 
     publisher = Publisher([src.student], os.path.join(out, "weights"), write, merged=merged,
                           prefix=deployment.student_model, base_name=BASE_NAME)
-    ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=config.ckpt.keep)
+    ckpt = rundir.checkpointer(config)  # stores the resolved config, which a resume is checked against
     trainer_teacher = deployment.teacher_scorer == "trainer" and needs_teacher_scores(config)
     return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]),
                deployment.teacher_sampler(), trainer_teacher)
@@ -208,12 +185,6 @@ def _restore(run: Run) -> RunState:
         state = RunState.from_meta(meta)
         print(f"resumed from {ckpt.directory}/{state.step} (data position {state.step * run.src.prompts_per_step})",
               file=sys.stderr)
-    elif latest is not None:
-        print(f"starting fresh: removing old checkpoints in {ckpt.directory} (resume with --config.ckpt.resume)",
-              file=sys.stderr)
-        ckpt.close()
-        shutil.rmtree(ckpt.directory)
-        run.ckpt = Checkpointer(ckpt.directory, keep=config.ckpt.keep)
     return state
 
 
@@ -233,8 +204,6 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
                                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
                                            run_config=config.to_dict())
         await _train(run, state, logger, stop)
-        if stop.is_set():
-            print(f"stopped at step {state.step}; resume with --config.ckpt.resume", file=sys.stderr)
     finally:
         if logger is not None:
             logger.close()

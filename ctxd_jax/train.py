@@ -1,13 +1,23 @@
 """The command line: `python -m ctxd_jax.train --config=configs/rl.py [--config.FIELD=VALUE ...] [--dry_run]`.
 
 Parses, validates, and either prints the resolved config and the plan of processes (--dry_run) or runs the loop.
-Bad input of any kind (unknown key, bad value, inconsistent settings) ends with one line `error: field: message`
-and exit status 2, never a traceback.
+Bad input of any kind (unknown key, bad value, inconsistent settings, a missing model folder, a run folder in use)
+ends with one line `error: field: message` and exit status 2, never a traceback, before any process starts.
+
+Signals are handled here: the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, preemption, `docker stop`, a scheduler's time
+limit) asks the loop to stop with a checkpoint; the run then exits with 128 + the signal's number and one line
+saying how to resume. A second one aborts. A server that dies or hangs ends the run with exit status 1 and an error
+naming it with its log tail (--debug adds the traceback).
 """
 
+import contextlib
 import logging
+import os
 import re
+import shlex
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 import ml_collections
@@ -15,7 +25,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ctxd_jax import config as config_lib
-from ctxd_jax import envs
 
 DEFAULT_CONFIG = "configs/rl.py"
 # No default here: config_flags would load it and apply --config.* overrides while this module is imported, where a
@@ -26,8 +35,11 @@ _INFERENCE_GPU_IDS = flags.DEFINE_string("inference_gpu_ids", "", "GPU ids of th
 _TEACHER_GPU_IDS = flags.DEFINE_string("teacher_gpu_ids", "", "GPU ids of the teacher vLLM server; may overlap.")
 _TRAINER_GPU_IDS = flags.DEFINE_string("trainer_gpu_ids", "", "GPU ids of the JAX trainer. No GPU ids = CPU mode.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config and the plan, start nothing.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a run that fails (a dead server, the parity gate).")
 
+EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _fail(message: str) -> NoReturn:
@@ -77,15 +89,79 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
-def _check_env(config: ml_collections.ConfigDict) -> None:
-    """Build the environment once (cheap: examples are lazy) so a bad env.name or env.args fails before any start."""
+@contextlib.contextmanager
+def stop_requests():
+    """Yields an Event that the first SIGINT/SIGTERM/SIGHUP sets (the loop checkpoints and stops); a second signal
+    raises KeyboardInterrupt (abort; the servers still stop). `event.signum` is the first signal's number."""
+    event = threading.Event()
+    event.signum = None
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.signum = signum
+        event.set()
+        print(f"\n{signal.Signals(signum).name}: stopping with a checkpoint; send it again to abort", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        envs.get_env(config.env.name, **config.env.args.to_dict())
-    except TypeError as e:
-        raise config_lib.ConfigError(f"env.args: {e}") from e
-    except ValueError as e:
-        message = str(e)
-        raise config_lib.ConfigError(message if message.startswith("env.") else f"env: {message}") from e
+        yield event
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _hide_gpus(plan: config_lib.Plan) -> None:
+    """CPU mode: no process of the run sees a GPU (the servers inherit this; JAX is told before it is imported)."""
+    if plan.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _resume_command(argv: list[str]) -> str:
+    from ctxd_jax.rundir import RESUME_FLAG
+
+    kept = [a for a in argv[1:] if not re.match(r"^--?(no)?config\.ckpt\.(resume|overwrite)\b", a)]
+    return shlex.join([os.path.basename(sys.executable), "-m", "ctxd_jax.train", *kept, RESUME_FLAG])
+
+
+def _replot(path: str) -> None:
+    from ctxd_jax import metrics, rundir
+
+    metrics.plot(path, baseline=metrics.read_json(os.path.join(path, rundir.EVAL_BASELINE)))
+
+
+def _run(config: ml_collections.ConfigDict, plan: config_lib.Plan, argv: list[str]) -> int:
+    """The run itself, after every check: exit status 0 (done), 1 (failed) or 128 + signal (stopped, resumable)."""
+    from ctxd_jax import loop, rundir  # JAX and vLLM load only for a real run
+    from ctxd_jax.checkpoint import CheckpointError
+    from ctxd_jax.inference.client import RequestError
+    from ctxd_jax.inference.server import ServerError
+
+    # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
+    for name in ("httpx", "absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    status = 0
+    with stop_requests() as stop:
+        try:
+            loop.run(config, plan, stop)
+        except (ServerError, RequestError, CheckpointError, loop.ParityError) as e:
+            if _DEBUG.value:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            status = EXIT_FAILED
+        except KeyboardInterrupt:
+            print("aborted: no checkpoint of the step in progress", file=sys.stderr)
+            return 128 + (stop.signum or signal.SIGINT)
+    if not stop.is_set():
+        return status
+    step = rundir.latest_step(rundir.run_path(config))
+    if step is not None and step >= config.max_steps:
+        return status
+    saved = "no checkpoint yet" if step is None else f"checkpoint at step {step}"
+    print(f"stopped by {signal.Signals(stop.signum).name} ({saved}); resume with: {_resume_command(argv)}",
+          file=sys.stderr)
+    return 128 + stop.signum
 
 
 def main(argv: list[str]) -> int:
@@ -98,7 +174,6 @@ def main(argv: list[str]) -> int:
             trainer=config_lib.parse_gpu_ids("trainer_gpu_ids", _TRAINER_GPU_IDS.value),
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
-        _check_env(config)
     except config_lib.ConfigError as e:
         _fail(str(e))
     for warning in warnings:
@@ -107,13 +182,25 @@ def main(argv: list[str]) -> int:
         print(config)
         print(plan.describe())
         return 0
-    from ctxd_jax import loop  # JAX and vLLM load only for a real run
+    _hide_gpus(plan)
+    from ctxd_jax import preflight, rundir
+    from ctxd_jax.checkpoint import CheckpointError
 
-    # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
-    for name in ("httpx", "absl", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    loop.run(config, plan)
-    return 0
+    try:
+        run = rundir.prepare(config)  # first: the quickest refusal
+        preflight.check(config, plan)
+    except config_lib.ConfigError as e:
+        _fail(str(e))
+    except CheckpointError as e:  # a checkpoint in the run folder that cannot be read
+        _fail(f"output_dir: {e}")
+    if run.overwrite:
+        run.clear()
+    if run.complete:
+        _replot(run.path)
+        print(f"{run.path}: the run is complete (checkpoint at step {run.resume_step}, max_steps "
+              f"{config.max_steps}); plots redrawn. Raise --config.max_steps to train on.", file=sys.stderr)
+        return 0
+    return _run(config, plan, sys.argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ stopped at the end of the session, and the session fails if any of their process
 """
 
 import os
+import secrets
 
 import pytest
 
@@ -50,11 +51,15 @@ def vllm_server_factory(vllm_log_dir):
         s.stop()
 
 
+# An API key that begins with '-', as a random one does once in 64 runs: the server must start with it anyway.
+DASH_KEY = "-" + secrets.token_urlsafe(24)
+
+
 @pytest.fixture(scope="session")
 def student_teacher_server(vllm_server_factory, tiny_model_dir):
     """One server: teacher = "base" (the tiny model), student = LoRA adapters (rank <= 8) loaded at runtime;
     dev mode on, so full-weight reloads work too (a test that reloads must restore the base weights)."""
-    return vllm_server_factory(tiny_model_dir, name="student+teacher", lora_rank=8, dev_mode=True)
+    return vllm_server_factory(tiny_model_dir, name="student+teacher", lora_rank=8, dev_mode=True, api_key=DASH_KEY)
 
 
 def pytest_sessionfinish(session, exitstatus):

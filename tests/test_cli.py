@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def test_common_configuration(name):
         leaf = field.split(".")[-1]
         shown = value if value in ("true", "false") else str(float(value))
         assert f"  {leaf}: {shown}\n" in r.stdout, (flag, r.stdout)
-    assert "vLLM server [teacher] " in r.stdout and "on GPUs 1 (dp=1, tp=1), port 8001" in r.stdout
+    assert "vLLM server [teacher] " in r.stdout and "on GPUs 1 (dp=1, tp=1), a private Unix socket" in r.stdout
 
 
 @pytest.mark.parametrize("name", COMMON)
@@ -118,10 +119,10 @@ SHARED_GPU = ["--inference_gpu_ids=0,1", "--teacher_gpu_ids=1", "--trainer_gpu_i
 
 @pytest.mark.parametrize("args,servers", [
     (["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3", VLLM],
-     ["[student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0 (dp=1, tp=1), port 8000",
-      "[teacher] Qwen/Qwen3-4B-Instruct-2507 on GPUs 1 (dp=1, tp=1), port 8001"]),
+     ["[student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0 (dp=1, tp=1), a private Unix socket",
+      "[teacher] Qwen/Qwen3-4B-Instruct-2507 on GPUs 1 (dp=1, tp=1), a private Unix socket"]),
     # Student replica and teacher each take gpu_memory_utilization of GPU 1: two shares must add up to <= 1.
-    (SHARED_GPU + ["--config.inference.gpu_memory_utilization=0.45"],
+    (SHARED_GPU + ["--config.inference.gpu_memory_utilization=0.45", "--config.inference.transport=tcp"],
      ["[student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0,1 (dp=2, tp=1), port 8000",
       "[teacher] Qwen/Qwen3-4B-Instruct-2507 on GPUs 1 (dp=1, tp=1), port 8001"]),
 ])
@@ -160,6 +161,9 @@ def test_shared_gpu_over_its_memory_is_refused():
     (["--config=configs/demo.py", "--config.env.name=nope"], "env.name: unknown environment 'nope'"),
     (["--config.teacher.scorer=trainer", "--config.teacher.model=/models/other"],
      "teacher.scorer: 'trainer' scores with the student's base model (LoRA off), but teacher.model is"),
+    (["--config.env.name=ahoy", "--config.env.ahoy.num_eval=0"], "env.ahoy.num_eval: 0 must be in [1, "),
+    (["--config.env.args.seed=1"], "config.env.args.seed: unknown key 'args'"),
+    (["--config.inference.transport=http"], "inference.transport: 'http' is not one of ('uds', 'tcp')"),
 ])
 def test_refusals(args, prefix):
     assert refused(*args).startswith(prefix)
@@ -170,3 +174,64 @@ def test_warning_for_setting_without_effect():
     assert "warning: advantage.kl_only_incorrect: no effect" in r.stderr
     r = ok("--config.buffer.skip_verification=true")
     assert "warning: buffer.skip_verification: " in r.stderr
+
+
+def test_switching_environment_from_the_command_line():
+    r = ok("--config=configs/rl.py", "--config.env.name=ahoy", "--config.env.ahoy.num_eval=32")
+    env = r.stdout.split("\nenv:\n")[1].split("\neval:")[0]
+    assert "name: ahoy" in env and "num_eval: 32" in env and "min_w" not in env
+    assert "Start every answer with" in r.stdout  # the teacher context follows the environment
+
+
+# Checks that need the files run before any process starts (no --dry_run here: a run that is refused).
+def start_refused(*args: str) -> str:
+    r = cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "vLLM" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0].removeprefix("error: ")
+
+
+def tiny_run(model_dir, out, *extra):
+    return ["--config=configs/demo.py", f"--config.model.path={model_dir}", f"--config.output_dir={out}", *extra]
+
+
+def test_missing_model_folder_is_refused_before_start(tmp_path):
+    msg = start_refused(*tiny_run(tmp_path / "nope", tmp_path / "out"))
+    assert msg.startswith(f"model.path: '{tmp_path / 'nope'}' is not a folder")
+    (tmp_path / "empty").mkdir()
+    assert start_refused(*tiny_run(tmp_path / "empty", tmp_path / "out")).startswith("model.path: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_used_run_folder_is_refused_and_kept(tiny_model_dir, tmp_path):
+    """A folder holding a run: without resume or overwrite, the start is refused and nothing of it is touched."""
+    out = tmp_path / "run"
+    (out / "weights" / "step_000003").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    msg = start_refused(*tiny_run(tiny_model_dir, out, "--config.ckpt.resume=false"))
+    assert msg == (f"output_dir: {out} holds a run (metrics of 3 steps); continue it with --config.ckpt.resume=true "
+                   "or start over with --config.ckpt.overwrite=true (deletes it)")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "weights" / "step_000003").is_dir()
+
+
+def test_complete_run_only_redraws_its_plots(tiny_model_dir, tmp_path):
+    """README command 1 run again: the demo resumes by default, and a run at max_steps starts nothing."""
+    from configs import demo
+    from ctxd_jax import rundir
+    from ctxd_jax.config import Gpus, resolve
+
+    c = demo.get_config()
+    c.update_from_flattened_dict({"model.path": tiny_model_dir, "output_dir": str(tmp_path)})
+    config = resolve(c, Gpus())[0]
+    ckpt = rundir.checkpointer(config)
+    ckpt.save(config.max_steps, {"w": np.zeros(2)}, {"data_position": 0})
+    ckpt.close()
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "reward/mean": 0.5}}\n' for s in (1, 2)))
+    r = cli(*tiny_run(tiny_model_dir, tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().endswith(f"{tmp_path}: the run is complete (checkpoint at step {config.max_steps}, "
+                                     f"max_steps {config.max_steps}); plots redrawn. Raise --config.max_steps to "
+                                     "train on.")
+    assert (tmp_path / "reward.png").exists() and not (tmp_path / "logs").exists()  # no server started

@@ -5,10 +5,14 @@ The reference log-probs come from the JAX model (ctxd_jax.models), so these also
 
 import asyncio
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+
+import httpx
 
 import jax
 import jax.numpy as jnp
@@ -219,10 +223,22 @@ def test_bad_request_names_server(client):
     assert "404" in str(e.value)
 
 
-def test_killed_server_is_reported(vllm_server_factory, tiny_model_dir):
+def test_hung_then_killed_server_is_reported(vllm_server_factory, tiny_model_dir):
     server = vllm_server_factory(tiny_model_dir, name="doomed")
-    client = Client.for_server(server, retries=2, backoff=0.1)
+    # The watchdog's thresholds shortened for the test (a run waits 45 s of failed /health probes).
+    client = Client.for_server(server, retries=2, backoff=0.1, probe_interval=0.5, unhealthy_after=2.0)
     assert run(client.health())
+
+    async def sample_while_stopped():
+        os.killpg(server.pid, signal.SIGSTOP)  # hung: alive, accepts connections, answers nothing
+        try:
+            return await client.sample([1, 5, 6], 1, model=BASE, max_tokens=4)
+        finally:
+            os.killpg(server.pid, signal.SIGCONT)
+
+    with pytest.raises(ServerError) as e:
+        run(sample_while_stopped())
+    assert "'doomed'" in str(e.value) and "did not answer GET /health for 2 s (hung)" in str(e.value)
     os.kill(server.pid, signal.SIGKILL)
     with pytest.raises(ServerError) as e:
         run(client.sample([1, 5, 6], 1, model=BASE, max_tokens=4))
@@ -239,6 +255,48 @@ def test_startup_failure_shows_log(tmp_path):
         with VLLMServer(str(bad), name="broken", log_dir=str(tmp_path)):
             pass
     assert "Last lines of" in str(e.value) and str(bad) in str(e.value)
+
+
+def _listening_tcp_ports(pid: int) -> list[int]:
+    """TCP ports that process `pid` listens on (its socket inodes matched against /proc/net/tcp{,6} LISTEN rows)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                    ports.append(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('connected')"
+
+
+def test_endpoints_reach_only_this_user(student_teacher_server):
+    """vLLM's key guards only /v1-style paths, not the dev endpoints (/collective_rpc, /pause, /reset_prefix_cache):
+    so the API server listens on no TCP port, only on a Unix socket in a folder no other user can open."""
+    s = student_teacher_server
+    assert s.api_key.startswith("-")  # and it started (conftest's key)
+    assert _listening_tcp_ports(s.pid) == []
+    info = os.stat(os.path.dirname(s.uds))
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.geteuid()
+    with httpx.Client(base_url=s.base_url, transport=s.transport(), timeout=30) as http:
+        assert http.get("/v1/models").status_code == 401  # the key still guards what it guards
+        assert http.get("/v1/models", headers={"Authorization": f"Bearer {s.api_key}"}).status_code == 200
+    if os.geteuid() != 0:
+        pytest.skip("connecting as another user needs root to switch users")
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    other = subprocess.run([python, "-c", CONNECT, s.uds], capture_output=True, text=True, timeout=60,
+                           preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+    assert other.returncode != 0 and "PermissionError" in other.stderr, (other.stdout, other.stderr)
 
 
 ORCHESTRATOR = """

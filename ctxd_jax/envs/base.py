@@ -18,8 +18,11 @@ Adding an environment is one file in this package that decorates its class with 
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 import re
+import types
+import typing
 from collections.abc import Callable, Sequence
 
 TURN_MARKERS = {"<<user>>": "user", "<<assistant>>": "assistant"}
@@ -92,9 +95,13 @@ def check_split(split: str) -> None:
 
 
 _REGISTRY: dict[str, Callable[..., Environment]] = {}
+RESERVED_NAMES = ("name", "args")  # keys of config.env that are not environments
 
 
 def register(name: str):
+    if name in RESERVED_NAMES:
+        raise ValueError(f"environment name {name!r} is reserved (a key of config.env)")
+
     def deco(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"environment {name!r} registered twice")
@@ -117,10 +124,30 @@ def env_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_env(name: str, **kwargs) -> Environment:
-    """The environment `name` (config.env.name), built with `kwargs` (config.env.args)."""
+def _cls(name: str) -> Callable[..., Environment]:
     if name not in _REGISTRY:
         _import_all()
     if name not in _REGISTRY:
         raise ValueError(f"env.name: unknown environment {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def get_env(name: str, **kwargs) -> Environment:
+    """The environment `name` (config.env.name), built with `kwargs` (config.env.args)."""
+    return _cls(name)(**kwargs)
+
+
+def default_args(name: str) -> dict[str, tuple[object, type]]:
+    """{argument: (default, type)} of environment `name`'s keyword arguments, read from its __init__ (the one place
+    they are written). The type of an `X | None = None` argument is X."""
+    init = _cls(name).__init__
+    hints = typing.get_type_hints(init)
+    out = {}
+    for p in list(inspect.signature(init).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        kind = hints.get(p.name, type(p.default))
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        out[p.name] = (p.default, kind)
+    return out

@@ -1,14 +1,18 @@
 """Async client of one vLLM server: sample, score (prompt log-probs), load adapters, reload weights.
 
 Prompts go in as token ids and token ids come back (`return_token_ids`), so the trainer sees exactly the tokens vLLM
-saw. Requests in flight are bounded by a semaphore; connection errors, timeouts, 429 and 5xx are retried with
-exponential backoff. If the client knows its `VLLMServer`, a dead server is reported at once with its log tail.
+saw. Requests in flight are bounded by a semaphore; connection errors, 429 and 5xx are retried with exponential
+backoff. A dead or hung server is reported within a minute, whatever the requests in flight: while the client is
+open a watchdog checks the server's process (if the client knows its `VLLMServer`) and GET /health every few seconds,
+and every request races it. Each request's own timeout is sized to its work (tokens to generate or score), so a
+server that answers /health but never finishes a request is reported too, without a retry that would redo the work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +22,17 @@ from ctxd_jax.inference.server import ServerError, VLLMServer
 from ctxd_jax.records import Completion
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
-TRANSIENT = (httpx.TransportError,)  # connect/read/write errors and timeouts
+TRANSIENT = (httpx.TransportError,)  # connect/read/write errors; a read timeout is not retried (see request)
+# Request timeouts: a floor plus the work at rates far below any healthy server's (per sequence: the n samples of one
+# request are decoded side by side). Generous on purpose: the watchdog, not these, catches dead servers.
+REQUEST_FLOOR_S = 60.0
+MIN_DECODE_TOKENS_PER_S = 2.0
+MIN_PREFILL_TOKENS_PER_S = 50.0
+RELOAD_TIMEOUT_S = 600.0  # a full-weight reload reads the whole model from disk
+# Watchdog: probe every PROBE_INTERVAL_S; a server that has not answered /health for UNHEALTHY_AFTER_S is hung.
+PROBE_INTERVAL_S = 5.0
+PROBE_TIMEOUT_S = 10.0
+UNHEALTHY_AFTER_S = 45.0
 
 
 class RequestError(RuntimeError):
@@ -62,17 +76,22 @@ class Client:
     """Talks to one server. Use inside one event loop at a time (the HTTP pool is made per running loop)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, name: str | None = None,
-                 server: VLLMServer | None = None, max_in_flight: int = 64, timeout: float = 600.0,
-                 retries: int = 5, backoff: float = 0.5):
+                 server: VLLMServer | None = None, uds: str | None = None, max_in_flight: int = 64,
+                 timeout: float = REQUEST_FLOOR_S, retries: int = 5, backoff: float = 0.5,
+                 probe_interval: float = PROBE_INTERVAL_S, unhealthy_after: float = UNHEALTHY_AFTER_S):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.server = server
+        self.uds = uds  # a Unix socket path: requests go there, base_url only names the Host
         self.name = name or (server.name if server else self.base_url)
         self.max_in_flight, self.timeout, self.retries, self.backoff = max_in_flight, timeout, retries, backoff
+        self.probe_interval, self.unhealthy_after = probe_interval, unhealthy_after
         self._loop = None
         self._http: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
         self._score_sem: asyncio.Semaphore | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._down: asyncio.Future | None = None  # set to the ServerError once the watchdog finds the server down
 
     @property
     def serial_scoring(self) -> bool:
@@ -82,24 +101,62 @@ class Client:
 
     @classmethod
     def for_server(cls, server: VLLMServer, **kwargs) -> "Client":
-        return cls(server.base_url, server.api_key, server=server, **kwargs)
+        return cls(server.base_url, server.api_key, server=server, uds=server.uds, **kwargs)
+
+    def _http_client(self, connections: int, **kwargs) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        transport = httpx.AsyncHTTPTransport(uds=self.uds, limits=limits)
+        return httpx.AsyncClient(base_url=self.base_url, transport=transport, **kwargs)
 
     def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # an httpx pool and a semaphore belong to one loop
+        if self._loop is not loop:  # an httpx pool, a semaphore and the watchdog belong to one loop
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
-            self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
+            self._http = self._http_client(self.max_in_flight, headers=headers,
                                            timeout=httpx.Timeout(self.timeout, connect=10.0))
             self._sem = asyncio.Semaphore(self.max_in_flight)
             self._score_sem = asyncio.Semaphore(1 if self.serial_scoring else self.max_in_flight)
+            self._down = loop.create_future()
+            self._watchdog = loop.create_task(self._watch(self._down), name=f"watchdog {self.name}")
             self._loop = loop
         return self._http, self._sem
 
     async def aclose(self) -> None:
-        if self._http is not None and self._loop is asyncio.get_running_loop():
+        if self._loop is asyncio.get_running_loop():
+            self._watchdog.cancel()
             await self._http.aclose()
-        self._http = self._loop = self._sem = self._score_sem = None
+        self._http = self._loop = self._sem = self._score_sem = self._watchdog = self._down = None
+
+    async def _watch(self, down: asyncio.Future) -> None:
+        """Until cancelled: the server's process and /health, on their own connection (never queued behind the
+        requests in flight). Resolves `down` with the error once the process has exited or /health has failed for
+        `unhealthy_after` seconds."""
+        last_ok = time.monotonic()
+        async with self._http_client(1, timeout=PROBE_TIMEOUT_S) as probe:
+            while True:
+                await asyncio.sleep(self.probe_interval)
+                if (dead := self._dead_server()) is not None:
+                    down.set_result(dead)
+                    return
+                if await _healthy(probe):
+                    last_ok = time.monotonic()
+                elif time.monotonic() - last_ok > self.unhealthy_after:
+                    down.set_result(self._failure(f"did not answer GET /health for {self.unhealthy_after:.0f} s "
+                                                  "(hung)"))
+                    return
+
+    async def _unless_down(self, call):
+        """Awaits `call`, unless the watchdog finds the server down first: then that error."""
+        task = asyncio.ensure_future(call)
+        try:
+            done, _ = await asyncio.wait({task, self._down}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request was cancelled: so is its HTTP call
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise self._down.result()
 
     async def __aenter__(self) -> "Client":
         return self
@@ -119,16 +176,24 @@ class Client:
             return self.server.error(what)
         return RequestError(f"vLLM server {self.name!r} ({self.base_url}) {what}")
 
-    async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None) -> Any:
-        """One HTTP call with retries; returns the decoded JSON (or text) body."""
+    async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+                      timeout: float | None = None) -> Any:
+        """One HTTP call with retries; returns the decoded JSON (or text) body. `timeout`: seconds the server may
+        take to answer (default: the client's floor)."""
         http, sem = self._session()
+        timeout = max(timeout or 0.0, self.timeout)
         last = ""
         for attempt in range(self.retries + 1):
             if (dead := self._dead_server()) is not None:
                 raise dead
+            if self._down.done():
+                raise self._down.result()
             try:
                 async with sem:
-                    r = await http.request(method, path, json=json, params=params)
+                    r = await self._unless_down(http.request(method, path, json=json, params=params,
+                                                             timeout=httpx.Timeout(timeout, connect=10.0)))
+            except httpx.ReadTimeout:  # the work would be done again: no retry
+                raise self._failure(f"did not answer {method} {path} within {timeout:.0f} s") from None
             except TRANSIENT as e:
                 last = f"{type(e).__name__}: {e}"
             else:
@@ -145,11 +210,8 @@ class Client:
         raise self._failure(f"failed {method} {path} after {self.retries + 1} attempts: {last}")
 
     async def health(self) -> bool:
-        try:
-            http, _ = self._session()
-            return (await http.get("/health", timeout=5.0)).status_code == 200
-        except httpx.HTTPError:
-            return False
+        http, _ = self._session()
+        return await _healthy(http)
 
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self.request("GET", "/v1/models"))["data"]]
@@ -168,15 +230,17 @@ class Client:
             body["seed"] = seed
         if stop_token_ids:
             body["stop_token_ids"] = list(stop_token_ids)
-        return parse_completions(await self.request("POST", "/v1/completions", json=body))
+        timeout = REQUEST_FLOOR_S + len(prompt_ids) / MIN_PREFILL_TOKENS_PER_S + max_tokens / MIN_DECODE_TOKENS_PER_S
+        return parse_completions(await self.request("POST", "/v1/completions", json=body, timeout=timeout))
 
     async def score(self, ids: Sequence[int], start: int, *, model: str, topk: int = 0):
         """(log p(ids[t] | ids[:t]) for t in [start, len(ids)), top-k (ids, log-probs) there or None)."""
         body = {"model": model, "prompt": list(ids), "max_tokens": 1, "temperature": 1.0,
                 "prompt_logprobs": topk, "return_token_ids": True, "return_tokens_as_token_ids": True}
         self._session()
+        timeout = REQUEST_FLOOR_S + len(ids) / MIN_PREFILL_TOKENS_PER_S
         async with self._score_sem:
-            out = await self.request("POST", "/v1/completions", json=body)
+            out = await self.request("POST", "/v1/completions", json=body, timeout=timeout)
         return parse_prompt_logprobs(out["choices"][0]["prompt_logprobs"], ids, start, topk)
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -196,10 +260,17 @@ class Client:
         finish on the old weights first; the prefix cache is reset so no block of the old weights is reused."""
         await self.request("POST", "/pause", params={"mode": "wait"})
         try:
-            await self.request("POST", "/collective_rpc",
+            await self.request("POST", "/collective_rpc", timeout=RELOAD_TIMEOUT_S,
                                json={"method": "reload_weights", "kwargs": {"weights_path": path}})
             await self.reset_prefix_cache()
             if version is not None:
                 await self.request("POST", "/update_weight_version", json={"new_version": version})
         finally:
             await self.request("POST", "/resume")
+
+
+async def _healthy(http: httpx.AsyncClient) -> bool:
+    try:
+        return (await http.get("/health", timeout=PROBE_TIMEOUT_S)).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -53,13 +53,20 @@ class Deployment:
         return None
 
 
-def _max_model_len(model_dir: str, wanted: int) -> int:
+def max_model_len(config, model_dir: str) -> int:
+    """The servers' context: the training row plus room for the teacher's context, at most what the model holds."""
+    wanted = config.seq_len + CONTEXT_MARGIN_TOKENS
     try:
-        with open(os.path.join(model_dir, "config.json")) as f:
+        with open(os.path.join(os.path.expanduser(model_dir), "config.json")) as f:
             limit = json.load(f).get("max_position_embeddings") or wanted
     except OSError:  # a hub id: let vLLM check
         return wanted
     return min(wanted, int(limit))
+
+
+def teacher_topk(config) -> int:
+    """How many top-k log-probs teacher scoring asks for (0 = none); the servers start allowing that many."""
+    return config.loss.topk if config.loss.topk_tau > 0 else 0
 
 
 def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -> Deployment:
@@ -69,7 +76,6 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
         raise ValueError("weights.mode: 'merged' reloads the student server's base weights every step, so the "
                          "teacher cannot share it; give the teacher its own GPUs (teacher_gpu_ids)")
     api_key = config.inference.api_key or secrets.token_urlsafe(24)  # one per run, shared by its servers
-    wanted_len = config.seq_len + CONTEXT_MARGIN_TOKENS
 
     # Versions loaded at once: the batches sampling (at most max_async_level + 1 versions) and the newest one.
     max_loras = config.max_async_level + 2
@@ -79,10 +85,10 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
         return VLLMServer(model, name=name, served_name=served, port=sp.port, gpu_ids=sp.gpu_ids or None,
                           cpu_core=cpu_core, tp=sp.tp, dp=sp.dp,
                           gpu_memory_utilization=config.inference.gpu_memory_utilization, lora_rank=lora_rank,
-                          max_loras=max_loras,
-                          dev_mode=dev_mode, max_model_len=_max_model_len(model, wanted_len),
+                          max_loras=max_loras, dev_mode=dev_mode, max_model_len=max_model_len(config, model),
                           dtype=config.model.dtype, kv_cache_gib=config.inference.kv_cache_gb, api_key=api_key,
-                          log_dir=log_dir, cache_dir=cache_dir)
+                          log_dir=log_dir, cache_dir=cache_dir, uds=config.inference.transport == "uds",
+                          max_logprobs=teacher_topk(config))
 
     lora_rank = 0 if merged else config.lora.rank
     name = "student+teacher" if plan.teacher_shared else "student"

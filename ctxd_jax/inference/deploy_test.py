@@ -28,6 +28,7 @@ def test_shared_server_serves_student_adapter_and_base_teacher():
     assert client.server is d.student and model == BASE_NAME and d.teacher_client().server is d.student
     assert d.student.model_dir == "Qwen/Qwen3-4B-Instruct-2507"  # a hub id is not made a path
     assert "--enable-lora" in d.student.args and d.student.env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert d.student.uds and "--max-logprobs=20" in d.student.args  # topk_tau 0: vLLM's default
 
 
 def test_trainer_scored_teacher_has_no_server_and_samples_the_student_base():
@@ -45,9 +46,16 @@ def test_separate_teacher_server():
     d = _deploy(Gpus(inference=(0, 1), teacher=(2,), trainer=(3,)), **VLLM)
     assert d.group.servers == [d.student, d.teacher] and d.teacher_model == TEACHER_NAME
     assert d.teacher_sampler()[0].server is d.teacher and d.teacher_sampler()[1] == TEACHER_NAME
-    assert d.teacher.env["CUDA_VISIBLE_DEVICES"] == "2" and d.teacher.port == d.student.port + 1
-    assert d.student.args[d.student.args.index("--data-parallel-size") + 1] == "2"
+    assert d.teacher.env["CUDA_VISIBLE_DEVICES"] == "2" and d.teacher.uds != d.student.uds
+    assert "--data-parallel-size=2" in d.student.args
     assert "--enable-lora" not in d.teacher.args and d.teacher.api_key == d.student.api_key
+    tcp = _deploy(Gpus(inference=(0, 1), teacher=(2,), trainer=(3,)), **{"inference.transport": "tcp"})
+    assert (tcp.student.port, tcp.teacher.port, tcp.teacher.uds) == (8000, 8001, None)
+
+
+def test_servers_allow_the_teachers_topk():
+    d = _deploy(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"loss.topk_tau": 1.0, "loss.topk": 64})
+    assert "--max-logprobs=64" in d.teacher.args
 
 
 def test_merged_mode_needs_own_teacher():

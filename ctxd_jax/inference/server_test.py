@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ctxd_jax.inference.server import group_members, server_args, server_env, vllm_lora_rank
+from ctxd_jax.inference.server import VLLMServer, group_members, server_args, server_env, vllm_lora_rank
 
 
 def test_vllm_lora_rank():
@@ -13,31 +13,58 @@ def test_vllm_lora_rank():
         vllm_lora_rank(1000)
 
 
+def _opts(args):
+    """{flag: value} of `--flag=value` words, True for a bare `--switch`; every word after the module is an option."""
+    words = args[args.index("vllm.entrypoints.openai.api_server") + 1:]
+    assert all(w.startswith("--") for w in words), words
+    return dict((w[2:].split("=", 1) + [True])[:2] for w in words)
+
+
 def test_server_args_cpu_and_gpu():
     common = dict(served_name="base", port=8000, api_key="k", tp=2, dp=3, gpu_memory_utilization=0.45,
                   dtype=None, max_model_len=1024, lora_rank=12, max_loras=2, enforce_eager=False)
-    cpu = server_args("/m", gpu=False, **common)
-    assert cpu[cpu.index("--dtype") + 1] == "float32" and "--enforce-eager" in cpu
-    assert "--tensor-parallel-size" not in cpu and cpu[cpu.index("--max-lora-rank") + 1] == "16"
-    assert cpu[cpu.index("--api-key") + 1] == "k" and cpu[cpu.index("--host") + 1] == "127.0.0.1"
-    assert cpu[cpu.index("--logprobs-mode") + 1] == "processed_logprobs"
-    gpu = server_args("/m", gpu=True, **common)
-    assert gpu[gpu.index("--tensor-parallel-size") + 1] == "2" and gpu[gpu.index("--data-parallel-size") + 1] == "3"
-    assert gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.45" and "--enforce-eager" not in gpu
-    no_key = server_args("/m", gpu=True, **{**common, "api_key": None, "lora_rank": 0})
-    assert "--api-key" not in no_key and "--enable-lora" not in no_key
+    cpu = _opts(server_args("/m", gpu=False, **common))
+    assert cpu["dtype"] == "float32" and cpu["enforce-eager"] is True
+    assert "tensor-parallel-size" not in cpu and cpu["max-lora-rank"] == "16"
+    assert cpu["api-key"] == "k" and cpu["host"] == "127.0.0.1" and cpu["port"] == "8000"
+    assert cpu["logprobs-mode"] == "processed_logprobs" and cpu["max-logprobs"] == "20"
+    gpu = _opts(server_args("/m", gpu=True, **common))
+    assert gpu["tensor-parallel-size"] == "2" and gpu["data-parallel-size"] == "3"
+    assert gpu["gpu-memory-utilization"] == "0.45" and "enforce-eager" not in gpu
+    no_key = _opts(server_args("/m", gpu=True, **{**common, "api_key": None, "lora_rank": 0}))
+    assert "api-key" not in no_key and "enable-lora" not in no_key
+
+
+def test_values_cannot_be_read_as_flags():
+    # A random key starts with '-' one time in 64; a path or name may too. Each is glued to its flag.
+    args = server_args("-model dir", served_name="--served", port=None, api_key="-Xk_3", gpu=False, tp=1, dp=1,
+                       gpu_memory_utilization=0.9, dtype=None, max_model_len=64, lora_rank=0, max_loras=1,
+                       enforce_eager=False, uds="/tmp/-x/vllm.sock", max_logprobs=50)
+    opts = _opts(args)
+    assert (opts["api-key"], opts["model"], opts["served-model-name"]) == ("-Xk_3", "-model dir", "--served")
+    assert opts["uds"] == "/tmp/-x/vllm.sock" and "port" not in opts and "host" not in opts
+    assert opts["max-logprobs"] == "50"
 
 
 def test_server_env():
     cpu = server_env(gpu_ids=None, cpu_core=1, kv_cache_gib=2, lora=True, dev_mode=False, cache_dir="/c",
                      base={"CUDA_VISIBLE_DEVICES": "0"})
     assert cpu["VLLM_CPU_OMP_THREADS_BIND"] == "1" and cpu["VLLM_CPU_KVCACHE_SPACE"] == "2"
-    assert "CUDA_VISIBLE_DEVICES" not in cpu and cpu["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert cpu["HF_HUB_OFFLINE"] == "1" and cpu["VLLM_CACHE_ROOT"] == "/c/vllm" and "VLLM_SERVER_DEV_MODE" not in cpu
     gpu = server_env(gpu_ids=(2, 3), cpu_core=None, kv_cache_gib=1, lora=False, dev_mode=True, cache_dir=None,
                      base={})
     assert gpu["CUDA_VISIBLE_DEVICES"] == "2,3" and gpu["VLLM_SERVER_DEV_MODE"] == "1"
     assert gpu["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and "VLLM_CPU_KVCACHE_SPACE" not in gpu
+
+
+def test_socket_in_a_private_folder_and_no_port():
+    s = VLLMServer("/m", name="x")
+    assert s.port is None and s.base_url == "http://localhost" and s.address == f"unix:{s.uds}"
+    assert os.path.dirname(s.uds) != VLLMServer("/m", name="x").uds  # one folder per server
+    assert not os.path.exists(os.path.dirname(s.uds))  # made (0700) only when it starts
+    tcp = VLLMServer("/m", name="y", uds=False, port=8123)
+    assert tcp.uds is None and tcp.base_url == "http://127.0.0.1:8123" and _opts(tcp.args)["port"] == "8123"
 
 
 def test_group_members_sees_own_group():

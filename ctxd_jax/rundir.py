@@ -1,0 +1,131 @@
+"""The run folder (`config.output_dir`): what a start may do with what an earlier run left in it.
+
+As with the workdir of Flax's examples, a folder holds one run. A start in a folder that holds a run (a complete
+checkpoint, or metrics of trained steps) continues it with `ckpt.resume` (from its latest checkpoint), deletes it
+first with `ckpt.overwrite`, and is refused otherwise, before anything starts. Nothing else deletes anything of an
+earlier run. Every checkpoint stores the run's resolved config; a resume that changes a field the saved state depends
+on is refused, naming the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+from ctxd_jax.config import ConfigError
+from ctxd_jax.metrics import PLOTS, read_jsonl
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+EVAL_BASELINE = "eval_baseline.json"
+# Everything a run writes into its folder: what ckpt.overwrite deletes (and nothing else there).
+RUN_ENTRIES = (CHECKPOINTS, "weights", "logs", "tensorboard", METRICS, "samples.jsonl", EVAL_BASELINE,
+               *(name for _, _, name in PLOTS))
+# What the saved state depends on: the LoRA and optimizer arrays (model, lora), the data stream and the position in
+# it (env, seed, batch_size, rollouts_per_example) and the sampled but untrained batch (sampling).
+STATE_FIELDS = ("model", "lora", "seed", "env", "batch_size", "rollouts_per_example", "sampling")
+RESUME_FLAG = "--config.ckpt.resume=true"
+OVERWRITE_FLAG = "--config.ckpt.overwrite=true"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    path: str
+    resume_step: int | None  # the checkpoint this start continues from; None = a fresh run
+    max_steps: int
+    overwrite: bool = False  # the earlier run's files are to be deleted (clear) before the start
+
+    @property
+    def complete(self) -> bool:
+        """Nothing left to train: the latest checkpoint is at (or past) max_steps."""
+        return self.resume_step is not None and self.resume_step >= self.max_steps
+
+    def clear(self) -> None:
+        """Deletes what a run writes here (RUN_ENTRIES) and nothing else."""
+        for name in RUN_ENTRIES:
+            target = os.path.join(self.path, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.remove(target)
+
+
+def run_path(config) -> str:
+    return os.path.abspath(os.path.expanduser(config.output_dir))
+
+
+def checkpointer(config):
+    """The run's Checkpointer, storing the resolved `config` in every checkpoint."""
+    from ctxd_jax.checkpoint import Checkpointer
+
+    return Checkpointer(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep, config=config.to_dict())
+
+
+def prepare(config) -> RunDir:
+    """What this start does with `config.output_dir` (it changes nothing there); raises ConfigError, naming the flag
+    to pass, where it may not start. With ckpt.overwrite the caller deletes the earlier run (RunDir.clear) once every
+    other check has passed."""
+    path = run_path(config)
+    if config.ckpt.overwrite:
+        return RunDir(path, None, config.max_steps, overwrite=True)
+    latest = latest_step(path)
+    held = _held(path, latest)
+    if not held:
+        return RunDir(path, None, config.max_steps)
+    if not config.ckpt.resume:
+        raise ConfigError(f"output_dir: {path} holds a run ({held}); continue it with {RESUME_FLAG} or start over "
+                          f"with {OVERWRITE_FLAG} (deletes it)")
+    if latest is None:  # stopped before its first checkpoint: nothing to continue, its metrics are redone
+        return RunDir(path, None, config.max_steps)
+    from ctxd_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(os.path.join(path, CHECKPOINTS))
+    try:
+        saved = ckpt.meta(latest).get("config")
+    finally:
+        ckpt.close()
+    if saved is not None and (changed := changed_fields(saved, config.to_dict())):
+        raise ConfigError(f"ckpt.resume: the checkpoint at step {latest} in {path} depends on {', '.join(changed)}; "
+                          f"resume with the saved values, or start over with {OVERWRITE_FLAG} (deletes the run)")
+    return RunDir(path, latest, config.max_steps)
+
+
+def latest_step(path: str) -> int | None:
+    """The latest complete checkpoint in run folder `path` (None: none). Creates nothing."""
+    directory = os.path.join(path, CHECKPOINTS)
+    if not os.path.isdir(directory):
+        return None
+    from ctxd_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+def _held(path: str, latest: int | None) -> str:
+    """What of an earlier run is in `path` that a fresh start would lose ('' = nothing)."""
+    held = [] if latest is None else [f"a checkpoint at step {latest}"]
+    if rows := read_jsonl(os.path.join(path, METRICS)):
+        held.append(f"metrics of {len(rows)} steps")
+    return " and ".join(held)
+
+
+def changed_fields(saved: dict, now: dict) -> list[str]:
+    """'field (saved X, now Y)' for each leaf under STATE_FIELDS that differs (compared as JSON: tuples = lists)."""
+    saved, now = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
+    keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] in STATE_FIELDS)
+    return [f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

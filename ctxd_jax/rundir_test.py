@@ -1,0 +1,84 @@
+"""Run-folder rules on real Orbax checkpoints: refuse, resume, overwrite, and a resume with a changed config."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import demo
+from ctxd_jax import rundir
+from ctxd_jax.checkpoint import Checkpointer
+from ctxd_jax.config import ConfigError, Gpus, resolve
+
+
+def _config(out, **overrides):
+    c = demo.get_config()
+    c.output_dir = str(out)
+    c.ckpt.resume = False
+    c.update_from_flattened_dict(overrides)
+    return resolve(c, Gpus())[0]
+
+
+def _save(config, step, ckpt=None):
+    ckpt = ckpt or rundir.checkpointer(config)
+    ckpt.save(step, {"w": np.ones((2, 3), np.float32)}, {"data_position": step})
+    ckpt.close()
+
+
+def test_empty_or_new_folder_is_a_fresh_run(tmp_path):
+    run = rundir.prepare(_config(tmp_path / "new"))
+    assert (run.resume_step, run.complete) == (None, False) and not (tmp_path / "new").exists()
+
+
+def test_folder_with_a_checkpoint_is_refused_without_resume(tmp_path):
+    config = _config(tmp_path)
+    _save(config, 8)
+    with pytest.raises(ConfigError) as e:
+        rundir.prepare(config)
+    assert str(e.value) == (f"output_dir: {tmp_path} holds a run (a checkpoint at step 8); continue it with "
+                            "--config.ckpt.resume=true or start over with --config.ckpt.overwrite=true (deletes it)")
+    assert os.listdir(tmp_path / "checkpoints") == ["8"]  # untouched
+
+
+def test_resume_continues_or_is_complete(tmp_path):
+    _save(_config(tmp_path), 8)
+    run = rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "max_steps": 16, "optim.lr": 0.5}))
+    assert (run.resume_step, run.complete) == (8, False)  # lr is not part of the saved state
+    assert rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "max_steps": 8})).complete
+
+
+def test_resume_with_a_changed_state_field_is_refused(tmp_path):
+    _save(_config(tmp_path), 8)
+    with pytest.raises(ConfigError) as e:
+        rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "batch_size": 8, "lora.rank": 16,
+                                            "env.name": "cheers"}))
+    msg = str(e.value)
+    assert msg.startswith(f"ckpt.resume: the checkpoint at step 8 in {tmp_path} depends on batch_size (saved 16, "
+                          "now 8), env.name (saved 'ahoy', now 'cheers'), lora.rank (saved 8, now 16); ")
+    assert msg.endswith("start over with --config.ckpt.overwrite=true (deletes the run)")
+
+
+def test_checkpoint_without_a_saved_config_resumes(tmp_path):
+    _save(_config(tmp_path), 4, Checkpointer(str(tmp_path / "checkpoints")))
+    assert rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "batch_size": 8})).resume_step == 4
+
+
+def test_metrics_without_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="holds a run \\(metrics of 1 steps\\)"):
+        rundir.prepare(_config(tmp_path))
+    assert rundir.prepare(_config(tmp_path, **{"ckpt.resume": True})).resume_step is None  # nothing to continue
+
+
+def test_overwrite_deletes_only_the_runs_files(tmp_path):
+    config = _config(tmp_path, **{"ckpt.overwrite": True, "ckpt.resume": True})
+    _save(config, 8)
+    for name in ("weights/step_000008", "logs", "tensorboard"):
+        (tmp_path / name).mkdir(parents=True)
+    for name in ("metrics.jsonl", "samples.jsonl", "eval_baseline.json", "reward.png", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "mine").mkdir()
+    run = rundir.prepare(config)
+    assert run.resume_step is None and run.overwrite and os.path.isdir(tmp_path / "checkpoints")  # not yet
+    run.clear()
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]
