@@ -58,9 +58,10 @@ def test_config_is_locked():
 
 def test_demo_is_valid_on_cpu():
     config, plan, warnings = resolve(demo.get_config(), CPU)
-    assert plan.cpu and plan.teacher is None and plan.servers == (plan.student,)
-    assert (plan.teacher_scorer, plan.teacher_logprobs) == ("trainer", True)  # the base model is the teacher
-    assert plan.student.roles == ("student",) and plan.student.gpu_ids == ()
+    # one server: the student's adapters and the base model, which is the teacher and scores it (demo.py says why)
+    assert plan.cpu and plan.teacher_shared and plan.servers == (plan.student,)
+    assert (plan.teacher_scorer, plan.teacher_logprobs) == ("vllm", True)
+    assert plan.student.roles == ("student", "teacher") and plan.student.gpu_ids == ()
     assert not config.model.path.startswith("~")
     assert warnings == []
     c = demo.get_config()

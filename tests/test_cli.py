@@ -67,7 +67,7 @@ def test_common_configuration_with_the_trainer_scoring_the_teacher(name):
     assert r.stderr == ""
     plan = r.stdout.split("plan (GPU mode):\n")[1].splitlines()
     what = "no log-probs (KL taus 0)" if name == "pure_rl" else "log-probs from the JAX trainer (LoRA off)"
-    assert plan == ["  vLLM server [student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0 (dp=1, tp=1), port 8000",
+    assert plan == ["  vLLM server [student] Qwen/Qwen3-4B-Instruct-2507 on GPUs 0 (dp=1, tp=1), a private Unix socket",
                     f"  teacher = the student's base model: {what}, samples from the student server",
                     "  JAX trainer on GPUs 2 (num_train_workers=1, tp=1)"], r.stdout
     r = ok(*COMMON[name], *GPUS)

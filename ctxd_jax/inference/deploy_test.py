@@ -49,12 +49,12 @@ def test_separate_teacher_server():
     assert d.teacher.env["CUDA_VISIBLE_DEVICES"] == "2" and d.teacher.uds != d.student.uds
     assert "--data-parallel-size=2" in d.student.args
     assert "--enable-lora" not in d.teacher.args and d.teacher.api_key == d.student.api_key
-    tcp = _deploy(Gpus(inference=(0, 1), teacher=(2,), trainer=(3,)), **{"inference.transport": "tcp"})
+    tcp = _deploy(Gpus(inference=(0, 1), teacher=(2,), trainer=(3,)), **VLLM, **{"inference.transport": "tcp"})
     assert (tcp.student.port, tcp.teacher.port, tcp.teacher.uds) == (8000, 8001, None)
 
 
 def test_servers_allow_the_teachers_topk():
-    d = _deploy(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"loss.topk_tau": 1.0, "loss.topk": 64})
+    d = _deploy(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **VLLM, **{"loss.topk_tau": 1.0, "loss.topk": 64})
     assert "--max-logprobs=64" in d.teacher.args
 
 
