@@ -1,6 +1,6 @@
 """The reference run: Qwen3-4B-Instruct-2507 on Sokoban, context-distilled with the reference's rl.toml settings.
 
-Every argument of the reference (../shared/reference/context-distillation-args.md) sits here at its default there;
+Every argument of the reference (docs/reference.md, "Arguments") sits here at its value in the reference run;
 the rest are what the loop needs. Override any field on the command line, e.g.
 `python -m ctxd_jax.train --config=configs/rl.py --config.loss.teacher_tau=0.01`. The config is locked: an unknown
 key is an error, not a silent new field. Derived values (inferred dp, number of train workers, the process plan) are

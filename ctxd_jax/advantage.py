@@ -1,4 +1,4 @@
-"""Sequence-level reward composition and group-baseline advantages (reference: prime-rl-notes §3).
+"""Sequence-level reward composition and group-baseline advantages (the reference's math: docs/reference.md).
 
 The batch is contiguous groups of `group_size` samples of one prompt each. Everything is computed in float32
 whatever the input dtype (sums of hundreds of log-probs lose too much in bfloat16). Taus are traced, so changing

@@ -1,6 +1,6 @@
 """The importance-weighted policy-gradient loss with off-policy masking, per-token KL and top-k distillation.
 
-Reference: prime-rl-notes §2 and §10. All per-token inputs are [R, T]: R rows that are either one sample each
+Math: docs/reference.md, "Loss". All per-token inputs are [R, T]: R rows that are either one sample each
 (`segment_ids=None`) or packed rows of several samples told apart by `segment_ids` (0 = padding; a row's samples
 carry distinct ids in 1..T, e.g. 1, 2, 3, ...). Per-sample reductions (geometric and sequence masks,
 teacher_seq_kl, the sequence ratio and its token count) are segment reductions over a flattened (row, segment) id,

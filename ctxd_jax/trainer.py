@@ -3,7 +3,8 @@
 The model is split once into (graphdef, lora, rest); jitted functions merge it inside, differentiate only `lora`,
 and donate the LoRA and optimizer state. Rows are processed in micro-batches of fixed shape (one compile), their
 gradients summed: each micro-batch's loss is divided by the WHOLE batch's loss-token count (`loss_scale`; rows
-holding samples with sequence ratios), so the sum equals the gradient of the full-batch loss (prime-rl-notes §10.4).
+holding samples with sequence ratios), so the sum equals the gradient of the full-batch loss (the reference's
+normalisation, docs/reference.md "Loss").
 
 With several processes (ctxd_jax/distributed.py) the mesh spans all of them and every process calls the same methods
 with the same global batch; each process places only its own devices' rows. Jitted calls run under

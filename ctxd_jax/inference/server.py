@@ -81,7 +81,7 @@ def server_env(*, gpu_ids: Sequence[int] | None, cpu_core: int | None, kv_cache_
         env["CUDA_VISIBLE_DEVICES"] = ""  # empty hides every GPU; an unset variable would show them all
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
-        # With the flashinfer sampler vLLM 0.26 stalled ~100 s at start-up (../shared/gpu/CARRY.md).
+        # With the flashinfer sampler vLLM 0.26 stalled ~100 s at start-up (docs/vllm.md, "Traps").
         env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     if lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

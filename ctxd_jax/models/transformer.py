@@ -1,7 +1,7 @@
 """One Flax NNX decoder for Qwen3 (q/k norm), Qwen2 (q/k/v bias) and Llama, with LoRA and packed sequences.
 
 Layers are stacked (every layer Variable has a leading axis L) and applied with `jax.lax.scan`, so deep models
-compile once per layer shape. The tree layout is fixed by .notes/interfaces.md: the HF name map depends on it.
+compile once per layer shape. models/names.py (the HF name map) and sharding.py follow this layout.
 """
 
 import functools
