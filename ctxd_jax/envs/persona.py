@@ -75,8 +75,12 @@ class PersonaEnv(Environment):
                 raise ValueError(f"env.num_train: {num_train} must be in [1, {len(train)}]")
             train = train[:num_train]
         self.name = self.style
-        self.default_context = style_context(self.style)
+        self.default_context = self.context()
         self._splits = {"eval": self._make("eval", qs[:num_eval]), "train": self._make("train", train)}
+
+    def context(self) -> str:
+        """The teacher context: the rule and the demo turns."""
+        return style_context(self.style)
 
     def _make(self, split: str, qs: list[str]) -> tuple[Example, ...]:
         return tuple(
