@@ -1,0 +1,111 @@
+"""The table and plots of bench/evidence.py's results.json (run it alone to redraw: `python bench/evidence_report.py
+RESULTS.json OUT_DIR`).
+
+Per task and method (mean over seeds): the final eval reward; steps and training seconds (eval excluded) until the
+eval reward first reaches 90 % of the teacher's ('-' = not within budget); the share of the student-teacher gap
+closed at the budget; the change in mean log-likelihood per token of the base model's own answers (forgetting: < 0
+means the student moved away from what it used to say) and of the teacher's answers (fidelity: > 0 means closer to
+the teacher).
+"""
+
+import json
+import os
+import statistics
+import sys
+
+
+def eval_points(run: dict, student0: float) -> list[tuple[int, float, float, float]]:
+    """(step, seconds, sampled tokens, eval reward), starting at step 0 with the untrained student's reward."""
+    return [(0, 0.0, 0.0, student0)] + [(p["step"], p["seconds"], p["tokens"], p["eval"]) for p in run["curve"]
+                                         if p["eval"] is not None]
+
+
+def first_reaching(points, target: float):
+    """(step, seconds) of the first point at or above target, else None."""
+    return next(((s, t) for s, t, _, r in points if r >= target), None)
+
+
+def summarize(results: dict) -> list[dict]:
+    cells = {}
+    for run in results["runs"]:
+        if "error" in run:
+            continue
+        cells.setdefault((run["task"], run["method"]), []).append(run)
+    rows = []
+    for (task, method), runs in cells.items():
+        base = results["tasks"][task]
+        s0, teacher = base["student"]["reward"], base["teacher"]["reward"]
+        finals, hits, gaps = [], [], []
+        for run in runs:
+            pts = eval_points(run, s0)
+            finals.append(pts[-1][3])
+            hits.append(first_reaching(pts, 0.9 * teacher))
+            gaps.append((pts[-1][3] - s0) / (teacher - s0) if teacher > s0 else float("nan"))
+        reached = [h for h in hits if h is not None]
+        mean = statistics.fmean
+        rows.append({
+            "task": task, "method": method, "seeds": len(runs), "student": s0, "teacher": teacher,
+            "final": mean(finals), "gap_closed": mean(gaps),
+            "to90_steps": mean(h[0] for h in reached) if len(reached) == len(runs) else None,
+            "to90_s": mean(h[1] for h in reached) if len(reached) == len(runs) else None,
+            "train_s": mean(run["curve"][-1]["seconds"] for run in runs),
+            "tokens": mean(run["curve"][-1]["tokens"] for run in runs),
+            "forget": mean(r["base_answers_after"] - r["base_answers_before"] for r in runs),
+            "fidelity": mean(r["teacher_answers_after"] - r["teacher_answers_before"] for r in runs)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| task | method | seeds | student → teacher | final eval | gap closed | steps to 90 % | s to 90 % "
+            "| train s | sampled tokens | Δ loglik base answers | Δ loglik teacher answers |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        to90 = ("-", "-") if r["to90_steps"] is None else (f"{r['to90_steps']:.0f}", f"{r['to90_s']:.0f}")
+        lines.append(f"| {r['task']} | {r['method']} | {r['seeds']} | {r['student']:.2f} → {r['teacher']:.2f} "
+                     f"| {r['final']:.2f} | {r['gap_closed']:.2f} | {to90[0]} | {to90[1]} | {r['train_s']:.0f} "
+                     f"| {r['tokens']:.0f} | {r['forget']:+.3f} | {r['fidelity']:+.3f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    """One PNG per task: eval reward against steps and against training seconds, a line per method and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task, base in results["tasks"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        runs = [r for r in results["runs"] if r["task"] == task and "error" not in r]
+        for i, run in enumerate(sorted(runs, key=lambda r: r["method"])):
+            pts = eval_points(run, base["student"]["reward"])
+            color = f"C{sorted({r['method'] for r in runs}).index(run['method'])}"
+            label = run["method"] if run["seed"] == min(r["seed"] for r in runs) else None
+            for ax, x in zip(axes, (0, 1)):
+                ax.plot([p[x] for p in pts], [p[3] for p in pts], "o-", color=color, label=label, alpha=0.8)
+        for ax, xl in zip(axes, ("step", "training seconds (eval excluded)")):
+            ax.axhline(base["teacher"]["reward"], color="k", ls="--", lw=1, label="teacher" if xl == "step" else None)
+            ax.set_xlabel(xl)
+        axes[0].set_ylabel("eval reward (held-out prompts)")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{task}: student {base['student']['reward']:.2f}, teacher {base['teacher']['reward']:.2f}")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"evidence_{task}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(results_path: str, out_dir: str) -> str:
+    with open(results_path) as f:
+        results = json.load(f)
+    text = table(summarize(results))
+    errors = [f"{r['task']}/{r['method']}/{r['seed']}: {r['error']}" for r in results["runs"] if "error" in r]
+    plots = plot(results, out_dir)
+    return "\n".join([text, *errors, *plots])
+
+
+if __name__ == "__main__":
+    print(report(sys.argv[1], sys.argv[2]))
