@@ -7,10 +7,10 @@ through the loop itself (`loop._main`, as bench/loop_bench.py does), then scores
 student: forgetting (the base model's own answers) and fidelity (the teacher's answers). bench/evidence_report.py
 writes the table and the plots from results.json.
 
-    # CPU, reduced (SmolLM2-135M-Instruct, configs/demo.py sizes):
-    python bench/evidence.py --tasks=ahoy,tutor --methods=rl,distill,hybrid,hybrid_topk --seeds=1 --steps=6
-    # one GPU, full size (configs/demo_gpu.py; server and trainer share GPU 0):
-    python bench/evidence.py --gpu --tasks=ahoy,cheers,caps,tutor --seeds=3 --steps=16 --eval_examples=96
+    # CPU, reduced (SmolLM2-135M-Instruct, configs/demo.py, the CPU sizes below):
+    python bench/evidence.py --tasks=tutor,ahoy --methods=rl,distill,hybrid_topk --steps=5
+    # one GPU, full size (configs/demo_gpu.py: server and trainer share GPU 0; the GPU sizes below):
+    python bench/evidence.py --gpu --out=/tmp/evidence
 """
 
 import argparse
@@ -33,6 +33,9 @@ METHODS = {
 }
 SHARED = {"teacher.eval_baseline": False, "ckpt.interval": 0, "ckpt.resume": False, "log.tensorboard": False,
           "parity.num_prompts": 2}
+# Sizes by machine (a flag given on the command line wins): CPU keeps the demo's step (~16 s on 2 idle cores).
+SIZES = {"cpu": dict(seeds=1, steps=6, prompts=4, max_tokens=16, eval_every=1, eval_examples=24),
+         "gpu": dict(seeds=3, steps=40, prompts=16, max_tokens=96, eval_every=4, eval_examples=96)}
 HELD_OUT = slice(-16, None)  # the eval split's last prompts: answers for forgetting / fidelity (not the eval ones)
 
 
@@ -126,19 +129,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="ahoy,tutor")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", type=int, default=1, help="seeds per cell: 42, 43, ...")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--prompts", type=int, default=4, help="prompts a step (x the config's rollouts_per_example)")
-    p.add_argument("--max_tokens", type=int, default=16)
-    p.add_argument("--eval_every", type=int, default=2)
-    p.add_argument("--eval_examples", type=int, default=24)
+    p.add_argument("--seeds", type=int, help="seeds per cell: 42, 43, ...")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--prompts", type=int, help="prompts a step (x the config's rollouts_per_example)")
+    p.add_argument("--max_tokens", type=int)
+    p.add_argument("--eval_every", type=int)
+    p.add_argument("--eval_examples", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU, configs/demo_gpu.py (default: CPU, configs/demo.py)")
     p.add_argument("--out", default="/tmp/evidence")
     a = p.parse_args()
+    for key, value in SIZES["gpu" if a.gpu else "cpu"].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     if not a.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    else:
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")
+    else:  # before JAX starts: the trainer leaves the server its share of the one GPU
+        from configs import demo_gpu
+
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(demo_gpu.get_config().trainer.gpu_memory_fraction)
     from ctxd_jax.envs import get_env
     from ctxd_jax.inference.client import Client
     from ctxd_jax.inference.deploy import BASE_NAME
