@@ -10,7 +10,8 @@ writes the table and the plots from results.json.
     # CPU, reduced (SmolLM2-135M-Instruct, configs/demo.py, the CPU sizes below):
     python bench/evidence.py --tasks=tutor,ahoy --methods=rl,distill,hybrid_topk --steps=5
     # one GPU, full size (configs/demo_gpu.py: server and trainer share GPU 0; the GPU sizes below):
-    python bench/evidence.py --gpu --out=/tmp/evidence
+    python bench/evidence.py --gpu --tasks=tutor --out=/tmp/evidence/tutor   # one task a call: 15 runs
+    python bench/evidence_report.py /tmp/evidence /tmp/evidence/*/results.json  # the table and plots of all
 """
 
 import argparse
@@ -35,7 +36,7 @@ SHARED = {"teacher.eval_baseline": False, "ckpt.interval": 0, "ckpt.resume": Fal
           "parity.num_prompts": 2}
 # Sizes by machine (a flag given on the command line wins): CPU keeps the demo's step (~16 s on 2 idle cores).
 SIZES = {"cpu": dict(seeds=1, steps=6, prompts=4, max_tokens=16, eval_every=1, eval_examples=24),
-         "gpu": dict(seeds=3, steps=40, prompts=16, max_tokens=96, eval_every=4, eval_examples=96)}
+         "gpu": dict(seeds=3, steps=20, prompts=16, max_tokens=96, eval_every=2, eval_examples=96)}
 HELD_OUT = slice(-16, None)  # the eval split's last prompts: answers for forgetting / fidelity (not the eval ones)
 
 
@@ -192,7 +193,7 @@ def main():
                         json.dump(results, f, indent=1)
     from evidence_report import report
 
-    print(report(path, a.out))
+    print(report(a.out, path))
 
 
 if __name__ == "__main__":

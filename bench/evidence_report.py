@@ -1,5 +1,5 @@
-"""The table and plots of bench/evidence.py's results.json (run it alone to redraw: `python bench/evidence_report.py
-RESULTS.json OUT_DIR`).
+"""The table and plots of bench/evidence.py's results.json (run it alone to redraw, or to merge the files of several
+runs of the benchmark, e.g. one per task: `python bench/evidence_report.py OUT_DIR RESULTS.json [RESULTS.json ...]`).
 
 Per task and method (mean over seeds): the final eval reward; steps and training seconds (eval excluded) until the
 eval reward first reaches 90 % of the teacher's ('-' = not within budget); the share of the student-teacher gap
@@ -98,9 +98,20 @@ def plot(results: dict, out_dir: str) -> list[str]:
     return written
 
 
-def report(results_path: str, out_dir: str) -> str:
-    with open(results_path) as f:
-        results = json.load(f)
+def merge(paths) -> dict:
+    """One results dict from several files (tasks and runs side by side; a task measured twice keeps the first)."""
+    merged = {"tasks": {}, "runs": []}
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        for task, base in results["tasks"].items():
+            merged["tasks"].setdefault(task, base)
+        merged["runs"] += results["runs"]
+    return merged
+
+
+def report(out_dir: str, *results_paths: str) -> str:
+    results = merge(results_paths)
     text = table(summarize(results))
     errors = [f"{r['task']}/{r['method']}/{r['seed']}: {r['error']}" for r in results["runs"] if "error" in r]
     plots = plot(results, out_dir)
@@ -108,4 +119,4 @@ def report(results_path: str, out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    print(report(sys.argv[1], sys.argv[2]))
+    print(report(sys.argv[1], *sys.argv[2:]))
