@@ -90,7 +90,7 @@ def test_preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir):
     assert [r["step"] for r in rows[:step + 1]] == list(range(1, step + 2))
     assert proc.returncode == 1 and "Traceback" not in log, log[-3000:]
     error = log[log.index("error: "):]
-    assert re.match(r"error: vLLM server 'student\+teacher' \(unix:.*\) exited with code -9\.\nLast lines of ", error)
+    assert re.match(r"error: vLLM server 'student' \(unix:.*\) exited with code -9\.\nLast lines of ", error)
     assert "vllm" in error.split("Last lines of", 1)[1]  # the log tail
     assert _servers(proc.pid) == [] and group_members(server) == []
     print(f"killed server reported, run ended {seconds:.1f} s later")
