@@ -4,8 +4,8 @@ Prompts go in as token ids and token ids come back (`return_token_ids`), so the 
 saw. Requests in flight are bounded by a semaphore; connection errors, 429 and 5xx are retried with exponential
 backoff. A dead or hung server is reported within a minute, whatever the requests in flight: while the client is
 open a watchdog checks the server's process (if the client knows its `VLLMServer`) and GET /health every few seconds,
-and every request races it. Each request's own timeout is sized to its work (tokens to generate or score), so a
-server that answers /health but never finishes a request is reported too, without a retry that would redo the work.
+and every request races it. Each request's own timeout is sized to the work in flight (tokens to generate or score),
+so a server that answers /health but never finishes a request is reported too, without a retry that would redo it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from ctxd_jax.records import Completion
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 TRANSIENT = (httpx.TransportError,)  # connect/read/write errors; a read timeout is not retried (see request)
-# Request timeouts: a floor plus the work at rates far below any healthy server's (per sequence: the n samples of one
-# request are decoded side by side). Generous on purpose: the watchdog, not these, catches dead servers.
+# Request timeouts: a floor plus the work in flight at rates far below any healthy server's (per sequence: the n
+# samples of one request are decoded side by side; requests queued at the server count too). Generous on purpose:
+# the watchdog, not these, catches dead servers.
 REQUEST_FLOOR_S = 60.0
 MIN_DECODE_TOKENS_PER_S = 2.0
 MIN_PREFILL_TOKENS_PER_S = 50.0
@@ -85,6 +86,7 @@ class Client:
         self.uds = uds  # a Unix socket path: requests go there, base_url only names the Host
         self.name = name or (server.name if server else self.base_url)
         self.max_in_flight, self.timeout, self.retries, self.backoff = max_in_flight, timeout, retries, backoff
+        self._work_in_flight = 0.0  # seconds of work of the requests sent and not yet answered (request's bound)
         self.probe_interval, self.unhealthy_after = probe_interval, unhealthy_after
         self._loop = None
         self._http: httpx.AsyncClient | None = None
@@ -177,11 +179,11 @@ class Client:
         return RequestError(f"vLLM server {self.name!r} ({self.base_url}) {what}")
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
-                      timeout: float | None = None) -> Any:
-        """One HTTP call with retries; returns the decoded JSON (or text) body. `timeout`: seconds the server may
-        take to answer (default: the client's floor)."""
+                      timeout: float | None = None, work: float = 0.0) -> Any:
+        """One HTTP call with retries; returns the decoded JSON (or text) body. The server may take the client's floor
+        plus the work of every request in flight on this client (`work`: this one's seconds at the slowest healthy
+        rates), since it queues what it cannot batch; `timeout` raises that bound."""
         http, sem = self._session()
-        timeout = max(timeout or 0.0, self.timeout)
         last = ""
         for attempt in range(self.retries + 1):
             if (dead := self._dead_server()) is not None:
@@ -190,10 +192,15 @@ class Client:
                 raise self._down.result()
             try:
                 async with sem:
-                    r = await self._unless_down(http.request(method, path, json=json, params=params,
-                                                             timeout=httpx.Timeout(timeout, connect=10.0)))
+                    self._work_in_flight += work
+                    try:
+                        limit = max(timeout or 0.0, self.timeout + self._work_in_flight)
+                        r = await self._unless_down(http.request(method, path, json=json, params=params,
+                                                                 timeout=httpx.Timeout(limit, connect=10.0)))
+                    finally:
+                        self._work_in_flight -= work
             except httpx.ReadTimeout:  # the work would be done again: no retry
-                raise self._failure(f"did not answer {method} {path} within {timeout:.0f} s") from None
+                raise self._failure(f"did not answer {method} {path} within {limit:.0f} s") from None
             except TRANSIENT as e:
                 last = f"{type(e).__name__}: {e}"
             else:
@@ -230,17 +237,16 @@ class Client:
             body["seed"] = seed
         if stop_token_ids:
             body["stop_token_ids"] = list(stop_token_ids)
-        timeout = REQUEST_FLOOR_S + len(prompt_ids) / MIN_PREFILL_TOKENS_PER_S + max_tokens / MIN_DECODE_TOKENS_PER_S
-        return parse_completions(await self.request("POST", "/v1/completions", json=body, timeout=timeout))
+        work = len(prompt_ids) / MIN_PREFILL_TOKENS_PER_S + max_tokens / MIN_DECODE_TOKENS_PER_S
+        return parse_completions(await self.request("POST", "/v1/completions", json=body, work=work))
 
     async def score(self, ids: Sequence[int], start: int, *, model: str, topk: int = 0):
         """(log p(ids[t] | ids[:t]) for t in [start, len(ids)), top-k (ids, log-probs) there or None)."""
         body = {"model": model, "prompt": list(ids), "max_tokens": 1, "temperature": 1.0,
                 "prompt_logprobs": topk, "return_token_ids": True, "return_tokens_as_token_ids": True}
         self._session()
-        timeout = REQUEST_FLOOR_S + len(ids) / MIN_PREFILL_TOKENS_PER_S
         async with self._score_sem:
-            out = await self.request("POST", "/v1/completions", json=body, timeout=timeout)
+            out = await self.request("POST", "/v1/completions", json=body, work=len(ids) / MIN_PREFILL_TOKENS_PER_S)
         return parse_prompt_logprobs(out["choices"][0]["prompt_logprobs"], ids, start, topk)
 
     async def load_adapter(self, name: str, path: str) -> None:
