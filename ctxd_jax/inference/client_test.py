@@ -34,3 +34,25 @@ def test_parse_prompt_logprobs_aligns_and_ranks_topk():
         parse_prompt_logprobs(pl, ids, 0, topk=0)
     with pytest.raises(RequestError, match="2 entries for 3"):
         parse_prompt_logprobs(pl[:2], ids, 1, topk=0)
+
+
+def test_scoring_gate_runs_a_score_alone():
+    import asyncio
+
+    from ctxd_jax.inference.client import ScoringGate
+
+    gate, running, seen = ScoringGate(), set(), []
+
+    async def req(name, alone):
+        async with gate.enter(alone):
+            running.add(name)
+            seen.append(set(running))
+            await asyncio.sleep(0.01)
+            running.discard(name)
+
+    async def main():
+        await asyncio.gather(req("a", False), req("b", False), req("score", True), req("c", False))
+
+    asyncio.run(main())
+    assert {"a", "b"} in seen and {"score"} in seen  # samples side by side, the score alone
+    assert not any("score" in s and len(s) > 1 for s in seen)
