@@ -153,7 +153,7 @@ class Client:
                                            timeout=httpx.Timeout(self.timeout, connect=10.0))
             self._sem = asyncio.Semaphore(self.max_in_flight)
             # One gate per server and loop: the student's and the teacher's clients of one server share it.
-            self._gate = _GATES.setdefault((self.base_url, loop), ScoringGate()) if self.serial_scoring else None
+            self._gate = _GATES.setdefault((id(self.server), loop), ScoringGate()) if self.serial_scoring else None
             self._down = loop.create_future()
             self._watchdog = loop.create_task(self._watch(self._down), name=f"watchdog {self.name}")
             self._loop = loop
