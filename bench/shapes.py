@@ -22,6 +22,28 @@ def hf_config(shape: str) -> dict:
     return dict(COMMON, **QWEN3[shape])
 
 
+def write_random_checkpoint(shape: str, path: str) -> str:
+    """A random HF checkpoint of a real shape (a 1,024-token vocabulary inside the real embedding size), once."""
+    import os
+    import shutil
+
+    from ctxd_jax.tiny import write_tiny_checkpoint
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    c = QWEN3[shape]
+    tmp = f"{path}.{os.getpid()}.tmp"  # two runs writing the same shape at once: the first rename wins
+    write_tiny_checkpoint(tmp, "qwen3_tied", hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                          num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                          head_dim=c["head_dim"], intermediate_size=c["intermediate_size"], vocab_size=1024,
+                          model_vocab_size=c.get("vocab_size", COMMON["vocab_size"]))
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp)
+    return path
+
+
 def non_embedding_params(shape: str) -> int:
     c = QWEN3[shape]
     d, hd, f = c["hidden_size"], c["head_dim"], c["intermediate_size"]
@@ -37,3 +59,9 @@ def flops_per_token(shape: str, seq_len: int) -> float:
     lm_head = c["hidden_size"] * c.get("vocab_size", COMMON["vocab_size"])
     attn = 6 * c["num_hidden_layers"] * c["num_attention_heads"] * c["head_dim"] * seq_len
     return 6 * (non_embedding_params(shape) + lm_head) + attn
+
+
+if __name__ == "__main__":  # python bench/shapes.py SHAPE PATH: write the random checkpoint ahead of a benchmark
+    import sys
+
+    write_random_checkpoint(*sys.argv[1:3])

@@ -29,7 +29,7 @@ from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
 from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.config import needs_teacher_scores
-from ctxd_jax.envs import get_env
+from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, evaluate
 from ctxd_jax import rundir
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
@@ -150,8 +150,7 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
     from ctxd_jax.models.hf import save_adapter, save_merged
 
     model_path = os.path.expanduser(config.model.path)
-    args = config.env.get("args")
-    env = get_env(config.env.name, **(args.to_dict() if args is not None else {}))
+    env = env_from_config(config)
     src = orch.Sources(
         env=env, tokenizer=tokenizer, train=env.examples("train"), student=deployment.student_client(),
         teacher=deployment.teacher_client(), teacher_model=deployment.teacher_model, context=config.teacher.context,

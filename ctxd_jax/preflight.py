@@ -63,7 +63,7 @@ def check_lengths(config, plan: Plan, tokenizer) -> None:
 
     from transformers.utils import logging
 
-    env = envs.get_env(config.env.name, **config.env.args.to_dict())
+    env = envs.env_from_config(config)
     longest_student, longest_teacher = 0, 0
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a prompt over the tokenizer's model_max_length is what this checks, not a warning

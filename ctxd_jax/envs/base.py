@@ -137,6 +137,13 @@ def get_env(name: str, **kwargs) -> Environment:
     return _cls(name)(**kwargs)
 
 
+def env_from_config(config) -> Environment:
+    """The run's environment: config.env.name with config.env.args (validation fills them in; a bench's config may
+    have none, which means the defaults)."""
+    args = config.env.get("args")
+    return get_env(config.env.name, **(args.to_dict() if args is not None else {}))
+
+
 def default_args(name: str) -> dict[str, tuple[object, type]]:
     """{argument: (default, type)} of environment `name`'s keyword arguments, read from its __init__ (the one place
     they are written). The type of an `X | None = None` argument is X."""
