@@ -243,7 +243,7 @@ def main() -> int:
     p.add_argument("--gpus", default="0,1,2,3", help="GPUs to use (indexes into an inherited CUDA_VISIBLE_DEVICES)")
     p.add_argument("--shape", default="0.6b", choices=[s for s in QWEN3 if s != "tiny"])
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--timeout", type=int, default=480, help="seconds per run; then SIGTERM, then kill")
+    p.add_argument("--timeout", type=int, default=450, help="seconds per run; then SIGTERM, then kill")
     p.add_argument("--out", default="/tmp/ctxd-layouts", help="run folders, logs, compile caches")
     p.add_argument("--export", default="", help="copy the report and each run's small files here (e.g. $OUT)")
     p.add_argument("--dry_run", action="store_true", help="plans and GPU assignment only")
