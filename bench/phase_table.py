@@ -10,15 +10,20 @@ PHASES = ("time/wait", "time/sample", "time/rollouts", "time/trainer_scoring", "
           "time/step")
 
 
-def main(path: str) -> None:
-    rows = [json.loads(line) for line in open(path)]
-    print(f"{'step':>4} " + " ".join(f"{p.split('/')[1]:>8}" for p in PHASES) + f" {'train tok/s':>11} {'rows':>5}")
+def table(rows: list[dict]) -> list[str]:
+    """The lines of the table: one per step (seconds per phase), then the medians of steps 2+."""
+    lines = [f"{'step':>4} " + " ".join(f"{p.split('/')[1]:>8}" for p in PHASES) + f" {'train tok/s':>11} {'rows':>5}"]
     for r in rows:
-        print(f"{r['step']:>4} " + " ".join(f"{r.get(p, float('nan')):8.2f}" for p in PHASES)
-              + f" {r.get('tokens/s_train', 0):11.0f} {r.get('pack/rows', 0):5d}")
+        lines.append(f"{r['step']:>4} " + " ".join(f"{r.get(p, float('nan')):8.2f}" for p in PHASES)
+                     + f" {r.get('tokens/s_train', 0):11.0f} {int(r.get('pack/rows', 0)):5d}")
     later = rows[1:] or rows  # step 1 includes compilation
-    print("median (steps 2+): " + ", ".join(
+    lines.append("median (steps 2+): " + ", ".join(
         f"{p.split('/')[1]} {statistics.median(r.get(p, 0.0) for r in later):.2f}s" for p in PHASES))
+    return lines
+
+
+def main(path: str) -> None:
+    print("\n".join(table([json.loads(line) for line in open(path)])))
 
 
 if __name__ == "__main__":

@@ -45,15 +45,34 @@ def parse_gpu_ids(field: str, text: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def visible_devices(value: str | None) -> tuple[str, ...] | None:
+    """The entries of an inherited CUDA_VISIBLE_DEVICES (None when unset: GPU ids are the machine's own)."""
+    return None if value is None else tuple(p for p in value.replace(" ", "").split(",") if p)
+
+
 @dataclasses.dataclass(frozen=True)
 class Gpus:
+    """GPU ids of each process, as indexes into `visible` (the CUDA_VISIBLE_DEVICES the run inherited, e.g. from a
+    scheduler), or the machine's own ids when it is None; so two runs on one host can be given disjoint GPUs."""
+
     inference: tuple[int, ...] = ()
     teacher: tuple[int, ...] = ()
     trainer: tuple[int, ...] = ()
+    visible: tuple[str, ...] | None = None
 
     @property
     def cpu(self) -> bool:
         return not (self.inference or self.teacher or self.trainer)
+
+    def devices(self, ids: tuple[int, ...]) -> tuple[str, ...]:
+        """What a process on GPUs `ids` gets as its CUDA_VISIBLE_DEVICES entries."""
+        return tuple(str(i) if self.visible is None else self.visible[i] for i in ids)
+
+
+def _describe_gpus(ids: tuple[int, ...], devices: tuple[str, ...]) -> str:
+    """'0,1', with the devices they name when an inherited CUDA_VISIBLE_DEVICES makes them differ."""
+    text = ",".join(map(str, ids))
+    return text if devices == tuple(map(str, ids)) else f"{text} (CUDA_VISIBLE_DEVICES={','.join(devices)})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +85,11 @@ class ServerPlan:
     dp: int
     tp: int
     port: int | None  # None: a private Unix socket (inference.transport='uds')
+    devices: tuple[str, ...] = ()  # the server's CUDA_VISIBLE_DEVICES entries (Gpus.devices of gpu_ids)
 
     def describe(self) -> str:
-        where = f"GPUs {','.join(map(str, self.gpu_ids))} (dp={self.dp}, tp={self.tp})" if self.gpu_ids else "CPU"
+        where = (f"GPUs {_describe_gpus(self.gpu_ids, self.devices)} (dp={self.dp}, tp={self.tp})" if self.gpu_ids
+                 else "CPU")
         listen = "a private Unix socket" if self.port is None else f"port {self.port}"
         return f"vLLM server [{' + '.join(self.roles)}] {self.model} on {where}, {listen}"
 
@@ -78,11 +99,12 @@ class TrainerPlan:
     gpu_ids: tuple[int, ...]  # () = CPU
     num_train_workers: int  # data-parallel (fsdp) size of the trainer mesh
     tp: int
+    devices: tuple[str, ...] = ()  # the trainer's CUDA_VISIBLE_DEVICES entries
 
     def describe(self) -> str:
         if not self.gpu_ids:
             return "JAX trainer on CPU"
-        gpus = ",".join(map(str, self.gpu_ids))
+        gpus = _describe_gpus(self.gpu_ids, self.devices)
         return f"JAX trainer on GPUs {gpus} (num_train_workers={self.num_train_workers}, tp={self.tp})"
 
 
@@ -226,6 +248,13 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
         return
     for field, ids in (("inference_gpu_ids", gpus.inference), ("trainer_gpu_ids", gpus.trainer)):
         _require(bool(ids), field, "empty while other GPU ids are given (give all, or none for CPU mode)")
+    if gpus.visible is not None:
+        for field, ids in (("inference_gpu_ids", gpus.inference), ("teacher_gpu_ids", gpus.teacher),
+                           ("trainer_gpu_ids", gpus.trainer)):
+            for i in ids:
+                _require(i < len(gpus.visible), field,
+                         f"GPU {i} is not one of the {len(gpus.visible)} in CUDA_VISIBLE_DEVICES="
+                         f"{','.join(gpus.visible)!r} (GPU ids index into it)")
     n = len(gpus.inference)
     _require(n % tp == 0, "inference.parallel.tp", f"{tp} does not divide the {n} inference GPUs")
     _require(dp is None or dp * tp == n, "inference.parallel.dp",
@@ -283,7 +312,8 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
     """The processes of a validated config (dp already resolved)."""
     tp = config.inference.parallel.tp
     port = config.inference.port if config.inference.transport == "tcp" else None
-    student = ServerPlan(("student",), config.model.path, gpus.inference, config.inference.parallel.dp, tp, port)
+    student = ServerPlan(("student",), config.model.path, gpus.inference, config.inference.parallel.dp, tp, port,
+                         gpus.devices(gpus.inference))
     teacher_model, scorer = _teacher_model(config), teacher_scorer(config)
     if gpus.cpu:
         wanted = needs_teacher_scores(config) or config.teacher.eval_baseline
@@ -299,10 +329,10 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
         teacher = student
     else:
         teacher = ServerPlan(("teacher",), teacher_model, teacher_gpus, max(len(teacher_gpus) // tp, 1), tp,
-                             None if port is None else port + 1)
+                             None if port is None else port + 1, gpus.devices(teacher_gpus))
     workers = max(len(gpus.trainer) // config.trainer.tp, 1)
-    return Plan(gpus.cpu, student, teacher, TrainerPlan(gpus.trainer, workers, config.trainer.tp), scorer,
-                needs_teacher_scores(config))
+    trainer = TrainerPlan(gpus.trainer, workers, config.trainer.tp, gpus.devices(gpus.trainer))
+    return Plan(gpus.cpu, student, teacher, trainer, scorer, needs_teacher_scores(config))
 
 
 def env_config(name: str) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 import pytest
 
 from configs import demo, rl
-from ctxd_jax.config import ConfigError, Gpus, parse_gpu_ids, resolve, teacher_scorer, validate
+from ctxd_jax.config import ConfigError, Gpus, parse_gpu_ids, resolve, teacher_scorer, validate, visible_devices
 from ctxd_jax.envs.persona import style_context
 from ctxd_jax.envs.sokoban import TEACHER_CONTEXT
 
@@ -231,6 +231,26 @@ def test_shared_gpus_must_fit():
     assert validate(_config(inference__gpu_memory_utilization=0.45, **VLLM), layout) == []
     with pytest.raises(ConfigError, match=r"^trainer.attn_impl: 'flash'"):
         validate(_config(trainer__attn_impl="flash"), THREE)
+
+
+def test_gpu_ids_index_the_inherited_visible_devices():
+    assert visible_devices(None) is None and visible_devices("") == () and visible_devices("2, 3") == ("2", "3")
+    # A scheduler (or a second run on the same host) hands this run GPUs 2,3: ids 0,1 are those two.
+    gpus = Gpus(inference=(0,), teacher=(1,), trainer=(0, 1), visible=("2", "3"))
+    _, plan, _ = resolve(_config(inference__gpu_memory_utilization=0.5, trainer__gpu_memory_fraction=0.45, **VLLM),
+                         gpus)
+    assert (plan.student.devices, plan.teacher.devices, plan.trainer.devices) == (("2",), ("3",), ("2", "3"))
+    assert plan.student.gpu_ids == (0,) and "on GPUs 0 (CUDA_VISIBLE_DEVICES=2) (dp=1" in plan.describe()
+    assert "JAX trainer on GPUs 0,1 (CUDA_VISIBLE_DEVICES=2,3) (num_train_workers=2" in plan.describe()
+    uuids = Gpus(inference=(1,), trainer=(0,), visible=("GPU-a", "GPU-b"))
+    _, plan, _ = resolve(_config(), uuids)
+    assert (plan.student.devices, plan.trainer.devices) == (("GPU-b",), ("GPU-a",))
+    _, plan, _ = resolve(_config(), Gpus(inference=(1,), trainer=(0,)))  # unset: the machine's own ids
+    assert (plan.student.devices, plan.trainer.devices) == (("1",), ("0",)) and "CUDA_VISIBLE" not in plan.describe()
+    assert _error(_config(), Gpus(inference=(0,), trainer=(2,), visible=("4", "5"))) == (
+        "trainer_gpu_ids: GPU 2 is not one of the 2 in CUDA_VISIBLE_DEVICES='4,5' (GPU ids index into it)")
+    assert _error(_config(), Gpus(inference=(0,), trainer=(1,), visible=())).startswith(
+        "inference_gpu_ids: GPU 0 is not one of the 0 in CUDA_VISIBLE_DEVICES=''")
 
 
 def test_switching_environment_takes_its_defaults():

@@ -66,7 +66,7 @@ def run(config, plan, stop: threading.Event) -> None:
     os.makedirs(out, exist_ok=True)
     deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
     if plan.trainer.gpu_ids:  # after the servers' environments are built: only the trainer sees these GPUs
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, plan.trainer.gpu_ids))
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.trainer.devices)
         # Before JAX touches the GPU: it must leave the servers sharing these GPUs their share.
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(config.trainer.gpu_memory_fraction)
     try:

@@ -172,6 +172,7 @@ def main(argv: list[str]) -> int:
             inference=config_lib.parse_gpu_ids("inference_gpu_ids", _INFERENCE_GPU_IDS.value),
             teacher=config_lib.parse_gpu_ids("teacher_gpu_ids", _TEACHER_GPU_IDS.value),
             trainer=config_lib.parse_gpu_ids("trainer_gpu_ids", _TRAINER_GPU_IDS.value),
+            visible=config_lib.visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
     except config_lib.ConfigError as e:

@@ -12,19 +12,19 @@ GPUS = ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2"]
 VLLM = "--config.teacher.scorer=vllm"  # a teacher vLLM server scores (the default lets the trainer score the base)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ctxd_jax.train", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
-def ok(*args: str) -> subprocess.CompletedProcess:
-    r = cli(*args, "--dry_run")
+def ok(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = cli(*args, "--dry_run", env=env)
     assert r.returncode == 0, r.stderr
     return r
 
 
-def refused(*args: str) -> str:
-    r = cli(*args, "--dry_run")
+def refused(*args: str, env: dict | None = None) -> str:
+    r = cli(*args, "--dry_run", env=env)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -131,6 +131,25 @@ def test_reference_multi_gpu_layouts(args, servers):
     plan = r.stdout.split("plan (GPU mode):\n")[1].splitlines()
     assert plan == [f"  vLLM server {s}" for s in servers] + [
         "  JAX trainer on GPUs 2,3 (num_train_workers=2, tp=1)"], r.stdout
+
+
+def test_gpu_ids_index_an_inherited_cuda_visible_devices():
+    # Given GPUs 2,3 (by a scheduler, or beside another run), ids 0 and 1 are those two.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="2,3")
+    r = ok("--inference_gpu_ids=0", "--trainer_gpu_ids=1", env=env)
+    assert "on GPUs 0 (CUDA_VISIBLE_DEVICES=2) (dp=1" in r.stdout
+    assert "JAX trainer on GPUs 1 (CUDA_VISIBLE_DEVICES=3) (num_train_workers=1" in r.stdout
+    assert refused("--inference_gpu_ids=0", "--trainer_gpu_ids=2", env=env) == (
+        "trainer_gpu_ids: GPU 2 is not one of the 2 in CUDA_VISIBLE_DEVICES='2,3' (GPU ids index into it)")
+
+
+def test_benchmark_layouts_pass_the_cli_validation():
+    # bench/layouts.py dry-runs every layout through this CLI (launch/four_gpus.sh for the four-GPU ones), each on
+    # the GPUs it would get: all must pass, memory shares included.
+    r = subprocess.run([sys.executable, "bench/layouts.py", "--dry_run", "--layouts=all", "--gpus=0,1,2,3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "REFUSED" not in r.stdout, r.stdout + r.stderr
+    assert "-- mesh (CUDA_VISIBLE_DEVICES=0,1): ok" in r.stdout and "on GPUs 0,1 (dp=2, tp=1)" in r.stdout
 
 
 def test_shared_gpu_over_its_memory_is_refused():

