@@ -90,8 +90,7 @@ def main():
     from ctxd_jax.config import teacher_scorer
     from ctxd_jax.envs import get_env
     from ctxd_jax.inference.client import Client
-    from ctxd_jax.inference.deploy import (BASE_NAME, CONTEXT_MARGIN_TOKENS, STUDENT_ADAPTER, Deployment,
-                                           _max_model_len)
+    from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, Deployment, max_model_len
     from ctxd_jax.inference.server import ServerGroup, VLLMServer
     from ctxd_jax.inference.teacher import render_prompt
 
@@ -106,13 +105,14 @@ def main():
     server = VLLMServer(a.model, name="student+teacher", served_name=BASE_NAME, gpu_ids=None if a.cpu else (0,),
                         lora_rank=first.lora.rank, max_loras=first.max_async_level + 2, dev_mode=True,
                         gpu_memory_utilization=0.85 if a.layout == "split" else 0.5, kv_cache_gib=2,
-                        max_model_len=_max_model_len(a.model, first.seq_len + CONTEXT_MARGIN_TOKENS),
+                        max_model_len=max_model_len(first, a.model),
                         dtype=first.model.dtype, log_dir=a.out)
     os.makedirs(a.out, exist_ok=True)
     with ServerGroup([server], timeout=900):
         # The floor: step 0's prompts and seeds, from the base model, without log-probs.
         trainer, tokenizer = loop._load_trainer(first)
-        env = get_env(first.env.name, **first.env.args.to_dict())
+        args = first.env.get("args")  # as loop._build reads it
+        env = get_env(first.env.name, **(args.to_dict() if args is not None else {}))
         src = orch.Sources(env=env, tokenizer=tokenizer, train=env.examples("train"), student=None, teacher=None,
                            teacher_model=None, context="", max_tokens=a.max_tokens, temperature=1.0, group_size=16,
                            prompts_per_step=a.prompts, seed=first.seed)
