@@ -11,7 +11,9 @@ the rollout pipeline:
   state (`Trainer.snapshot_lora`), at the rollout's sampling temperature.
 
 Sequences are packed first-fit-decreasing into rows. Row length and rows per call come from a ladder of sizes (four
-per octave): repeated calls reuse a few compiled shapes and pad by at most a quarter. The LM head runs in chunks
+per octave): repeated calls reuse a few compiled shapes and pad by at most a quarter. The model runs over whole rows
+(a completion attends to its prompt) but the LM head, softmax and top-k only at the scored positions (t >= start: a
+teacher's completion, not its prompt), gathered per row to a width from the same ladder, in chunks
 (ctxd_jax.models.logprobs), so no call holds [tokens, vocab] float32.
 """
 
