@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class Completion:
@@ -32,5 +34,6 @@ class Rollout:
     reward: float = 0.0
     policy_version: int = 0
     teacher_logprobs: list[float] | None = None
-    teacher_topk_ids: list[list[int]] | None = None
-    teacher_topk_logprobs: list[list[float]] | None = None
+    # [n][k] lists from a vLLM teacher, [n, k] numpy arrays from the trainer's (packing takes either).
+    teacher_topk_ids: list[list[int]] | np.ndarray | None = None
+    teacher_topk_logprobs: list[list[float]] | np.ndarray | None = None

@@ -10,7 +10,6 @@ ctxd_jax.scoring, in a few bucketed shapes, so the model compiles a few times at
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -43,8 +42,7 @@ def score(model, seqs: list[list[int]], *, batch_tokens: int = 8192) -> list[np.
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
 
     def run(rows):
-        return [np.asarray(x) for x in jax.device_get(score_rows_jit(lora, rest, rows, graphdef=graphdef,
-                                                                       chunk_size=1024))]
+        return score_rows_jit(lora, rest, rows, graphdef=graphdef, chunk_size=1024)
 
     return [s.logprobs for s in score_sequences(run, seqs, batch_tokens=batch_tokens)]
 

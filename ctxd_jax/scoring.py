@@ -11,7 +11,9 @@ the rollout pipeline:
   state (`Trainer.snapshot_lora`), at the rollout's sampling temperature.
 
 Sequences are packed first-fit-decreasing into rows. Row length and rows per call come from a ladder of sizes (four
-per octave): repeated calls reuse a few compiled shapes and pad by at most a quarter. The LM head runs in chunks
+per octave): repeated calls reuse a few compiled shapes and pad by at most a quarter. The model runs over whole rows
+(a completion attends to its prompt) but the LM head, softmax and top-k only at the scored positions (t >= start: a
+teacher's completion, not its prompt), gathered per row to a width from the same ladder, in chunks
 (ctxd_jax.models.logprobs), so no call holds [tokens, vocab] float32.
 """
 
@@ -25,10 +27,11 @@ import numpy as np
 from flax import nnx
 
 from ctxd_jax.inference.teacher import teacher_prompt_ids
-from ctxd_jax.models.logprobs import token_logprobs
+from ctxd_jax.models.logprobs import logprobs_at, token_logprobs
 from ctxd_jax.packing import first_fit_decreasing, placements
 
 MIN_ROW = 128
+MIN_WIDTH = 16  # scored positions per row, at least
 ROW_KEYS = ("tokens", "positions", "segment_ids", "temperatures")
 
 
@@ -58,11 +61,18 @@ def rows_per_call(num_rows: int, row_len: int, *, batch_tokens: int, row_multipl
 
 
 def score_rows(lora, rest, rows: dict, *, graphdef, chunk_size: int, topk: int = 0, max_segments: int | None = None):
-    """(log-probs [R, T],) + (top-k ids [R, T, k], top-k log-probs [R, T, k]) if topk, of packed `rows` (a dict
-    holding ROW_KEYS arrays; other keys are ignored) under the model nnx.merge(graphdef, lora, rest). Call under
-    `jax.set_mesh` with `max_segments` = attention.segment_bound of the rows where the model runs on a mesh."""
+    """Scores of packed `rows` (a dict of ROW_KEYS arrays [R, T], other keys ignored but "at") under the model
+    nnx.merge(graphdef, lora, rest): (log-probs,) + (top-k ids [..., k], top-k log-probs [..., k]) if topk. With
+    rows["at"] [R, P] (positions >= 1 of each row) only at those positions, [R, P]: the LM head, softmax and top-k
+    run nowhere else; without it at every position, [R, T]. Call under `jax.set_mesh` with `max_segments` =
+    attention.segment_bound of the rows where the model runs on a mesh."""
     model = nnx.merge(graphdef, lora, rest)
-    out = token_logprobs(model, *(rows[k] for k in ROW_KEYS), chunk_size=chunk_size, topk=topk,
+    tokens, positions, segment_ids, temperatures = (rows[k] for k in ROW_KEYS)
+    if "at" in rows:
+        hidden = model(tokens, positions, segment_ids, max_segments=max_segments)
+        return logprobs_at(hidden, model.lm_head_kernel(), tokens, temperatures, rows["at"], chunk_size=chunk_size,
+                           topk=topk)
+    out = token_logprobs(model, tokens, positions, segment_ids, temperatures, chunk_size=chunk_size, topk=topk,
                          max_segments=max_segments)
     return (out[0],) + tuple(out[2:])  # no entropy
 
@@ -71,13 +81,35 @@ def score_rows(lora, rest, rows: dict, *, graphdef, chunk_size: int, topk: int =
 score_rows_jit = jax.jit(score_rows, static_argnames=("graphdef", "chunk_size", "topk", "max_segments"))
 
 
-def score_sequences(run: Callable[[dict], Sequence[np.ndarray]], seqs: Sequence[Sequence[int]], *,
+def _pack_rows(seqs, lengths, starts, temperatures, spans, *, rows: int, row_len: int, width: int) -> dict:
+    """ROW_KEYS arrays [rows, row_len] of the sequences placed at `spans`, and "at" [rows, width]: the positions of
+    each row that are scored (t >= start of its sequence), in span order, 0 after them."""
+    out = {k: np.zeros((rows, row_len), np.int32) for k in ROW_KEYS[:3]}
+    out["temperatures"] = np.ones((rows, row_len), np.float32)
+    out["at"] = np.zeros((rows, width), np.int32)
+    filled = [0] * rows
+    for row, seg, i, at in spans:
+        span = slice(at, at + lengths[i])
+        out["tokens"][row, span] = seqs[i]
+        out["positions"][row, span] = np.arange(lengths[i])
+        out["segment_ids"][row, span] = seg
+        out["temperatures"][row, span] = temperatures[i]
+        n = lengths[i] - starts[i]
+        out["at"][row, filled[row]:filled[row] + n] = np.arange(at + starts[i], at + lengths[i])
+        filled[row] += n
+    return out
+
+
+def score_sequences(run: Callable[[dict], Sequence], seqs: Sequence[Sequence[int]], *,
                     starts: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
-                    batch_tokens: int = 8192, row_multiple: int = 1) -> list[Scores]:
+                    batch_tokens: int = 8192, row_multiple: int = 1,
+                    fetch: Callable[[object], np.ndarray] = np.asarray) -> list[Scores]:
     """Scores of every sequence at its tokens t >= starts[i] (default 1), at temperatures[i] (default 1).
 
-    `run(rows)` scores one call's rows (a dict of ROW_KEYS numpy arrays [R, T]) and returns numpy arrays as
-    score_rows does; R is a multiple of `row_multiple` (the data-parallel size)."""
+    `run(rows)` scores one call's rows (a dict of ROW_KEYS numpy arrays [R, T] and "at" [R, P]) and returns arrays
+    as score_rows does; R is a multiple of `row_multiple` (the data-parallel size). Every call is dispatched before
+    the first result is fetched (`fetch(array)` -> numpy, in call order), so packing the next rows and copying
+    results to the host overlap the device's work."""
     if not seqs:
         return []
     lengths = [len(s) for s in seqs]
@@ -89,21 +121,35 @@ def score_sequences(run: Callable[[dict], Sequence[np.ndarray]], seqs: Sequence[
     row_len = bucket(max(lengths), MIN_ROW)
     bins = first_fit_decreasing(lengths, row_len)
     per_call = rows_per_call(len(bins), row_len, batch_tokens=batch_tokens, row_multiple=row_multiple)
-    out: list[Scores | None] = [None] * len(seqs)
+    # Scored positions per row, from the same ladder: one width for every call of this batch, few across batches.
+    width = bucket(max(sum(lengths[i] - starts[i] for i in members) for members in bins), MIN_WIDTH)
+    calls = []
     for first in range(0, len(bins), per_call):
         spans = list(placements(bins[first:first + per_call], lengths))
-        rows = {k: np.zeros((per_call, row_len), np.int32) for k in ROW_KEYS[:3]}
-        rows["temperatures"] = np.ones((per_call, row_len), np.float32)
-        for row, seg, i, at in spans:
-            span = slice(at, at + lengths[i])
-            rows["tokens"][row, span] = seqs[i]
-            rows["positions"][row, span] = np.arange(lengths[i])
-            rows["segment_ids"][row, span] = seg
-            rows["temperatures"][row, span] = temperatures[i]
-        got = run(rows)
-        for row, _, i, at in spans:
-            out[i] = Scores(*(x[row, at + starts[i]:at + lengths[i]] for x in got))
+        rows = _pack_rows(seqs, lengths, starts, temperatures, spans, rows=per_call, row_len=row_len,
+                          width=width)
+        calls.append((spans, run(rows)))
+    out: list[Scores | None] = [None] * len(seqs)
+    for spans, got in calls:
+        got = [fetch(x) for x in got]
+        offset = {}
+        for row, _, i, _ in spans:
+            at, n = offset.get(row, 0), lengths[i] - starts[i]
+            out[i] = Scores(*(x[row, at:at + n] for x in got))
+            offset[row] = at + n
     return out
+
+
+def every_position(run: Callable[[dict], Sequence]) -> Callable[[dict], list[np.ndarray]]:
+    """A `run` for score_sequences that scores every position of the rows (LM head, softmax and top-k over the whole
+    row, [R, T, k] to the host) and keeps the scored ones there: the straightforward computation, for tests and
+    benchmarks to compare against."""
+
+    def scored(rows):
+        got = run({k: v for k, v in rows.items() if k != "at"})
+        return [np.asarray(x)[np.arange(len(rows["at"]))[:, None], rows["at"]] for x in got]
+
+    return scored
 
 
 def score_teacher_in_trainer(trainer, tokenizer, env, examples, rollouts, context: str | None,
@@ -125,8 +171,9 @@ def score_teacher_in_trainer(trainer, tokenizer, env, examples, rollouts, contex
                            topk=topk)
     for r, s in zip(rollouts, scores):
         r.teacher_logprobs = s.logprobs.tolist()
-        r.teacher_topk_ids = s.topk_ids.tolist() if topk else None
-        r.teacher_topk_logprobs = s.topk_logprobs.tolist() if topk else None
+        # The top-k stay numpy arrays [n, k]: as lists (k Python numbers per token) they cost seconds a batch to
+        # make and again to pack.
+        r.teacher_topk_ids, r.teacher_topk_logprobs = s.topk_ids, s.topk_logprobs
 
 
 def behaviour_logprobs(trainer, rollouts, lora) -> list[list[float]]:

@@ -20,7 +20,8 @@ from ctxd_jax.models.hf_test import randomise_lora
 from ctxd_jax.models.logprobs import token_logprobs
 from ctxd_jax.packing import pack
 from ctxd_jax.records import Rollout
-from ctxd_jax.scoring import MIN_ROW, behaviour_logprobs, bucket, rows_per_call, score_teacher_in_trainer
+from ctxd_jax.scoring import (MIN_ROW, behaviour_logprobs, bucket, every_position, rows_per_call, score_rows_jit,
+                              score_sequences, score_teacher_in_trainer)
 from ctxd_jax.sharding import make_mesh
 from ctxd_jax.tiny import write_tiny_checkpoint
 from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
@@ -91,6 +92,34 @@ def test_packed_equals_unpacked(trainer):
         trainer.score(seqs[:2], lora=lora, starts=[1, 0])
 
 
+def _score_every_position(trainer, lora, seqs, **kw):
+    """The straightforward computation on the same packed rows: LM head and top-k at every position of every row."""
+
+    def run(rows):
+        return score_rows_jit(lora, trainer.rest, rows, graphdef=trainer.graphdef,
+                              chunk_size=trainer.step_config.chunk_size, topk=K)
+
+    return score_sequences(every_position(run), seqs, **kw)
+
+
+def test_scored_positions_only_equal_every_position(trainer):
+    rng = np.random.default_rng(3)
+    # Long prompts, short completions (a teacher's shape), an empty completion, several calls of several rows.
+    seqs = [rng.integers(3, 300, n).tolist() for n in (100, 90, 120, 60, 110, 30)]
+    starts = [80, 85, 100, 60, 20, 29]
+    temps = [1.0, 0.7, 1.0, 1.0, 1.2, 1.0]
+    lora = trainer.snapshot_lora()
+    for batch_tokens in (256, 8192):
+        kw = dict(starts=starts, temperatures=temps, batch_tokens=batch_tokens)
+        got = trainer.score(seqs, lora=lora, topk=K, **kw)
+        want = _score_every_position(trainer, lora, seqs, **kw)
+        for s, start, g, w in zip(seqs, starts, got, want):
+            assert g.logprobs.shape == (len(s) - start,) and g.topk_logprobs.shape == (len(s) - start, K)
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-6)
+            np.testing.assert_array_equal(g.topk_ids, w.topk_ids)
+            np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs, atol=1e-6)
+
+
 def _rollouts(tok, examples, completions):
     out = []
     for g, ex in enumerate(examples):
@@ -134,6 +163,37 @@ def test_teacher_scores_equal_transformers_base_model(trainer, tiny_dir):
     # With the trainer's LoRA on, the same sequence scores differently: the teacher really is the base model.
     on = behaviour_logprobs(trainer, at_one, trainer.lora)
     assert np.max(np.abs(np.subtract(on[0], own[0]))) > 1e-2
+
+
+def test_packed_teacher_topk_is_the_teachers_full_sequence_topk(trainer, tiny_dir):
+    """What the loss reads (TrainBatch.teacher_topk_* at loss-mask positions) is the top-k of the teacher's whole
+    sequence (teacher prompt + completion, every position scored) at the completion's positions."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    env = get_env("ahoy")
+    examples = list(env.examples("train")[:3])
+    rng = np.random.default_rng(4)
+    completions = [[rng.integers(3, 200, n).tolist() for n in (12, 30)] for _ in examples]
+    rollouts = _rollouts(tok, examples, completions)
+    score_teacher_in_trainer(trainer, tok, env, examples, rollouts, env.default_context, topk=K)
+    batch, _ = pack(rollouts, np.zeros(len(rollouts)), seq_len=256, topk=K)
+    prompts = [teacher_prompt_ids(tok, env, examples[r.group], env.default_context, r.prompt_ids) for r in rollouts]
+    full = _score_every_position(trainer, trainer.base_lora(), [p + r.completion_ids for p, r in zip(prompts, rollouts)],
+                                 starts=[1] * len(rollouts))
+    checked = 0
+    for row, segs in enumerate(batch.segment_ids):
+        for seg in np.unique(segs[segs > 0]):
+            where = (segs == seg) & batch.loss_mask[row]
+            completion = batch.tokens[row][where].tolist()  # random completions: each is unique
+            i = next(j for j, r in enumerate(rollouts) if r.completion_ids == completion)
+            p, n = len(prompts[i]) - 1, len(completion)  # full[i] starts at token 1
+            np.testing.assert_array_equal(batch.teacher_topk_ids[row][where], full[i].topk_ids[p:p + n])
+            np.testing.assert_allclose(batch.teacher_topk_logprobs[row][where], full[i].topk_logprobs[p:p + n],
+                                       atol=1e-6)
+            np.testing.assert_allclose(batch.teacher_logprobs[row][where], full[i].logprobs[p:p + n], atol=1e-6)
+            checked += 1
+    assert checked == len(rollouts)
 
 
 def test_behaviour_logprobs_under_snapshot_equal_logprobs_before_the_step(tiny_dir):

@@ -244,12 +244,11 @@ class Trainer:
             bound = segment_bound(rows["segment_ids"])
             rows = {k: jax.device_put(v, self._batch_sharding) for k, v in rows.items()}
             with jax.set_mesh(self.mesh):
-                out = score_rows_jit(lora, self.rest, rows, graphdef=self.graphdef,
-                                     chunk_size=self.step_config.chunk_size, topk=topk, max_segments=bound)
-            return [distributed.to_host(x) for x in out]
+                return score_rows_jit(lora, self.rest, rows, graphdef=self.graphdef,
+                                      chunk_size=self.step_config.chunk_size, topk=topk, max_segments=bound)
 
         return score_sequences(run, seqs, starts=starts, temperatures=temperatures,
-                               batch_tokens=batch_tokens * self.dp, row_multiple=self.dp)
+                               batch_tokens=batch_tokens * self.dp, row_multiple=self.dp, fetch=distributed.to_host)
 
 
 def mismatch_kl(trainer_logprobs, sampling_logprobs, mask) -> float:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from ctxd_jax.models.config import ModelConfig
-from ctxd_jax.models.logprobs import hidden_logprobs, token_logprobs
+from ctxd_jax.models.logprobs import hidden_logprobs, logprobs_at, token_logprobs
 from ctxd_jax.models.transformer import Transformer
 from ctxd_jax.tiny import tiny_config
 
@@ -83,3 +83,19 @@ def test_chunked_topk_equals_full_sort(case, chunk_size):
     np.testing.assert_allclose(np.asarray(top_lps)[:, 1:][valid],
                                np.take_along_axis(logp_all, want_ids, -1)[valid], atol=1e-5)
     assert not np.asarray(top_ids)[:, 1:][~valid].any() and not np.asarray(top_lps)[:, 0].any()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4096])
+def test_logprobs_at_positions_equal_every_position(case, chunk_size):
+    model, tokens, positions, segs, temps, ids, hidden = case
+    w = model.lm_head_kernel()
+    lp, _, top_ids, top_lps = hidden_logprobs(hidden, w, tokens, segs, temps, chunk_size=chunk_size, topk=K)
+    at = jnp.asarray([[7, 9, 10, 1, 3], [2, 5, 7, 0, 0]], jnp.int32)  # any order; row 1 padded with 0
+    got_lp, got_ids, got_lps = logprobs_at(hidden, w, tokens, temps, at, chunk_size=chunk_size, topk=K)
+    assert got_lp.shape == (B, 5) and got_ids.shape == got_lps.shape == (B, 5, K) and got_ids.dtype == jnp.int32
+    rows = np.arange(B)[:, None]
+    real = np.asarray(at) > 0
+    np.testing.assert_allclose(np.asarray(got_lp)[real], np.asarray(lp)[rows, at][real], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_ids)[real], np.asarray(top_ids)[rows, at][real])
+    np.testing.assert_allclose(np.asarray(got_lps)[real], np.asarray(top_lps)[rows, at][real], atol=1e-6)
+    assert len(logprobs_at(hidden, w, tokens, temps, at, chunk_size=chunk_size)) == 1  # no top-k asked
