@@ -53,13 +53,9 @@ def main():
 
     folder = tempfile.mkdtemp(prefix="topk_scoring_")
     if a.gpu:
-        from shapes import QWEN3
+        from shapes import write_random_checkpoint
 
-        s = QWEN3[a.shape]
-        sizes = dict(hidden_size=s["hidden_size"], num_layers=s["num_hidden_layers"],
-                     num_heads=s["num_attention_heads"], num_kv_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
-                     intermediate_size=s["intermediate_size"])
-        write_tiny_checkpoint(folder, "qwen3_tied", model_vocab_size=151936, **sizes)
+        write_random_checkpoint(a.shape, folder)
         dtype = jnp.bfloat16
     else:
         write_tiny_checkpoint(folder, "qwen3_tied", model_vocab_size=a.vocab, num_layers=a.layers)
