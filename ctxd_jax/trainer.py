@@ -6,20 +6,22 @@ gradients summed: each micro-batch's loss is divided by the WHOLE batch's loss-t
 sum equals the gradient of the full-batch loss (prime-rl-notes §10.4).
 
 With several processes (ctxd_jax/distributed.py) the mesh spans all of them and every process calls the same methods
-with the same global batch; each process places only its own devices' rows.
+in the same order, each with the same global batch or with only its own share of it (`Rows`, from `share`): each
+process places only its own devices' rows.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ctxd_jax import distributed, sharding
 from ctxd_jax.loss import compute_loss
@@ -97,6 +99,22 @@ def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepCo
     return loss, metrics
 
 
+class Rows(NamedTuple):
+    """One process's share of a packed batch: the rows its devices hold (`index`: their row numbers in the batch,
+    ascending), the batch's row count, and what else is computed from the whole batch: the loss scale that divides
+    every micro-batch's loss."""
+
+    batch: TrainBatch
+    index: np.ndarray
+    rows: int
+    loss_scale: float
+
+
+def loss_scale(batch: TrainBatch) -> float:
+    """The whole batch's loss-token count (at least 1)."""
+    return float(max(int(np.sum(batch.loss_mask & (batch.segment_ids > 0))), 1))
+
+
 # compute_loss's metrics are means over a micro-batch's loss tokens, or over its samples for these two: sums of
 # (mean x count) over micro-batches divided by the summed counts give the whole batch's means.
 _WEIGHT = {"teacher_seq_kl": "num_samples", "geo_seq_ratio": "num_samples"}
@@ -117,14 +135,17 @@ class Trainer:
             raise ValueError("lora.rank: the model has no LoRA parameters to train")
         self.schedule = lr_schedule(optim)
         self.optimizer = make_optimizer(optim)
-        self.opt_state = jax.jit(self.optimizer.init)(self.lora)
+        # LoRA and optimizer state stay replicated (sharding.py), so every process holds all of them: it writes the
+        # adapter from its own copy, and XLA would otherwise pick the updated factors' layout itself.
+        self._replicated = replicated = NamedSharding(mesh, PartitionSpec())
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=replicated)(self.lora)
         self.updates = 0  # optimizer steps taken (the lr schedule's position)
         self.dp = mesh.shape["fsdp"]
         self._batch_sharding = NamedSharding(mesh, sharding.batch_spec())
         loss = functools.partial(micro_batch_loss, graphdef=self.graphdef, step=step)
         self._grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
         self._add = jax.jit(_accumulate, donate_argnums=0)
-        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1), out_shardings=replicated)
         self._score = jax.jit(functools.partial(_score, graphdef=self.graphdef, chunk_size=step.chunk_size))
 
     @property
@@ -143,29 +164,58 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, grad_norm
 
-    def _micro_batches(self, batch: TrainBatch):
-        rows = batch.tokens.shape[0]
+    def _micro_rows(self, rows: int) -> int:
         mb = self.micro_batch_rows or rows
         if rows % mb or mb % self.dp:
             raise ValueError(f"trainer.micro_batch_rows: batch of {rows} rows is not a whole number of micro-batches "
                              f"of {mb} rows divisible by the data-parallel size {self.dp} (pack with row_multiple)")
-        fields = {k: v for k, v in batch._asdict().items() if v is not None}
-        for start in range(0, rows, mb):
-            yield {k: jax.device_put(v[start:start + mb], self._batch_sharding) for k, v in fields.items()}
+        return mb
 
-    def grads(self, batch: TrainBatch):
+    def process_rows(self, rows: int, process: int) -> np.ndarray:
+        """Row numbers (ascending) of a `rows`-row batch that the devices of `process` hold, micro-batch by
+        micro-batch."""
+        mb = self._micro_rows(rows)
+        held = sorted({r for device, index in self._batch_sharding.devices_indices_map((mb,)).items()
+                       if device.process_index == process for r in range(*index[0].indices(mb))})
+        return np.asarray([start + r for start in range(0, rows, mb) for r in held], np.int64)
+
+    def share(self, batch: TrainBatch | Rows, process: int) -> Rows:
+        """The rows of `batch` that `process` needs (the whole batch when it holds every row)."""
+        if isinstance(batch, Rows):
+            return batch
+        rows = batch.tokens.shape[0]
+        index = self.process_rows(rows, process)
+        mine = batch if len(index) == rows else TrainBatch(*(None if v is None else v[index] for v in batch))
+        return Rows(mine, index, rows, loss_scale(batch))
+
+    def _micro_batches(self, part: Rows):
+        mb = self._micro_rows(part.rows)
+        fields = {k: v for k, v in part.batch._asdict().items() if v is not None}
+
+        def put(v, start):  # the global [mb, ...] array of one field, from this process's rows of it
+            def rows_of(index):  # a device's slice of the micro-batch: consecutive rows of this process's share
+                first, stop, _ = index[0].indices(mb)
+                at = int(np.searchsorted(part.index, start + first))
+                return v[(slice(at, at + stop - first),) + tuple(index[1:])]
+
+            return jax.make_array_from_callback((mb,) + v.shape[1:], self._batch_sharding, rows_of)
+
+        for start in range(0, part.rows, mb):
+            yield {k: put(v, start) for k, v in fields.items()}
+
+    def grads(self, batch: TrainBatch | Rows):
         """(loss, summed metrics, gradient w.r.t. the LoRA state) of the whole batch, accumulated over micro-batches."""
-        loss_scale = jnp.float32(max(int(np.sum(batch.loss_mask & (batch.segment_ids > 0))), 1))
+        part = self.share(batch, jax.process_index())
         total = None
-        for mb in self._micro_batches(batch):
-            (loss, metrics), grads = self._grad(self.lora, self.rest, mb, loss_scale)
+        for mb in self._micro_batches(part):
+            (loss, metrics), grads = self._grad(self.lora, self.rest, mb, jnp.float32(part.loss_scale))
             weighted = {k: v * metrics[_WEIGHT.get(k, "num_loss_tokens")] if k not in _COUNTS else v
                         for k, v in metrics.items()}
             item = (loss, weighted, grads)
             total = item if total is None else self._add(total, item)
         return total
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
+    def step(self, batch: TrainBatch | Rows) -> dict[str, float]:
         """One optimizer step on `batch`; returns float metrics (loss, grad_norm, lr, entropy, loss metrics)."""
         lr = float(self.schedule(self.updates))
         loss, weighted, grads = self.grads(batch)
@@ -183,10 +233,10 @@ class Trainer:
                    loss_tokens=weighted["num_loss_tokens"])
         return out
 
-    def logprobs(self, batch: TrainBatch) -> np.ndarray:
+    def logprobs(self, batch: TrainBatch | Rows) -> np.ndarray:
         """Trainer log-probs [rows, seq_len] of the batch's tokens under the current weights (0 where undefined)."""
         out = []
-        for mb in self._micro_batches(batch):
+        for mb in self._micro_batches(self.share(batch, jax.process_index())):
             out.append(distributed.to_host(self._score(self.lora, self.rest, mb)))
         return np.concatenate(out)
 
@@ -197,7 +247,9 @@ class Trainer:
     def state_arrays(self) -> dict:
         """What a checkpoint holds of the trainer (restore with load_state_arrays)."""
         return {"lora": nnx.to_pure_dict(self.lora), "opt_state": self.opt_state,
-                "updates": jnp.asarray(self.updates, jnp.int32)}
+                # A global array like the others, built locally (device_put of a host value would compare it
+                # across processes: a collective the others are not in).
+                "updates": jax.make_array_from_callback((), self._replicated, lambda _: np.int32(self.updates))}
 
     def load_state_arrays(self, arrays: dict) -> None:
         lora = jax.tree.map(lambda x: x, self.lora)
