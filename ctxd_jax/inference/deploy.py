@@ -14,6 +14,7 @@ import os
 import secrets
 
 from ctxd_jax.inference.client import Client
+from ctxd_jax.inference.pool import ClientPool
 from ctxd_jax.inference.server import ServerGroup, VLLMServer
 
 STUDENT_ADAPTER = "student"
@@ -30,9 +31,11 @@ class Deployment:
     teacher: VLLMServer | None
     student_model: str  # adapter mode: the prefix of each version's adapter name; merged mode: the base name
     teacher_model: str | None
+    remote_students: list = dataclasses.field(default_factory=list)  # other hosts' servers (ctxd_jax/multihost.py)
 
-    def student_client(self, **kwargs) -> Client:
-        return Client.for_server(self.student, **kwargs)
+    def student_client(self, **kwargs) -> Client | ClientPool:
+        local = Client.for_server(self.student, **kwargs)
+        return ClientPool([local, *self.remote_students]) if self.remote_students else local
 
     def teacher_client(self, **kwargs) -> Client | None:
         return None if self.teacher is None else Client.for_server(self.teacher, **kwargs)
@@ -47,8 +50,9 @@ def _max_model_len(model_dir: str, wanted: int) -> int:
     return min(wanted, int(limit))
 
 
-def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -> Deployment:
-    """Unstarted servers for `plan`; start them with `with deployment.group:` (stops all on exit)."""
+def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None, cpu_core: int = 0) -> Deployment:
+    """Unstarted servers for `plan`; start them with `with deployment.group:` (stops all on exit). CPU mode: the
+    student server runs on core `cpu_core`."""
     merged = config.weights.mode == "merged"
     if merged and plan.teacher_shared:
         raise ValueError("weights.mode: 'merged' reloads the student server's base weights every step, so the "
@@ -71,7 +75,8 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
 
     lora_rank = 0 if merged else config.lora.rank
     name = "student+teacher" if plan.teacher_shared else "student"
-    student = server(plan.student, name=name, served=BASE_NAME, lora_rank=lora_rank, dev_mode=merged, cpu_core=0)
+    student = server(plan.student, name=name, served=BASE_NAME, lora_rank=lora_rank, dev_mode=merged,
+                     cpu_core=cpu_core)
     teacher, teacher_model = None, None
     if plan.teacher_shared:
         teacher, teacher_model = student, BASE_NAME
