@@ -7,6 +7,7 @@ latest COMPLETE checkpoint; a run killed mid-save leaves only a temporary folder
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,10 +21,19 @@ class Checkpointer:
     """`save(step, arrays, meta)` / `restore(target)`; keeps the newest `keep` checkpoints under `directory`."""
 
     def __init__(self, directory: str, *, keep: int = 2):
-        self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True,
+        self.directory, self.keep = os.path.abspath(directory), keep
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(self.keep, 1), create=True,
                                                enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
+        return ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
+
+    def clear(self) -> None:
+        """Deletes every checkpoint (a fresh run in an old run's folder) and starts an empty folder."""
+        self.close()
+        shutil.rmtree(self.directory)
+        self._manager = self._open()
 
     def latest_step(self) -> int | None:
         self._manager.reload()

@@ -6,6 +6,7 @@ and exit status 2, never a traceback.
 """
 
 import logging
+import os
 import re
 import sys
 from typing import NoReturn
@@ -15,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ctxd_jax import config as config_lib
-from ctxd_jax import envs
+from ctxd_jax import envs, hosts
 
 DEFAULT_CONFIG = "configs/rl.py"
 # No default here: config_flags would load it and apply --config.* overrides while this module is imported, where a
@@ -99,20 +100,25 @@ def main(argv: list[str]) -> int:
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         _check_env(config)
+        processes = hosts.settings_from_env(os.environ)
+        hosts.check(config, processes)
     except config_lib.ConfigError as e:
         _fail(str(e))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if _DRY_RUN.value:
         print(config)
-        print(plan.describe())
+        print(hosts.describe(config, plan, processes))
         return 0
-    from ctxd_jax import loop  # JAX and vLLM load only for a real run
+    from ctxd_jax import multihost  # JAX and vLLM load only for a real run
 
     # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
     for name in ("httpx", "absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    loop.run(config, plan)
+    try:
+        multihost.run(config, plan, processes)  # one process: loop.run
+    except config_lib.ConfigError as e:  # found once the processes meet (a run folder not every host sees)
+        _fail(str(e))
     return 0
 
 
