@@ -135,18 +135,24 @@ class Trainer:
             raise ValueError("lora.rank: the model has no LoRA parameters to train")
         self.schedule = lr_schedule(optim)
         self.optimizer = make_optimizer(optim)
-        # LoRA and optimizer state stay replicated (sharding.py), so every process holds all of them: it writes the
-        # adapter from its own copy, and XLA would otherwise pick the updated factors' layout itself.
-        self._replicated = replicated = NamedSharding(mesh, PartitionSpec())
-        self.opt_state = jax.jit(self.optimizer.init, out_shardings=replicated)(self.lora)
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._replicate = jax.jit(lambda tree: tree, out_shardings=self._replicated)
+        self.opt_state = self._everywhere(jax.jit(self.optimizer.init)(self.lora))
         self.updates = 0  # optimizer steps taken (the lr schedule's position)
         self.dp = mesh.shape["fsdp"]
         self._batch_sharding = NamedSharding(mesh, sharding.batch_spec())
         loss = functools.partial(micro_batch_loss, graphdef=self.graphdef, step=step)
         self._grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
         self._add = jax.jit(_accumulate, donate_argnums=0)
-        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1), out_shardings=replicated)
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
         self._score = jax.jit(functools.partial(_score, graphdef=self.graphdef, chunk_size=step.chunk_size))
+
+    def _everywhere(self, tree):
+        """With several processes, `tree` replicated over the whole mesh, so each process holds all of it: it writes
+        the adapter from its own copy, and a restored checkpoint takes these placements (XLA would leave the optimizer's
+        step count on each process's first device alone). One process: left as XLA placed it, so a single host runs
+        exactly the programs it always did (pinning them changes the numerics of the step)."""
+        return self._replicate(tree) if jax.process_count() > 1 else tree
 
     @property
     def micro_batch_rows(self) -> int:
@@ -220,6 +226,7 @@ class Trainer:
         lr = float(self.schedule(self.updates))
         loss, weighted, grads = self.grads(batch)
         self.lora, self.opt_state, grad_norm = self._apply(self.lora, self.opt_state, grads)
+        self.lora = self._everywhere(self.lora)
         self.updates += 1
         weighted = {k: float(v) for k, v in jax.device_get(weighted).items()}
         out = {k: v / max(weighted[_WEIGHT.get(k, "num_loss_tokens")], 1.0)

@@ -106,10 +106,12 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model
                     parity=dict(num_prompts=1, max_mismatch_kl=1e-3), log=dict(tensorboard=False))
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
     # The one-process run beside the two-process one (the servers' start-up is most of each run's time).
+    # A fixed key: a random one starting with '-' is read by vLLM's argument parser as a flag (one start in 64).
     ref = start(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, **settings,
-                            inference=dict(kv_cache_gb=1, port=free_port())), str(tmp_path / "ref.log"), _env(2))
+                            inference=dict(kv_cache_gb=1, port=free_port(), api_key="ref")), str(tmp_path / "ref.log"),
+                _env(2))
     config = config_file(str(tmp_path / "run.py"), tiny_model_dir, out, **settings,
-                         inference=dict(kv_cache_gb=1, port=free_port()))
+                         inference=dict(kv_cache_gb=1, port=free_port(), api_key="two"))
     procs = _two(start, config, tmp_path)
     ckpt_dir = os.path.join(out, "checkpoints")
     deadline = time.monotonic() + 600
