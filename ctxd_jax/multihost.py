@@ -21,7 +21,7 @@ import sys
 import threading
 import weakref
 
-from ctxd_jax import distributed, hostlink, hosts, loop, rundir
+from ctxd_jax import hostlink, hosts, loop, rundir
 from ctxd_jax.checkpoint import CheckpointError, Checkpointer
 from ctxd_jax.inference.deploy import build_servers
 from ctxd_jax.inference.handoff import load_adapter, write_fresh
@@ -29,10 +29,10 @@ from ctxd_jax.inference.handoff import load_adapter, write_fresh
 
 def run(config, plan, settings: hosts.Settings, stop: threading.Event) -> None:
     """The run of this process: the whole loop for one process, else process 0's (`stop` ends the run of all) or a
-    follower's part. With several processes, a run that fails must end with `exit_now`."""
+    follower's part, once `distributed.initialize(settings)` has joined them. With several processes, a run that
+    fails must end with `exit_now`."""
     if not settings.several:
         return loop.run(config, plan, stop)
-    distributed.initialize(settings)
     out = rundir.run_path(config)
     if settings.leader:
         os.makedirs(out, exist_ok=True)

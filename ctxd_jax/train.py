@@ -207,6 +207,10 @@ def main(argv: list[str]) -> int:
         print(hosts.describe(config, plan, processes))
         return 0
     _hide_gpus(plan)
+    if processes.several:  # first: reading the run folder's checkpoints below starts JAX's backend
+        from ctxd_jax import distributed
+
+        distributed.initialize(processes)
     from ctxd_jax import preflight, rundir
     from ctxd_jax.checkpoint import CheckpointError
 

@@ -83,7 +83,7 @@ def _dry_run(*args, **env) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_shows_every_process_and_refuses_bad_variables():
-    gpus = ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3"]
+    gpus = ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3", "--config.teacher.scorer=vllm"]
     r = _dry_run(*gpus, CTXD_COORDINATOR_ADDRESS="h0:1234", CTXD_NUM_PROCESSES="2", CTXD_PROCESS_ID="1")
     assert r.returncode == 0, r.stderr
     plan = r.stdout.split("plan (")[1]
