@@ -108,10 +108,10 @@ def main() -> None:
                                                   "CTXD_PROCESS_ID": str(i), **_devices(args, 1)}) for i in range(2)]
     seconds["two processes"] = _run(hosts, os.path.join(args.out, "two.log"))
 
-    print(f"{'step':>4} {'run':<14}" + "".join(f"{k.split('/')[-1] if k in PHASES else k:>13}" for k in KEYS))
+    print(f"{'step':>4} {'run':<14}" + "".join(f"{k.split('/')[-1] if k in PHASES else k:>16}" for k in KEYS))
     for a, b in zip(_rows(ref), _rows(two)):
         for name, r in (("one process", a), ("two processes", b)):
-            print(f"{r['step']:>4} {name:<14}" + "".join(f"{r.get(k, float('nan')):13.4g}" for k in KEYS))
+            print(f"{r['step']:>4} {name:<14}" + "".join(f"{r.get(k, float('nan')):16.4g}" for k in KEYS))
     print("wall seconds (start-up included): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     served = open(os.path.join(args.out, "two.log.1")).read().split("served ")[-1].split()[0]
     print(f"sampling requests served by process 1's server: {served}")
