@@ -2,7 +2,8 @@
 
 Each side runs in its own subprocess (`python -m ctxd_jax.distributed_test TINY_DIR OUT`): device counts and
 jax.distributed must be set before JAX starts. Same tiny checkpoint, same LoRA, same global batch; compared: loss,
-LoRA gradients, trainer log-probs (sharded over both processes, gathered) and the loss after an optimizer step.
+LoRA gradients (also from each process's own rows of the batch only), trainer log-probs (sharded over both
+processes, gathered) and the loss after an optimizer step.
 """
 
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ctxd_jax import distributed, sharding
+from ctxd_jax import distributed, hosts, sharding
 from ctxd_jax.models.hf import load_model
 from ctxd_jax.tiny import write_tiny_checkpoint
 from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
@@ -55,6 +56,18 @@ def _run(tiny_dir: str, out: str) -> None:
     arrays = {"loss": distributed.to_host(loss), "logprobs": trainer.logprobs(batch)}
     for path, value in nnx.to_flat_state(grads):
         arrays["grad/" + "/".join(map(str, path))] = distributed.to_host(value[...])
+    # The same from only this process's rows of the batch (what the loop sends each process).
+    rows = trainer.share(batch, jax.process_index())
+    assert len(rows.index) * jax.process_count() == rows.rows
+    loss, _, grads = trainer.grads(rows)
+    arrays["rows/loss"] = distributed.to_host(loss)
+    for path, value in nnx.to_flat_state(grads):
+        arrays["rows/grad/" + "/".join(map(str, path))] = distributed.to_host(value[...])
+    # Trainer-side scores (teacher with LoRA off, behaviour under a snapshot): each process places its own rows.
+    seqs = [batch.tokens[0, :n].tolist() for n in (5, 9, batch.tokens.shape[1])]
+    for name, lora in (("snapshot", trainer.snapshot_lora()), ("base", trainer.base_lora())):
+        for i, s in enumerate(trainer.score(seqs, lora=lora, topk=2)):
+            arrays[f"score/{name}/{i}"], arrays[f"score/{name}/{i}/topk"] = s.logprobs, s.topk_logprobs
     trainer.step(batch)
     arrays["loss_after_step"] = np.float32(trainer.step(batch)["loss"])
     if jax.process_index() == 0:
@@ -70,7 +83,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process(tmp_path):
     tiny = write_tiny_checkpoint(str(tmp_path / "tiny"), "qwen3")
-    base = {k: v for k, v in os.environ.items() if k not in distributed.ENV}
+    base = {k: v for k, v in os.environ.items() if k not in hosts.ENV}
     base.update(JAX_PLATFORMS="cpu")
     port = _free_port()
 

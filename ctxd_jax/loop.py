@@ -60,23 +60,34 @@ def step_config(config) -> StepConfig:
                       micro_batch_rows=t.micro_batch_rows, chunk_size=t.chunk_size)
 
 
-def run(config, plan, stop: threading.Event) -> None:
-    """`stop` (set by the command line on SIGINT/SIGTERM): finish the step, checkpoint, return."""
-    out = os.path.abspath(os.path.expanduser(config.output_dir))
+def run(config, plan, stop: threading.Event, lead=None) -> None:
+    """`stop` (set by the command line on SIGINT/SIGTERM): finish the step, checkpoint, return. `lead`: process 0's
+    part of a run over several processes (ctxd_jax/multihost.py)."""
+    out = rundir.run_path(config)
     os.makedirs(out, exist_ok=True)
     deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
+    try:
+        trainer, tokenizer = start(config, plan, deployment)
+        checkpointer = rundir.checkpointer
+        if lead is not None:
+            deployment, trainer, checkpointer = lead.attach(deployment, trainer)
+        asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop, checkpointer))
+    finally:
+        deployment.group.stop()
+
+
+def start(config, plan, deployment) -> tuple[Trainer, object]:
+    """Boots the servers while the model loads on the trainer's devices; returns (trainer, tokenizer) once the
+    servers are healthy."""
     if plan.trainer.gpu_ids:  # after the servers' environments are built: only the trainer sees these GPUs
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.trainer.devices)
         # Before JAX touches the GPU: it must leave the servers sharing these GPUs their share.
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(config.trainer.gpu_memory_fraction)
-    try:
-        for server in deployment.group.servers:  # boot the servers while the model loads
-            server.start()
-        trainer, tokenizer = _load_trainer(config)
-        deployment.group.start()  # waits until healthy
-        asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop))
-    finally:
-        deployment.group.stop()
+    for server in deployment.group.servers:
+        server.start()
+    trainer, tokenizer = _load_trainer(config)
+    deployment.group.start()  # waits until healthy
+    return trainer, tokenizer
 
 
 def _load_trainer(config):
@@ -146,10 +157,17 @@ class Run:
         return await asyncio.to_thread(locked)
 
 
-def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
+def weights_writer(config, trainer: Trainer):
+    """`write(path)`: the trainer's current weights into a folder, as the student servers load them."""
     from ctxd_jax.models.hf import save_adapter, save_merged
 
     model_path = os.path.expanduser(config.model.path)
+    if config.weights.mode == "merged":
+        return lambda path: save_merged(trainer.model(), path, src_dir=model_path)
+    return lambda path: save_adapter(trainer.model(), path, base_model_name_or_path=model_path)
+
+
+def _build(config, out, deployment, trainer: Trainer, tokenizer, checkpointer) -> Run:
     env = env_from_config(config)
     src = orch.Sources(
         env=env, tokenizer=tokenizer, train=env.examples("train"), student=deployment.student_client(),
@@ -158,17 +176,9 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
         group_size=config.rollouts_per_example, prompts_per_step=config.batch_size // config.rollouts_per_example,
         seed=config.seed, topk=teacher_topk(config),
         skip_verification=config.buffer.skip_verification, vllm_logprobs=config.sampling.logprobs == "vllm")
-    merged = config.weights.mode == "merged"
-
-    def write(path):
-        if merged:
-            save_merged(trainer.model(), path, src_dir=model_path)
-        else:
-            save_adapter(trainer.model(), path, base_model_name_or_path=model_path)
-
-    publisher = Publisher([src.student], os.path.join(out, "weights"), write, merged=merged,
-                          prefix=deployment.student_model, base_name=BASE_NAME)
-    ckpt = rundir.checkpointer(config)  # stores the resolved config, which a resume is checked against
+    publisher = Publisher([src.student], os.path.join(out, "weights"), weights_writer(config, trainer),
+                          merged=config.weights.mode == "merged", prefix=deployment.student_model, base_name=BASE_NAME)
+    ckpt = checkpointer(config)  # stores the resolved config, which a resume is checked against
     trainer_teacher = deployment.teacher_scorer == "trainer" and needs_teacher_scores(config)
     return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]),
                deployment.teacher_sampler(), trainer_teacher)
@@ -187,8 +197,9 @@ def _restore(run: Run) -> RunState:
     return state
 
 
-async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: threading.Event) -> None:
-    run = _build(config, out, deployment, trainer, tokenizer)
+async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: threading.Event,
+                checkpointer=rundir.checkpointer) -> None:
+    run = _build(config, out, deployment, trainer, tokenizer, checkpointer)
     state = _restore(run)
     baseline, logger = None, None
     try:

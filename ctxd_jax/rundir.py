@@ -15,6 +15,7 @@ import os
 import shutil
 
 from ctxd_jax.config import ConfigError
+from ctxd_jax.hosts import PROCESS_DIR
 from ctxd_jax.metrics import PLOTS, read_jsonl
 
 CHECKPOINTS = "checkpoints"
@@ -43,8 +44,10 @@ class RunDir:
         return self.resume_step is not None and self.resume_step >= self.max_steps
 
     def clear(self) -> None:
-        """Deletes what a run writes here (RUN_ENTRIES) and nothing else."""
-        for name in RUN_ENTRIES:
+        """Deletes what a run writes here (RUN_ENTRIES, and the folders of processes > 0 of a run over several
+        processes) and nothing else."""
+        others = [n for n in os.listdir(self.path) if PROCESS_DIR.fullmatch(n)] if os.path.isdir(self.path) else []
+        for name in (*RUN_ENTRIES, *others):
             target = os.path.join(self.path, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
@@ -56,11 +59,13 @@ def run_path(config) -> str:
     return os.path.abspath(os.path.expanduser(config.output_dir))
 
 
-def checkpointer(config):
-    """The run's Checkpointer, storing the resolved `config` in every checkpoint."""
-    from ctxd_jax.checkpoint import Checkpointer
+def checkpointer(config, make=None):
+    """The run's Checkpointer, storing the resolved `config` in every checkpoint; `make(directory, keep=, config=)`
+    builds another kind (process 0's over several processes, ctxd_jax/multihost.py)."""
+    if make is None:
+        from ctxd_jax.checkpoint import Checkpointer as make
 
-    return Checkpointer(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep, config=config.to_dict())
+    return make(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep, config=config.to_dict())
 
 
 def prepare(config) -> RunDir:

@@ -73,7 +73,8 @@ def test_metrics_without_checkpoint(tmp_path):
 def test_overwrite_deletes_only_the_runs_files(tmp_path):
     config = _config(tmp_path, **{"ckpt.overwrite": True, "ckpt.resume": True})
     _save(config, 8)
-    for name in ("weights/step_000008", "logs", "tensorboard"):
+    # process1/, process12/: the folders of processes > 0 of a run over several processes; process0x/ is not one
+    for name in ("weights/step_000008", "logs", "tensorboard", "process1/weights", "process12/logs", "process0x"):
         (tmp_path / name).mkdir(parents=True)
     for name in ("metrics.jsonl", "samples.jsonl", "eval_baseline.json", "reward.png", "notes.txt"):
         (tmp_path / name).write_text("x")
@@ -81,4 +82,4 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     run = rundir.prepare(config)
     assert run.resume_step is None and run.overwrite and os.path.isdir(tmp_path / "checkpoints")  # not yet
     run.clear()
-    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt", "process0x"]

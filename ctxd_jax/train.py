@@ -8,6 +8,10 @@ Signals are handled here: the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, preemptio
 limit) asks the loop to stop with a checkpoint; the run then exits with 128 + the signal's number and one line
 saying how to resume. A second one aborts. A server that dies or hangs ends the run with exit status 1 and an error
 naming it with its log tail (--debug adds the traceback).
+
+Several processes (one per host, CTXD_* or SLURM variables, ctxd_jax/hosts.py): every process runs this command;
+process 0 alone handles the signals (the others ignore them: Ctrl-C reaches every process of a terminal or an srun
+step) and stops the run for all, and one that fails ends every process at once (ctxd_jax/multihost.py).
 """
 
 import contextlib
@@ -18,6 +22,7 @@ import shlex
 import signal
 import sys
 import threading
+import traceback
 from typing import NoReturn
 
 import ml_collections
@@ -25,6 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ctxd_jax import config as config_lib
+from ctxd_jax import hosts
 
 DEFAULT_CONFIG = "configs/rl.py"
 # No default here: config_flags would load it and apply --config.* overrides while this module is imported, where a
@@ -90,9 +96,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def stop_requests():
+def stop_requests(ignore: bool = False):
     """Yields an Event that the first SIGINT/SIGTERM/SIGHUP sets (the loop checkpoints and stops); a second signal
-    raises KeyboardInterrupt (abort; the servers still stop). `event.signum` is the first signal's number."""
+    raises KeyboardInterrupt (abort; the servers still stop). `event.signum` is the first signal's number.
+    `ignore`: the signals are ignored (a process > 0 of several: Ctrl-C reaches every process of a terminal or an
+    srun step, and process 0 stops the run for all)."""
     event = threading.Event()
     event.signum = None
 
@@ -103,7 +111,7 @@ def stop_requests():
         event.set()
         print(f"\n{signal.Signals(signum).name}: stopping with a checkpoint; send it again to abort", file=sys.stderr)
 
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN if ignore else handler) for sig in STOP_SIGNALS}
     try:
         yield event
     finally:
@@ -131,9 +139,10 @@ def _replot(path: str) -> None:
     metrics.plot(path, baseline=metrics.read_json(os.path.join(path, rundir.EVAL_BASELINE)))
 
 
-def _run(config: ml_collections.ConfigDict, plan: config_lib.Plan, argv: list[str]) -> int:
-    """The run itself, after every check: exit status 0 (done), 1 (failed) or 128 + signal (stopped, resumable)."""
-    from ctxd_jax import loop, rundir  # JAX and vLLM load only for a real run
+def _run(config: ml_collections.ConfigDict, plan: config_lib.Plan, argv: list[str], processes: hosts.Settings) -> int:
+    """The run itself, after every check: exit status 0 (done), 1 (failed) or 128 + signal (stopped, resumable).
+    With several processes only process 0 handles the stop signals; the others ignore them and stop when it says."""
+    from ctxd_jax import loop, multihost, rundir  # JAX and vLLM load only for a real run
     from ctxd_jax.checkpoint import CheckpointError
     from ctxd_jax.inference.client import RequestError
     from ctxd_jax.inference.server import ServerError
@@ -141,18 +150,31 @@ def _run(config: ml_collections.ConfigDict, plan: config_lib.Plan, argv: list[st
     # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
     for name in ("httpx", "absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    status = 0
-    with stop_requests() as stop:
+    status, several = 0, processes.several
+    with stop_requests(ignore=not processes.leader) as stop:
         try:
-            loop.run(config, plan, stop)
+            multihost.run(config, plan, processes, stop)  # one process: loop.run
         except (ServerError, RequestError, CheckpointError, loop.ParityError) as e:
-            if _DEBUG.value:
+            if _DEBUG.value and not several:
                 raise
+            if _DEBUG.value:
+                traceback.print_exc()
             print(f"error: {e}", file=sys.stderr)
             status = EXIT_FAILED
         except KeyboardInterrupt:
             print("aborted: no checkpoint of the step in progress", file=sys.stderr)
-            return 128 + (stop.signum or signal.SIGINT)
+            status = 128 + (stop.signum or signal.SIGINT)
+        except config_lib.ConfigError as e:  # found once the processes meet (a run folder not every host sees)
+            _fail(str(e))
+        except Exception:
+            if not several:
+                raise
+            traceback.print_exc()
+            status = EXIT_FAILED
+    if status and several:  # the others may wait in a collective for this one
+        multihost.exit_now(status)
+    if status > EXIT_FAILED:
+        return status
     if not stop.is_set():
         return status
     step = rundir.latest_step(rundir.run_path(config))
@@ -175,15 +197,21 @@ def main(argv: list[str]) -> int:
             visible=config_lib.visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
+        processes = hosts.settings_from_env(os.environ)
+        hosts.check(config, processes)
     except config_lib.ConfigError as e:
         _fail(str(e))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if _DRY_RUN.value:
         print(config)
-        print(plan.describe())
+        print(hosts.describe(config, plan, processes))
         return 0
     _hide_gpus(plan)
+    if processes.several:  # first: reading the run folder's checkpoints below starts JAX's backend
+        from ctxd_jax import distributed
+
+        distributed.initialize(processes)
     from ctxd_jax import preflight, rundir
     from ctxd_jax.checkpoint import CheckpointError
 
@@ -194,14 +222,15 @@ def main(argv: list[str]) -> int:
         _fail(str(e))
     except CheckpointError as e:  # a checkpoint in the run folder that cannot be read
         _fail(f"output_dir: {e}")
-    if run.overwrite:
+    if run.overwrite and processes.leader:  # every process decides alike; one deletes
         run.clear()
     if run.complete:
-        _replot(run.path)
+        if processes.leader:
+            _replot(run.path)
         print(f"{run.path}: the run is complete (checkpoint at step {run.resume_step}, max_steps "
               f"{config.max_steps}); plots redrawn. Raise --config.max_steps to train on.", file=sys.stderr)
         return 0
-    return _run(config, plan, sys.argv)
+    return _run(config, plan, sys.argv, processes)
 
 
 if __name__ == "__main__":

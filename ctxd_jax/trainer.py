@@ -7,7 +7,8 @@ holding samples with sequence ratios), so the sum equals the gradient of the ful
 normalisation, docs/reference.md "Loss").
 
 With several processes (ctxd_jax/distributed.py) the mesh spans all of them and every process calls the same methods
-with the same global batch; each process places only its own devices' rows. Jitted calls run under
+in the same order, each with the same global batch or with only its own share of it (`Rows`, from `share`); each
+process places only its own devices' rows. Jitted calls run under
 `jax.set_mesh(mesh)`: the attention kernel reads the mesh there and runs per shard (models/attention.py), with the
 batch's segment bound (segment_bound) as a static argument.
 """
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ctxd_jax import distributed, sharding
 from ctxd_jax.loss import compute_loss, default_loss_scale
@@ -106,6 +108,18 @@ def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepCo
     return loss, metrics
 
 
+class Rows(NamedTuple):
+    """One process's share of a packed batch: the rows its devices hold (`index`: their row numbers in the batch,
+    ascending), the batch's row count, and what else is computed from the whole batch: the loss scale that divides
+    every micro-batch's loss and the segment bound (a static argument: every process must compile the same step)."""
+
+    batch: TrainBatch
+    index: np.ndarray
+    rows: int
+    loss_scale: float
+    bound: int
+
+
 # compute_loss's metrics are means over a micro-batch's loss tokens, or over its samples for these: sums of
 # (mean x count) over micro-batches divided by the summed counts give the whole batch's means.
 _WEIGHT = {"teacher_seq_kl": "num_samples", "geo_seq_ratio": "num_samples", "sequence_ratio": "num_samples"}
@@ -126,7 +140,9 @@ class Trainer:
             raise ValueError("lora.rank: the model has no LoRA parameters to train")
         self.schedule = lr_schedule(optim)
         self.optimizer = make_optimizer(optim)
-        self.opt_state = jax.jit(self.optimizer.init)(self.lora)
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._replicate = jax.jit(lambda tree: tree, out_shardings=self._replicated)
+        self.opt_state = self._everywhere(jax.jit(self.optimizer.init)(self.lora))
         self.updates = 0  # optimizer steps taken (the lr schedule's position)
         self.dp = mesh.shape["fsdp"]
         self._batch_sharding = NamedSharding(mesh, sharding.batch_spec())
@@ -135,6 +151,13 @@ class Trainer:
         self._add = jax.jit(_accumulate, donate_argnums=0)
         self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
         self._zero_lora = None  # made on first use by base_lora()
+
+    def _everywhere(self, tree):
+        """With several processes, `tree` replicated over the whole mesh, so each process holds all of it: it writes
+        the adapter from its own copy, and a restored checkpoint takes these placements (XLA would leave the optimizer's
+        step count on each process's first device alone). One process: left as XLA placed it, so a single host runs
+        exactly the programs it always did (pinning them changes the numerics of the step)."""
+        return self._replicate(tree) if jax.process_count() > 1 else tree
 
     @property
     def micro_batch_rows(self) -> int:
@@ -152,34 +175,71 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, grad_norm
 
-    def _micro_batches(self, batch: TrainBatch):
-        rows = batch.tokens.shape[0]
+    def _micro_rows(self, rows: int) -> int:
         mb = self.micro_batch_rows or rows
         if rows % mb or mb % self.dp:
             raise ValueError(f"trainer.micro_batch_rows: batch of {rows} rows is not a whole number of micro-batches "
                              f"of {mb} rows divisible by the data-parallel size {self.dp} (pack with row_multiple)")
-        fields = {k: v for k, v in batch._asdict().items() if v is not None}
-        for start in range(0, rows, mb):
-            yield {k: jax.device_put(v[start:start + mb], self._batch_sharding) for k, v in fields.items()}
+        return mb
 
-    def grads(self, batch: TrainBatch):
+    def process_rows(self, rows: int, process: int) -> np.ndarray:
+        """Row numbers (ascending) of a `rows`-row batch that the devices of `process` hold, micro-batch by
+        micro-batch."""
+        mb = self._micro_rows(rows)
+        held = sorted({r for device, index in self._batch_sharding.devices_indices_map((mb,)).items()
+                       if device.process_index == process for r in range(*index[0].indices(mb))})
+        return np.asarray([start + r for start in range(0, rows, mb) for r in held], np.int64)
+
+    def share(self, batch: TrainBatch | Rows, process: int) -> Rows:
+        """The rows of `batch` that `process` needs (the whole batch when it holds every row)."""
+        if isinstance(batch, Rows):
+            return batch
+        rows = batch.tokens.shape[0]
+        index = self.process_rows(rows, process)
+        mine = batch if len(index) == rows else TrainBatch(*(None if v is None else v[index] for v in batch))
+        scale = default_loss_scale(batch.loss_mask, batch.segment_ids, ratio_type=self.step_config.ratio_type)
+        return Rows(mine, index, rows, float(scale), segment_bound(batch.segment_ids))
+
+    def _global(self, shape: tuple, rows_of):
+        """The global array of `shape` over the batch sharding, each device's block from `rows_of(index)` (its
+        slices of the global array), built locally: with several processes a device_put of a host value compares it
+        across them, a collective the others are not in."""
+        return jax.make_array_from_callback(shape, self._batch_sharding, rows_of)
+
+    def _micro_batches(self, part: Rows):
+        mb = self._micro_rows(part.rows)
+        fields = {k: v for k, v in part.batch._asdict().items() if v is not None}
+
+        def put(v, start):  # the global [mb, ...] array of one field, from this process's rows of it
+            def rows_of(index):  # a device's slice of the micro-batch: consecutive rows of this process's share
+                first, stop, _ = index[0].indices(mb)
+                at = int(np.searchsorted(part.index, start + first))
+                return v[(slice(at, at + stop - first),) + tuple(index[1:])]
+
+            return self._global((mb,) + v.shape[1:], rows_of)
+
+        for start in range(0, part.rows, mb):
+            yield {k: put(v, start) for k, v in fields.items()}
+
+    def grads(self, batch: TrainBatch | Rows):
         """(loss, summed metrics, gradient w.r.t. the LoRA state) of the whole batch, accumulated over micro-batches."""
-        loss_scale = default_loss_scale(batch.loss_mask, batch.segment_ids, ratio_type=self.step_config.ratio_type)
-        total, bound = None, segment_bound(batch.segment_ids)
+        part = self.share(batch, jax.process_index())
+        total, scale = None, np.float32(part.loss_scale)
         with jax.set_mesh(self.mesh):
-            for mb in self._micro_batches(batch):
-                (loss, metrics), grads = self._grad(self.lora, self.rest, mb, loss_scale, max_segments=bound)
+            for mb in self._micro_batches(part):
+                (loss, metrics), grads = self._grad(self.lora, self.rest, mb, scale, max_segments=part.bound)
                 weighted = {k: v * metrics[_WEIGHT.get(k, "num_loss_tokens")] if k not in _COUNTS else v
                             for k, v in metrics.items()}
                 item = (loss, weighted, grads)
                 total = item if total is None else self._add(total, item)
         return total
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
+    def step(self, batch: TrainBatch | Rows) -> dict[str, float]:
         """One optimizer step on `batch`; returns float metrics (loss, grad_norm, lr, entropy, loss metrics)."""
         lr = float(self.schedule(self.updates))
         loss, weighted, grads = self.grads(batch)
         self.lora, self.opt_state, grad_norm = self._apply(self.lora, self.opt_state, grads)
+        self.lora = self._everywhere(self.lora)
         self.updates += 1
         weighted = {k: float(v) for k, v in jax.device_get(weighted).items()}
         out = {k: v / max(weighted[_WEIGHT.get(k, "num_loss_tokens")], 1.0)
@@ -193,15 +253,15 @@ class Trainer:
                    loss_tokens=weighted["num_loss_tokens"])
         return out
 
-    def logprobs(self, batch: TrainBatch) -> np.ndarray:
+    def logprobs(self, batch: TrainBatch | Rows) -> np.ndarray:
         """Trainer log-probs [rows, seq_len] of the batch's tokens under the current weights (0 where undefined)."""
-        out = []
+        out, part = [], self.share(batch, jax.process_index())
         with jax.set_mesh(self.mesh):
-            for mb in self._micro_batches(batch):
+            for mb in self._micro_batches(part):
                 rows = {k: mb[k] for k in ROW_KEYS}
                 logprobs = score_rows_jit(self.lora, self.rest, rows, graphdef=self.graphdef,
                                           chunk_size=self.step_config.chunk_size,
-                                          max_segments=segment_bound(batch.segment_ids))[0]
+                                          max_segments=part.bound)[0]
                 out.append(distributed.to_host(logprobs))
         return np.concatenate(out)
 
@@ -212,7 +272,8 @@ class Trainer:
     def state_arrays(self) -> dict:
         """What a checkpoint holds of the trainer (restore with load_state_arrays)."""
         return {"lora": nnx.to_pure_dict(self.lora), "opt_state": self.opt_state,
-                "updates": jnp.asarray(self.updates, jnp.int32)}
+                # A global array like the others, built locally (see _global).
+                "updates": jax.make_array_from_callback((), self._replicated, lambda _: np.int32(self.updates))}
 
     def load_state_arrays(self, arrays: dict) -> None:
         lora = jax.tree.map(lambda x: x, self.lora)
@@ -242,7 +303,7 @@ class Trainer:
 
         def run(rows):
             bound = segment_bound(rows["segment_ids"])
-            rows = {k: jax.device_put(v, self._batch_sharding) for k, v in rows.items()}
+            rows = {k: self._global(v.shape, v.__getitem__) for k, v in rows.items()}
             with jax.set_mesh(self.mesh):
                 return score_rows_jit(lora, self.rest, rows, graphdef=self.graphdef,
                                       chunk_size=self.step_config.chunk_size, topk=topk, max_segments=bound)

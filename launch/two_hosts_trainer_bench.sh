@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The JAX trainer on two hosts as one mesh (jax.distributed; NCCL between GPUs, gloo between CPU processes): the
-# trainer benchmark, one packed row per device of both hosts. Only the trainer: the training loop itself does not yet
-# run over several hosts (BUILD.md, "Several hosts"). Tested on CPU with two local processes; NOT yet run on GPUs.
+# trainer benchmark, one packed row per device of both hosts. Only the trainer (the whole loop on several hosts:
+# launch/hosts.sh). Tested on CPU with two local processes; NOT yet run on GPUs.
 # Run on every host, process 0 first or not (each waits for the others):
 #   host 0: bash launch/two_hosts_trainer_bench.sh 0 host0:12355 [--one=1.7b:16384] [bench flags]
 #   host 1: bash launch/two_hosts_trainer_bench.sh 1 host0:12355 [--one=1.7b:16384] [bench flags]

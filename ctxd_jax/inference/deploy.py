@@ -16,6 +16,7 @@ import os
 import secrets
 
 from ctxd_jax.inference.client import Client
+from ctxd_jax.inference.pool import ClientPool
 from ctxd_jax.inference.server import ServerGroup, VLLMServer
 
 STUDENT_ADAPTER = "student"
@@ -33,9 +34,11 @@ class Deployment:
     student_model: str  # adapter mode: the prefix of each version's adapter name; merged mode: the base name
     teacher_model: str | None
     teacher_scorer: str = "vllm"  # the plan's: 'trainer' = the base model is the teacher, scored by the trainer
+    remote_students: list = dataclasses.field(default_factory=list)  # other hosts' servers (ctxd_jax/multihost.py)
 
-    def student_client(self, **kwargs) -> Client:
-        return Client.for_server(self.student, **kwargs)
+    def student_client(self, **kwargs) -> Client | ClientPool:
+        local = Client.for_server(self.student, **kwargs)
+        return ClientPool([local, *self.remote_students]) if self.remote_students else local
 
     def teacher_client(self, **kwargs) -> Client | None:
         """The teacher server, for scoring (prompt_logprobs); None without one (e.g. the trainer scores)."""
@@ -69,8 +72,9 @@ def teacher_topk(config) -> int:
     return config.loss.topk if config.loss.topk_tau > 0 else 0
 
 
-def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -> Deployment:
-    """Unstarted servers for `plan`; start them with `with deployment.group:` (stops all on exit)."""
+def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None, cpu_core: int = 0) -> Deployment:
+    """Unstarted servers for `plan`; start them with `with deployment.group:` (stops all on exit). CPU mode: the
+    student server runs on core `cpu_core`."""
     merged = config.weights.mode == "merged"
     if merged and plan.teacher_shared:
         raise ValueError("weights.mode: 'merged' reloads the student server's base weights every step, so the "
@@ -92,7 +96,8 @@ def build_servers(config, plan, *, log_dir: str, cache_dir: str | None = None) -
 
     lora_rank = 0 if merged else config.lora.rank
     name = "student+teacher" if plan.teacher_shared else "student"
-    student = server(plan.student, name=name, served=BASE_NAME, lora_rank=lora_rank, dev_mode=merged, cpu_core=0)
+    student = server(plan.student, name=name, served=BASE_NAME, lora_rank=lora_rank, dev_mode=merged,
+                     cpu_core=cpu_core)
     teacher, teacher_model = None, None
     if plan.teacher_shared:
         teacher, teacher_model = student, BASE_NAME

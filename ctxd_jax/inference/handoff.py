@@ -23,6 +23,18 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(os.path.abspath(root), f"step_{step:06d}")
 
 
+def write_fresh(path: str, write: Callable[[str], object]) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a same-numbered folder of an interrupted attempt at this version
+    os.makedirs(path)
+    write(path)
+
+
+async def load_adapter(client: Client, name: str, path: str) -> None:
+    if name in await client.models():  # left by an earlier run on a server that outlived it
+        await client.unload_adapter(name)
+    await client.load_adapter(name, path)
+
+
 class Publisher:
     """Publishes policy versions to `clients` (the student servers) and retires those no longer needed.
 
@@ -48,21 +60,13 @@ class Publisher:
     async def publish(self, version: int) -> str:
         """Writes the current weights as `version` and makes every student server serve them; returns the folder."""
         path = self.path(version)
-        shutil.rmtree(path, ignore_errors=True)  # a same-numbered folder of an interrupted attempt at this version
-        os.makedirs(path)
-        await asyncio.to_thread(self.write, path)
+        await asyncio.to_thread(write_fresh, path, self.write)
         if self.merged:
             await asyncio.gather(*(c.reload_weights(path, version=str(version)) for c in self.clients))
         else:
-            await asyncio.gather(*(self._load(c, version, path) for c in self.clients))
+            await asyncio.gather(*(load_adapter(c, self.model(version), path) for c in self.clients))
         self.loaded[version] = path
         return path
-
-    async def _load(self, client: Client, version: int, path: str) -> None:
-        name = self.model(version)
-        if name in await client.models():  # left by an earlier run on a server that outlived it
-            await client.unload_adapter(name)
-        await client.load_adapter(name, path)
 
     async def retire(self, keep: Iterable[int]) -> list[int]:
         """Unloads (adapter mode) and deletes every published version not in `keep` but the latest; returns them."""

@@ -1,0 +1,82 @@
+import re
+
+import pytest
+
+from configs import rl
+from ctxd_jax import hosts
+from ctxd_jax.config import ConfigError, Gpus, resolve
+
+SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-04]", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+         "SLURM_LOCALID": "0"}
+
+
+def test_settings_from_ctxd_or_slurm_variables():
+    assert hosts.settings_from_env({}) == hosts.Settings()
+    assert not hosts.Settings().several
+    s = hosts.settings_from_env({"CTXD_COORDINATOR_ADDRESS": "h0:1", "CTXD_NUM_PROCESSES": "2", "CTXD_PROCESS_ID": "1"})
+    assert s == hosts.Settings("h0:1", 2, 1) and s.several and not s.leader
+    # inside srun: JAX finds the coordinator from the same variables
+    assert hosts.settings_from_env(SLURM) == hosts.Settings("", 4, 2, source="SLURM")
+    assert hosts.settings_from_env(dict(SLURM, SLURM_NTASKS="1", SLURM_PROCID="0")) == hosts.Settings("", 1, 0, "SLURM")
+    # CTXD_* wins over SLURM (e.g. one process per node started by a script inside an allocation)
+    assert hosts.settings_from_env(dict(SLURM, CTXD_NUM_PROCESSES="1")) == hosts.Settings()
+    assert hosts.settings_from_env({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}) == hosts.Settings()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CTXD_NUM_PROCESSES": "2"}, "CTXD_COORDINATOR_ADDRESS: needed"),
+    ({"CTXD_NUM_PROCESSES": "two"}, "CTXD_NUM_PROCESSES: 'two' is not"),
+    ({"CTXD_NUM_PROCESSES": "2", "CTXD_PROCESS_ID": "2", "CTXD_COORDINATOR_ADDRESS": "h:1"}, "CTXD_PROCESS_ID: 2 is"),
+    (dict(SLURM, SLURM_PROCID="4"), "SLURM_PROCID: 4 is not in [0, 4)"),
+])
+def test_bad_settings(env, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        hosts.settings_from_env(env)
+
+
+def _resolved(gpus=Gpus(), **overrides):
+    c = rl.get_config()
+    c.update_from_flattened_dict(overrides)
+    config, plan, _ = resolve(c, gpus)
+    return config, plan
+
+
+TCP_VLLM_TEACHER = {"inference.transport": "tcp", "teacher.scorer": "vllm"}
+
+
+def test_each_other_process_starts_one_student_server_on_its_own_port():
+    config, plan = _resolved(Gpus(inference=(0, 1), teacher=(2,), trainer=(3, 4)), **TCP_VLLM_TEACHER)
+    assert hosts.local_plan(config, plan, 0) is plan
+    ports = {config.inference.port, config.inference.port + 1}  # process 0: student, teacher
+    for p in (1, 2, 3):
+        mine = hosts.local_plan(config, plan, p)
+        assert mine.teacher is None and mine.student.roles == ("student",)
+        assert mine.student.gpu_ids == (0, 1) and mine.student.dp == 2 and mine.trainer == plan.trainer
+        assert mine.student.port not in ports
+        ports.add(mine.student.port)
+    # CPU mode: process 0's one server is student and teacher; the others' are students only
+    config, plan = _resolved(**TCP_VLLM_TEACHER)
+    assert plan.teacher_shared and hosts.local_plan(config, plan, 1).servers[0].roles == ("student",)
+    # private Unix sockets (the default): no ports at all; the trainer scores the teacher, no teacher server
+    config, plan = _resolved(Gpus(inference=(0, 1), teacher=(2,), trainer=(3, 4)))
+    assert plan.teacher is None and hosts.local_plan(config, plan, 1).student.port is None
+
+
+def test_merged_weights_are_refused_with_several_processes():
+    config, _ = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged"},
+                          **TCP_VLLM_TEACHER)
+    hosts.check(config, hosts.Settings())
+    with pytest.raises(ConfigError, match="^weights.mode: 'merged' is not built for several processes"):
+        hosts.check(config, hosts.Settings("h:1", 2, 0))
+
+
+def test_describe_names_every_process():
+    config, plan = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2, 3)), **TCP_VLLM_TEACHER)
+    assert hosts.describe(config, plan, hosts.Settings()) == plan.describe()
+    text = hosts.describe(config, plan, hosts.Settings("h0:1234", 3, 1))
+    assert "3 processes from CTXD_* variables" in text and "this is process 1" in text and "h0:1234" in text
+    assert "process 0 (host 0): the orchestrator" in text and "processes 1..2 (each on its own host)" in text
+    assert "vLLM server [teacher]" in text.split("processes 1..2")[0]
+    assert "vLLM server [teacher]" not in text.split("processes 1..2")[1]
+    assert "the 6 GPUs of all 3 processes, num_train_workers=6" in text
+    assert f"port {config.inference.port + 2} (process p: port {config.inference.port} + 1 + p)" in text

