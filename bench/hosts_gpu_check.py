@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from phase_table import PHASES  # bench/ is this script's folder
+from shapes import write_random_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,14 +34,12 @@ SHAPES = {"gpu": (64, 8, 256, 2048), "cpu": (4, 2, 16, 192)}
 
 
 def _model(path: str, cpu: bool) -> str:
+    if not cpu:
+        return write_random_checkpoint("0.6b", path)
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         from ctxd_jax.tiny import write_tiny_checkpoint
 
-        if cpu:
-            write_tiny_checkpoint(path, "qwen3", seed=0, std=0.1)
-        else:
-            write_tiny_checkpoint(path, "qwen3_tied", hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
-                                  head_dim=128, intermediate_size=3072, vocab_size=1024, model_vocab_size=151936)
+        write_tiny_checkpoint(path, "qwen3", seed=0, std=0.1)
     return path
 
 
