@@ -1,28 +1,47 @@
 """Context distillation against RL, measured: several post-training methods on the same context tasks, budget and
-seeds, on one vLLM server started once (each run gets a fresh trainer and its own adapter names).
+seeds. Worker processes each start one vLLM server and take runs (task x method x seed) one after the other, each
+with a fresh trainer and its own adapter names; `--gpus` with `--workers` per GPU spreads them over a machine.
 
-Per task it measures once: the student's and the teacher's eval reward (base model without / with the task's
-context), and the base model's and the teacher's answers to held-out prompts. Per run (method x task x seed) it trains
-through the loop itself (`loop._main`, as bench/loop_bench.py does), then scores those answers under the trained
-student: forgetting (the base model's own answers) and fidelity (the teacher's answers). bench/evidence_report.py
-writes the table and the plots from results.json.
+Per task it measures once (the first worker to need it; every run of the task is scored against the same answers):
+the student's and the teacher's eval reward (base model without / with the task's context), and the base model's and
+the teacher's answers to held-out prompts. Per run it trains through the loop itself (`loop._main`, as
+bench/loop_bench.py does), then scores those answers under the trained student: forgetting (the base model's own
+answers) and fidelity (the teacher's answers). bench/evidence_report.py writes the table and the plots.
 
-    # CPU, reduced (SmolLM2-135M-Instruct, configs/demo.py, the CPU sizes below):
+results.json in --out is the record (bench/evidence_store.py): each finished run is added at once, under a lock, and
+copied to every --export folder, so a killed or timed-out command keeps its finished runs, and running the same
+command again skips them (runs that failed are retried). `--time_limit` stops the command in time to write the
+report: no worker starts a run it would not finish by then (judged by its longest run so far), and the workers still
+running at the limit are stopped (their runs are redone next time). Compiled steps are reused across runs: a JAX
+compilation cache in --out/cache, shared by the workers (the first run of a method compiles, later ones load).
+
+Seconds: workers that share a GPU (or CPU cores) slow each other down, so "training seconds" compare methods within
+one command's table, not against other machines or other worker counts. Each row records its worker and GPU.
+
+    # CPU, reduced (SmolLM2-135M-Instruct, configs/demo.py, the CPU sizes below; one worker):
     python bench/evidence.py --tasks=tutor,ahoy --methods=rl,distill,hybrid_topk --steps=5
-    # one GPU, full size (configs/demo_gpu.py: server and trainer share GPU 0; the GPU sizes below):
-    python bench/evidence.py --gpu --tasks=tutor --out=/tmp/evidence/tutor   # one task a call: 15 runs
-    python bench/evidence_report.py /tmp/evidence /tmp/evidence/*/results.json  # the table and plots of all
+    # GPUs (configs/demo_gpu.py's memory shares; 2 workers a GPU: each keeps the trainer's share, the servers split
+    # the rest; the GPU sizes below): all 60 runs, resumable, each call at most ~9 minutes
+    python bench/evidence.py --gpus=0,1,2,3 --workers=2 --tasks=tutor,ahoy,cheers,caps --out=ev --export=$OUT \
+        --time_limit=540
+    python bench/evidence_report.py ev ev/results.json  # the table and plots again
+BENCHMARKS.md section 6 gives the device commands in full.
 """
 
 import argparse
 import asyncio
 import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]
+
+from evidence_store import Store, run_key  # noqa: E402
 
 # What each method changes in the demo config (configs/demo.py: adv_tau 1, teacher/student taus 0.1, topk_tau 1).
 METHODS = {
@@ -38,8 +57,12 @@ SHARED = {"teacher.eval_baseline": False, "ckpt.interval": 0, "ckpt.resume": Fal
 SIZES = {"cpu": dict(seeds=1, steps=6, prompts=4, max_tokens=16, eval_every=1, eval_examples=24),
          "gpu": dict(seeds=3, steps=20, prompts=16, max_tokens=96, eval_every=2, eval_examples=96)}
 HELD_OUT = slice(-16, None)  # the eval split's last prompts: answers for forgetting / fidelity (not the eval ones)
-
-
+# Several workers on one GPU: each trainer keeps configs/demo_gpu.py's share, the servers split what is left of the
+# demo's total; a server needs at least this share, and gets a fixed KV cache (vLLM's profiling of free memory is
+# thrown off by neighbours starting beside it). 4 GiB: ~180k tokens of SmolLM2-135M, twice a step's peak.
+MIN_SERVER_SHARE = 0.1
+SHARED_GPU_KV_GIB = 4
+REPORT_S = 30  # what --time_limit keeps back for the report and the export
 def set_path(config, key: str, value) -> None:
     *parents, leaf = key.split(".")
     node = config
@@ -48,18 +71,27 @@ def set_path(config, key: str, value) -> None:
     node[leaf] = value
 
 
-def make_config(a, task: str, method: str, seed: int):
-    """The resolved config of one run (validated like the command line's)."""
-    from configs import demo, demo_gpu
-    from ctxd_jax.config import Gpus, resolve
+def server_share(c, workers: int) -> float:
+    """Each server's share of a GPU that `workers` workers share (configs/demo_gpu.py's split when alone)."""
+    total = c.inference.gpu_memory_utilization + c.trainer.gpu_memory_fraction
+    return round(total / workers - c.trainer.gpu_memory_fraction, 4)
 
-    c = (demo_gpu if a.gpu else demo).get_config()
+
+def make_config(a, task: str, method: str, seed: int):
+    """The resolved config of one run (validated like the command line's), on the GPU of this worker's
+    CUDA_VISIBLE_DEVICES."""
+    from configs import demo, demo_gpu
+    from ctxd_jax.config import Gpus, resolve, visible_devices
+
+    c = (demo_gpu if a.gpus else demo).get_config()
     sizes = {"max_steps": a.steps, "seed": seed, "env.name": task, "eval.interval": a.eval_every,
              "eval.num_examples": a.eval_examples, "batch_size": a.prompts * c.rollouts_per_example,
              "sampling.max_tokens": a.max_tokens, "output_dir": os.path.join(a.out, task, method, f"seed{seed}")}
+    if a.gpus:
+        sizes["inference.gpu_memory_utilization"] = server_share(c, a.workers)
     for key, value in {**SHARED, **sizes, **METHODS[method]}.items():
         set_path(c, key, value)
-    gpus = Gpus((0,), (0,), (0,)) if a.gpu else Gpus()
+    gpus = Gpus((0,), (0,), (0,), visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))) if a.gpus else Gpus()
     return resolve(c, gpus)[0]
 
 
@@ -106,27 +138,193 @@ def curve(config) -> list[dict]:
     return points
 
 
-def run_one(config, server, refs) -> dict:
+
+
+def use_compile_cache(folder: str) -> None:
+    """JAX keeps every compiled executable in `folder` (before the first compile): a fresh trainer of the same shapes,
+    in this process or another, loads its steps instead of compiling them."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small steps are worth keeping too
+
+
+class CompileCounter:
+    """Counts XLA compilations (and loads from the compilation cache) through jax.monitoring's events."""
+
+    def __init__(self):
+        from jax import monitoring
+
+        self.counts = {"compiles": 0, "cache_hits": 0, "compile_s": 0.0}
+        monitoring.register_event_listener(self._event)
+        monitoring.register_event_duration_secs_listener(self._duration)
+
+    def _event(self, name: str, **_):
+        if name.endswith("/compilation_cache/cache_hits"):
+            self.counts["cache_hits"] += 1
+
+    def _duration(self, name: str, secs: float, **_):
+        if name.endswith("/compile/backend_compile_duration"):
+            self.counts["compiles"] += 1
+            self.counts["compile_s"] += secs
+
+    def since(self, before: dict) -> dict:
+        """Compilations since `before` (a copy of counts); a cache hit is counted as a load, not a compile."""
+        d = {k: self.counts[k] - before[k] for k in self.counts}
+        return {"compiles": d["compiles"] - d["cache_hits"], "cache_hits": d["cache_hits"],
+                "compile_s": round(d["compile_s"], 2)}
+
+
+def run_one(config, key: str, server, refs, counter: CompileCounter) -> dict:
     from ctxd_jax import loop
     from ctxd_jax.config import needs_teacher_scores, teacher_scorer
     from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, Deployment
     from ctxd_jax.inference.server import ServerGroup
 
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # what a stopped try of this run left
+    before = dict(counter.counts)
     trainer, tokenizer = loop._load_trainer(config)
     scorer = teacher_scorer(config)
     # Pure RL gets no teacher, so it pays for no teacher scoring (its seconds are its own).
     teacher = server if scorer == "vllm" and needs_teacher_scores(config) else None
-    deployment = Deployment(ServerGroup([]), server, teacher, STUDENT_ADAPTER, BASE_NAME if teacher else None, scorer)
+    # Each run's adapters get names of their own: a server that served another run never serves its weights.
+    deployment = Deployment(ServerGroup([]), server, teacher, f"{STUDENT_ADAPTER}-{key}",
+                            BASE_NAME if teacher else None, scorer)
     t = time.perf_counter()
     asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
     wall = time.perf_counter() - t
+    jit = counter.since(before)
     kept = {f"{who}_{when}": answer_loglik(trainer, refs[who], lora)
             for who in ("base_answers", "teacher_answers")
             for when, lora in (("before", trainer.base_lora()), ("after", trainer.lora))}
-    return {"curve": curve(config), "wall_s": wall, **kept}
+    return {"curve": curve(config), "wall_s": wall, "jit": jit, **kept}
 
 
-def main():
+def run_list(a) -> list[tuple[str, str, int]]:
+    """Every run of the command, seed by seed: a command stopped early leaves whole seeds of every cell."""
+    return [(t, m, s) for s in range(42, 42 + a.seeds) for t in a.tasks.split(",") for m in a.methods.split(",")]
+
+
+def work(a) -> None:
+    """One worker: its server, then runs not yet done nor taken, until none is left or the deadline is near."""
+    use_compile_cache(os.path.join(a.out, "cache", "jax"))
+    counter = CompileCounter()
+    from ctxd_jax.envs import get_env
+    from ctxd_jax.inference.client import Client
+    from ctxd_jax.inference.deploy import BASE_NAME
+    from ctxd_jax.inference.server import ServerGroup, VLLMServer
+    from transformers import AutoTokenizer
+
+    store, tag = Store(a.out, tuple(a.export)), f"w{a.worker}"
+    gpu = os.environ["CUDA_VISIBLE_DEVICES"] if a.gpus else None
+    first = make_config(a, *run_list(a)[0])
+    shared_gpu = ["--kv-cache-memory-bytes=%d" % (SHARED_GPU_KV_GIB << 30)] if a.gpus and a.workers > 1 else []
+    server = VLLMServer(first.model.path, name=tag, served_name=BASE_NAME, gpu_ids=None if gpu is None else (gpu,),
+                        cpu_core=None if a.gpus else a.worker % os.cpu_count(), lora_rank=first.lora.rank,
+                        max_loras=first.max_async_level + 2,
+                        gpu_memory_utilization=first.inference.gpu_memory_utilization,
+                        kv_cache_gib=first.inference.kv_cache_gb, max_model_len=first.seq_len + 2048,
+                        dtype=first.model.dtype, log_dir=os.path.join(a.out, "logs"), max_logprobs=first.loss.topk,
+                        cache_dir=os.path.join(a.out, "cache", tag), extra_args=shared_gpu)
+    tokenizer = AutoTokenizer.from_pretrained(first.model.path)
+
+    def measure(task):
+        config = make_config(a, task, run_list(a)[0][1], 42)
+
+        async def refs():
+            async with Client.for_server(server) as c:
+                return await reference_answers(get_env(task), tokenizer, c, BASE_NAME, config)
+
+        out = asyncio.run(refs())
+        print(f"{task}: student {out['student']['reward']:.3f} teacher {out['teacher']['reward']:.3f}", flush=True)
+        return out
+
+    longest = 0.0
+    with ServerGroup([server], timeout=900) as group:
+        for task, method, seed in run_list(a):
+            key = run_key(task, method, seed)
+            if a.deadline and time.time() + longest > a.deadline:
+                print(f"{tag}: stops before the time limit ({longest:.0f} s a run)", flush=True)
+                break
+            if key in store.done() or not store.claim(key):
+                continue
+            t = time.perf_counter()
+            row = {"task": task, "method": method, "seed": seed, "worker": tag, "gpu": gpu}
+            try:
+                refs = store.task_refs(task, lambda: measure(task))
+                row.update(run_one(make_config(a, task, method, seed), key, server, refs, counter))
+            except Exception as e:  # report and go on with the other runs
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+            longest = max(longest, time.perf_counter() - t)
+            print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+            store.add_run(row)
+            if "error" in row:
+                group.check_alive()  # a dead server ends the worker, not every run left
+
+
+def worker_envs(a) -> list[dict]:
+    """The environment of each worker: its GPU (and the trainer's memory share) or the CPU."""
+    from configs import demo_gpu
+
+    if not a.gpus:
+        return [dict(os.environ, CUDA_VISIBLE_DEVICES="") for _ in range(a.workers)]
+    share = str(demo_gpu.get_config().trainer.gpu_memory_fraction)  # before JAX starts in the worker
+    return [dict(os.environ, CUDA_VISIBLE_DEVICES=g, XLA_PYTHON_CLIENT_MEM_FRACTION=share)
+            for _ in range(a.workers) for g in a.gpus.split(",")]
+
+
+def coordinate(a, argv: list[str]) -> None:
+    """Starts the workers, waits for them (until --time_limit), then writes the report and exports it."""
+    store = Store(a.out, tuple(a.export))
+    store.start({**vars(a), "gpu": bool(a.gpus)})
+    todo = [r for r in run_list(a) if run_key(*r) not in store.done()]
+    deadline = time.time() + a.time_limit - REPORT_S if a.time_limit else 0
+    envs = worker_envs(a)[:len(todo)]
+    print(f"{len(todo)} runs to do on {len(envs)} workers", flush=True)
+    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    procs = []
+    for k, env in enumerate(envs):
+        log = open(os.path.join(a.out, "logs", f"worker{k}.log"), "w")
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, f"--worker={k}",
+                                       f"--deadline={deadline}"], env=env, stderr=log))
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.time(), 1) if deadline else None)
+    except subprocess.TimeoutExpired:
+        print("time limit: stopping the workers (their runs are redone next time)", flush=True)
+    finally:
+        for p in procs:  # a worker's server stops with it (it gets SIGTERM when its parent dies)
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    failed = [f"worker{k} exit {p.returncode}" for k, p in enumerate(procs) if p.returncode]
+    print("\n".join(failed or ["workers done"]), flush=True)
+    finish(a, store, len(envs))
+
+
+def finish(a, store: Store, workers: int) -> None:
+    """The table and plots of results.json, and the workers' log tails, in --out and every --export folder."""
+    from evidence_report import report
+    from ctxd_jax.inference.server import tail
+
+    logs = os.path.join(a.out, "workers.log")
+    with open(logs, "w") as f:
+        for k in range(workers):
+            f.write(f"==> worker{k} <==\n{tail(os.path.join(a.out, 'logs', f'worker{k}.log'), 100)}\n")
+    left = [run_key(*r) for r in run_list(a) if run_key(*r) not in store.done()]
+    text = report(a.out, store.path) + (f"\nnot done ({len(left)}): {' '.join(left)}" if left else "\nall runs done")
+    print(text, flush=True)
+    with open(os.path.join(a.out, "evidence_report.md"), "w") as f:
+        f.write(text + "\n")
+    pngs = [os.path.join(a.out, f"evidence_{t}.png") for t in store.read()["tasks"]]
+    store.export(logs, os.path.join(a.out, "evidence_report.md"), *[p for p in pngs if os.path.exists(p)])
+
+
+def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="ahoy,tutor")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -136,64 +334,52 @@ def main():
     p.add_argument("--max_tokens", type=int)
     p.add_argument("--eval_every", type=int)
     p.add_argument("--eval_examples", type=int)
-    p.add_argument("--gpu", action="store_true", help="one GPU, configs/demo_gpu.py (default: CPU, configs/demo.py)")
-    p.add_argument("--out", default="/tmp/evidence")
-    a = p.parse_args()
-    for key, value in SIZES["gpu" if a.gpu else "cpu"].items():
+    p.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: configs/demo_gpu.py on each (default: CPU, configs/demo.py)")
+    p.add_argument("--workers", type=int, default=1, help="workers a GPU (with --gpus), else on the CPU")
+    p.add_argument("--out", default="/tmp/evidence", help="results.json (resumed when present), run folders, caches")
+    p.add_argument("--export", action="append", default=[], help="a folder that gets results.json after every run "
+                   "and the report at the end (e.g. $OUT); may repeat")
+    p.add_argument("--time_limit", type=float, default=0, help="seconds for the whole command (0: none)")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    for key, value in SIZES["gpu" if a.gpus else "cpu"].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
-    if not a.gpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    else:  # before JAX starts: the trainer leaves the server its share of the one GPU
-        from configs import demo_gpu
+    a.out = os.path.abspath(a.out)
+    a.export = [os.path.abspath(e) for e in a.export]
+    return a
 
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(demo_gpu.get_config().trainer.gpu_memory_fraction)
-    from ctxd_jax.envs import get_env
-    from ctxd_jax.inference.client import Client
-    from ctxd_jax.inference.deploy import BASE_NAME
-    from ctxd_jax.inference.server import ServerGroup, VLLMServer
-    from transformers import AutoTokenizer
 
-    tasks, methods = a.tasks.split(","), a.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+def check(a) -> None:
+    """One line per bad flag, before anything starts."""
+    from configs import demo_gpu
+
+    unknown = [m for m in a.methods.split(",") if m not in METHODS]
     if unknown:
         sys.exit(f"error: --methods: unknown {unknown} (known: {', '.join(METHODS)})")
-    first = make_config(a, tasks[0], methods[0], 42)
-    os.makedirs(a.out, exist_ok=True)
-    server = VLLMServer(first.model.path, name="student+teacher", served_name=BASE_NAME,
-                        gpu_ids=(0,) if a.gpu else None, lora_rank=first.lora.rank,
-                        max_loras=first.max_async_level + 2, gpu_memory_utilization=first.inference.gpu_memory_utilization,
-                        kv_cache_gib=first.inference.kv_cache_gb, max_model_len=first.seq_len + 2048,
-                        dtype=first.model.dtype, log_dir=a.out, max_logprobs=first.loss.topk)
-    tokenizer = AutoTokenizer.from_pretrained(first.model.path)
-    results = {"args": vars(a), "tasks": {}, "runs": []}
-    path = os.path.join(a.out, "results.json")
-    with ServerGroup([server], timeout=900):
-        for task in tasks:
-            config = make_config(a, task, methods[0], 42)
+    if a.workers < 1:
+        sys.exit("error: --workers: at least 1")
+    share = server_share(demo_gpu.get_config(), a.workers)
+    if a.gpus and share < MIN_SERVER_SHARE:
+        sys.exit(f"error: --workers: {a.workers} workers a GPU leave each vLLM server {share:.2f} of it "
+                 f"(< {MIN_SERVER_SHARE}) beside the trainers' configs/demo_gpu.py shares")
+    from ctxd_jax.config import ConfigError
 
-            async def refs_of(config=config, task=task):
-                async with Client.for_server(server) as c:
-                    return await reference_answers(get_env(task), tokenizer, c, BASE_NAME, config)
+    try:
+        for task in a.tasks.split(","):
+            make_config(a, task, a.methods.split(",")[0], 42)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
-            refs = asyncio.run(refs_of())
-            results["tasks"][task] = {k: refs[k] for k in ("student", "teacher")}
-            print(f"{task}: student {refs['student']['reward']:.3f} teacher {refs['teacher']['reward']:.3f}",
-                  flush=True)
-            for method in methods:
-                for seed in range(42, 42 + a.seeds):
-                    row = {"task": task, "method": method, "seed": seed}
-                    try:
-                        row.update(run_one(make_config(a, task, method, seed), server, refs))
-                    except Exception as e:  # report and go on with the other runs
-                        row["error"] = f"{type(e).__name__}: {e}"[:500]
-                    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-                    results["runs"].append(row)
-                    with open(path, "w") as f:
-                        json.dump(results, f, indent=1)
-    from evidence_report import report
 
-    print(report(a.out, path))
+def main():
+    argv = sys.argv[1:]
+    a = parse(argv)
+    if a.worker is not None:
+        return work(a)
+    check(a)
+    coordinate(a, argv)
 
 
 if __name__ == "__main__":
