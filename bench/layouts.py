@@ -44,7 +44,7 @@ LAYOUTS = {
     # (b) the trainer mesh over both GPUs, the student server's two engines (dp=2) beside it; the trainer scores
     # the base-model teacher
     "mesh": (2, ["--inference_gpu_ids=0,1", "--trainer_gpu_ids=0,1", "--config.inference.parallel.dp=2",
-                 "--config.inference.gpu_memory_utilization=0.5", "--config.trainer.gpu_memory_fraction=0.45"]),
+                 "--config.inference.gpu_memory_utilization=0.4", "--config.trainer.gpu_memory_fraction=0.35"]),
     # (c) a teacher vLLM server on GPU 1; the student server and the trainer share GPU 0
     "teacher": (2, ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=0", VLLM_TEACHER,
                     "--config.inference.gpu_memory_utilization=0.5", "--config.trainer.gpu_memory_fraction=0.45"]),

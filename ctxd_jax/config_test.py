@@ -229,6 +229,11 @@ def test_shared_gpus_must_fit():
     with pytest.raises(ConfigError, match=r"GPU 1 is shared \(student server 0.9, teacher server 0.9"):
         validate(_config(**VLLM), layout)
     assert validate(_config(inference__gpu_memory_utilization=0.45, **VLLM), layout) == []
+    # A trainer over both GPUs beside the student's two engines: room for NCCL outside the shares.
+    mesh = Gpus(inference=(0, 1), trainer=(0, 1))
+    with pytest.raises(ConfigError, match=r"GPU 0 is shared \(student server 0.5, trainer 0.45: 0.95 > 0.85\) \(the "):
+        validate(_config(inference__gpu_memory_utilization=0.5, trainer__gpu_memory_fraction=0.45), mesh)
+    assert validate(_config(inference__gpu_memory_utilization=0.4, trainer__gpu_memory_fraction=0.35), mesh) == []
     with pytest.raises(ConfigError, match=r"^trainer.attn_impl: 'flash'"):
         validate(_config(trainer__attn_impl="flash"), THREE)
 
