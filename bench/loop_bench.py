@@ -108,13 +108,41 @@ def main():
 
         a.model = a.model or write_tiny_checkpoint(os.path.join(a.out, "tiny"), "qwen3_tied")
     a.model = a.model or write_random_checkpoint(a.shape, f"/tmp/qwen3-{a.shape}-random")
+    first = make_config(a, a.out, VARIANTS[a.variants.split(",")[0]])
+
+    def make_server(merged: bool) -> VLLMServer:
+        # Merged mode reloads the base weights, which vLLM 0.26 cannot do into LoRA-wrapped layers (HTTP 500:
+        # "no parameter named 'embed_tokens.weight'"), so those variants get a server without LoRA, as the CLI does.
+        return VLLMServer(a.model, name="merged" if merged else "student+teacher", served_name=BASE_NAME,
+                          gpu_ids=None if a.cpu else (gpus[0],), lora_rank=0 if merged else first.lora.rank,
+                          max_loras=first.max_async_level + 2, dev_mode=merged,
+                          gpu_memory_utilization=0.85 if a.layout == "split" else 0.5, kv_cache_gib=2,
+                          max_model_len=max_model_len(first, a.model), dtype=first.model.dtype, log_dir=a.out)
+
+    def run_variant(name: str, server: VLLMServer, floor: float) -> None:
+        config = make_config(a, os.path.join(a.out, name), VARIANTS[name])
+        trainer, tokenizer = loop._load_trainer(config)
+        scorer = teacher_scorer(config)
+        teacher = server if scorer == "vllm" else None
+        deployment = Deployment(ServerGroup([]), server, teacher, STUDENT_ADAPTER, BASE_NAME if teacher else None,
+                                scorer)
+        t = time.perf_counter()
+        try:
+            asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
+        except Exception as e:  # report and go on with the other variants
+            print(f"variant {name} failed: {type(e).__name__}: {e}"[:2000], flush=True)
+            return
+        rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+        later = rows[1:] or rows
+        med = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in later) for p in PHASES}
+        gen = statistics.median(r["completion_len/mean"] * samples for r in later)
+        print(f"{name:16s} " + " ".join(f"{med[p]:8.2f}" for p in PHASES)
+              + f" {med['step'] / (gen / floor):10.2f} {time.perf_counter() - t:8.0f}", flush=True)
+
     names = a.variants.split(",")
-    first = make_config(a, a.out, VARIANTS[names[0]])
-    server = VLLMServer(a.model, name="student+teacher", served_name=BASE_NAME, gpu_ids=None if a.cpu else (gpus[0],),
-                        lora_rank=first.lora.rank, max_loras=first.max_async_level + 2, dev_mode=True,
-                        gpu_memory_utilization=0.85 if a.layout == "split" else 0.5, kv_cache_gib=2,
-                        max_model_len=max_model_len(first, a.model),
-                        dtype=first.model.dtype, log_dir=a.out)
+    merged = [n for n in names if VARIANTS[n].get("weights.mode") == "merged"]
+    samples = a.prompts * 16
+    server = make_server(merged=False)
     os.makedirs(a.out, exist_ok=True)
     with ServerGroup([server], timeout=900):
         # The floor: step 0's prompts and seeds, from the base model, without log-probs.
@@ -143,7 +171,7 @@ def main():
                 return out
 
         sampling = asyncio.run(probe())
-        floor, samples = sampling[0][1], a.prompts * 16
+        floor = sampling[0][1]
         print(f"\nsampling one step's batch ({a.prompts} prompts x n=16, <= {a.max_tokens} new tokens), tokens/s:")
         for label, tps in sampling:
             print(f"  {label:36s} {tps:9.0f}  {tps / floor:5.2f}x the floor")
@@ -152,27 +180,14 @@ def main():
         print(f"{'variant':16s} " + " ".join(f"{p[:8]:>8s}" for p in PHASES) + f" {'step/floor':>10s} {'total s':>8s}",
               flush=True)
         for name in names:
-            config = make_config(a, os.path.join(a.out, name), VARIANTS[name])
-            trainer, tokenizer = loop._load_trainer(config)
-            scorer = teacher_scorer(config)
-            teacher = server if scorer == "vllm" else None
-            deployment = Deployment(ServerGroup([]), server, teacher, STUDENT_ADAPTER, BASE_NAME if teacher else None,
-                                    scorer)
-            t = time.perf_counter()
-            try:
-                asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
-            except Exception as e:  # report and go on with the other variants
-                print(f"variant {name} failed: {type(e).__name__}: {e}"[:2000], flush=True)
-                continue
-            finally:
-                if config.weights.mode == "merged":
-                    asyncio.run(Client.for_server(server).reload_weights(a.model))
-            rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
-            later = rows[1:] or rows
-            med = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in later) for p in PHASES}
-            gen = statistics.median(r["completion_len/mean"] * samples for r in later)
-            print(f"{name:16s} " + " ".join(f"{med[p]:8.2f}" for p in PHASES)
-                  + f" {med['step'] / (gen / floor):10.2f} {time.perf_counter() - t:8.0f}", flush=True)
+            if name not in merged:
+                run_variant(name, server, floor)
+    if merged:
+        plain = make_server(merged=True)
+        with ServerGroup([plain], timeout=900):
+            for name in merged:
+                run_variant(name, plain, floor)
+
 
 if __name__ == "__main__":
     main()
