@@ -242,7 +242,7 @@ def test_gpu_ids_index_the_inherited_visible_devices():
     assert visible_devices(None) is None and visible_devices("") == () and visible_devices("2, 3") == ("2", "3")
     # A scheduler (or a second run on the same host) hands this run GPUs 2,3: ids 0,1 are those two.
     gpus = Gpus(inference=(0,), teacher=(1,), trainer=(0, 1), visible=("2", "3"))
-    _, plan, _ = resolve(_config(inference__gpu_memory_utilization=0.5, trainer__gpu_memory_fraction=0.45, **VLLM),
+    _, plan, _ = resolve(_config(inference__gpu_memory_utilization=0.4, trainer__gpu_memory_fraction=0.35, **VLLM),
                          gpus)
     assert (plan.student.devices, plan.teacher.devices, plan.trainer.devices) == (("2",), ("3",), ("2", "3"))
     assert plan.student.gpu_ids == (0,) and "on GPUs 0 (CUDA_VISIBLE_DEVICES=2) (dp=1" in plan.describe()
