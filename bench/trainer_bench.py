@@ -13,6 +13,11 @@ Scaling over the GPUs of one host (JAX only; one packed row of seq_len per GPU, 
 prints tokens/s, tokens/s per GPU and efficiency (per-GPU tokens/s over the 1-GPU run's); `--peer=4b:16384` adds
 the PyTorch peer on one GPU for those shape:seq pairs, in the same invocation. On CPU, check the code path with fake
 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 ... --shapes=tiny --seq_lens=64 --attn_impl=xla.
+What crosses devices in a step (every collective of the compiled step with its bytes and runs, and the loops' trip
+counts; compiled, not run; `--layers=1` compiles faster with the same per-layer table):
+
+    python bench/trainer_bench.py --one=1.7b:16384 --hlo_collectives=4
+
 Several hosts: run `--one=SHAPE:SEQ --devices=0` on every host with CTXD_COORDINATOR_ADDRESS, CTXD_NUM_PROCESSES,
 CTXD_PROCESS_ID set (ctxd_jax/distributed.py; launch/two_hosts_trainer_bench.sh).
 """
