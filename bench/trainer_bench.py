@@ -13,6 +13,11 @@ Scaling over the GPUs of one host (JAX only; one packed row of seq_len per GPU, 
 prints tokens/s, tokens/s per GPU and efficiency (per-GPU tokens/s over the 1-GPU run's); `--peer=4b:16384` adds
 the PyTorch peer on one GPU for those shape:seq pairs, in the same invocation. On CPU, check the code path with fake
 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 ... --shapes=tiny --seq_lens=64 --attn_impl=xla.
+What crosses devices in a step (every collective of the compiled step with its bytes and runs, and the loops' trip
+counts; compiled, not run; `--layers=1` compiles faster with the same per-layer table):
+
+    python bench/trainer_bench.py --one=1.7b:16384 --hlo_collectives=4
+
 Several hosts: run `--one=SHAPE:SEQ --devices=0` on every host with CTXD_COORDINATOR_ADDRESS, CTXD_NUM_PROCESSES,
 CTXD_PROCESS_ID set (ctxd_jax/distributed.py; launch/two_hosts_trainer_bench.sh).
 """
@@ -32,9 +37,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 from shapes import H100_BF16_PEAK, flops_per_token, hf_config  # noqa: E402
 
 
-def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, attn_impl: str | None,
-                  chunk_size: int, remat_policy: str, devices: int = 1, shard_weights: bool = False) -> dict:
-    """One train step's time on a mesh of the first `devices` devices (0 = all, of every process)."""
+def build(shape: str, seq_len: int, docs: int, remat: bool, attn_impl: str | None, chunk_size: int,
+          remat_policy: str, devices: int = 1, shard_weights: bool = False, layers: int = 0):
+    """The benchmark's trainer on a mesh of the first `devices` devices (0 = all, of every process) and its batch:
+    one row of seq_len tokens per device. `layers` > 0 replaces the shape's layer count (a cheaper compile)."""
     from ctxd_jax import distributed
 
     distributed.initialize()  # several hosts when CTXD_* are set; before JAX touches a device
@@ -49,20 +55,19 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
     from ctxd_jax.packing import TrainBatch
     from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
 
-    cfg = ModelConfig.from_dict(hf_config(shape))
+    cfg = ModelConfig.from_dict(dict(hf_config(shape), **({"num_hidden_layers": layers} if layers else {})))
     model = Transformer(cfg, lora_rank=16, lora_alpha=64, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                         remat=remat, remat_policy=remat_policy, attn_impl=attn_impl, rngs=nnx.Rngs(0))
     all_devices = jax.devices()
     if devices > len(all_devices):
         raise ValueError(f"--devices={devices}: only {len(all_devices)} devices")
     mesh = sharding.make_mesh(all_devices[:devices or len(all_devices)])
-    n = mesh.devices.size
     sharding.shard_model(model, mesh, shard_weights=shard_weights)
     trainer = Trainer(model, mesh, OptimConfig(lr=1e-5, max_norm=1.0),
                       StepConfig(teacher_tau=0.0, student_tau=0.0, chunk_size=chunk_size))
     rng = np.random.default_rng(0)
     doc = seq_len // docs
-    rows = n  # one row per device: the batch grows with the mesh (weak scaling)
+    rows = mesh.devices.size  # one row per device: the batch grows with the mesh (weak scaling)
     seg, pos = np.zeros((rows, seq_len), np.int32), np.zeros((rows, seq_len), np.int32)  # the rest: padding
     seg[:, :doc * docs] = np.repeat(np.arange(1, docs + 1, dtype=np.int32), doc)
     pos[:, :doc * docs] = np.tile(np.arange(doc, dtype=np.int32), docs)
@@ -71,6 +76,14 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
         tokens=rng.integers(0, cfg.vocab_size, (rows, seq_len), dtype=np.int32), positions=pos, segment_ids=seg,
         loss_mask=np.ones((rows, seq_len), bool), sampling_logprobs=-ones * 11.0, advantages=ones * 0.01,
         kl_gates=ones, temperatures=ones)
+    return trainer, batch
+
+
+def jax_step_time(shape: str, seq_len: int, steps: int, *args, **kwargs) -> dict:
+    """One train step's time (median of `steps` after two warm-up steps); the rest of the arguments are build's."""
+    import jax
+
+    trainer, batch = build(shape, seq_len, *args, **kwargs)
     for _ in range(2):
         trainer.step(batch)  # compile + warm-up; step() ends with a host read, so it is synchronous
     times = []
@@ -80,9 +93,29 @@ def jax_step_time(shape: str, seq_len: int, steps: int, docs: int, remat: bool, 
         times.append(time.perf_counter() - t)
     stats = jax.local_devices()[0].memory_stats() or {}
     med = statistics.median(times)
+    rows, n = batch.tokens.shape[0], trainer.mesh.devices.size
     return {"impl": "jax", "shape": shape, "seq_len": seq_len, "devices": n, "processes": jax.process_count(),
             "device_kind": jax.local_devices()[0].device_kind, "step_s": med, "tokens_per_s": rows * seq_len / med,
             "tokens_per_s_per_device": seq_len / med, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def hlo_collectives(shape: str, seq_len: int, *args, **kwargs) -> None:
+    """Prints every collective of the step's compiled programs (ctxd_jax/hlo.py), the LoRA gradient's bytes (the one
+    transfer a data-parallel step needs) and the while loops' trip counts (with one row a device, none should grow
+    with the device count)."""
+    import jax
+
+    from ctxd_jax import hlo
+
+    trainer, batch = build(shape, seq_len, *args, **kwargs)
+    lora_bytes = sum(x.size * 4 for x in jax.tree.leaves(trainer.lora))  # float32 gradients
+    print(f"{shape} seq {seq_len}, {trainer.mesh.devices.size} devices ({jax.devices()[0].device_kind}); "
+          f"LoRA gradient: {lora_bytes:,} bytes")
+    for name, compiled in trainer.compiled_step(batch).items():
+        text = compiled.as_text()
+        print(f"\n[{name}]\n{hlo.table(hlo.collectives(text))}")
+        for runs, trips, where in hlo.loops(text):
+            print(f"while loop: {trips or '?'} trips, {runs} run(s)  <- {where[-80:]}")
 
 
 def run_one(args: list[str], timeout: float = 600) -> dict:
@@ -116,8 +149,16 @@ def main():
     p.add_argument("--peer", default="", help="with --scaling: shape:seq_len pairs for the torch peer on one GPU")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement (its own process)")
     p.add_argument("--one", default="", help="run one JAX measurement shape:seq_len here (a JSON line)")
+    p.add_argument("--hlo_collectives", type=int, default=0,
+                   help="with --one: print the step's collectives on this many devices (compile only, no run)")
+    p.add_argument("--layers", type=int, default=0, help="with --hlo_collectives: layers of the shape (0 = its own)")
     p.add_argument("--out", default="")
     a = p.parse_args()
+    if a.one and a.hlo_collectives:
+        shape, seq_len = a.one.split(":")
+        hlo_collectives(shape, int(seq_len), a.docs, bool(a.remat), a.attn_impl or None, a.chunk_size,
+                        a.remat_policy, a.hlo_collectives, bool(a.shard_weights), a.layers)
+        return
     if a.one:
         shape, seq_len = a.one.split(":")
         print(json.dumps(jax_step_time(shape, int(seq_len), a.steps, a.docs, bool(a.remat),

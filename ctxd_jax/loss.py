@@ -25,14 +25,13 @@ def _f32(x):
 
 
 def _sample_index(shape, segment_ids):
-    """A flat sample id per token and the number of ids: one per row, or one per (row, segment)."""
-    rows, length = shape
+    """Each token's sample within its row [R, T] and the samples a row can hold: one per row, or one per segment id
+    (0..T). Samples never span rows, so per-sample reductions run row by row: rows sharded over devices stay local."""
     if segment_ids is None:
-        return jnp.broadcast_to(jnp.arange(rows)[:, None], shape).reshape(-1), rows
+        return jnp.zeros(shape, jnp.int32), 1
     if segment_ids.shape != shape:
         raise ValueError(f"segment_ids: shape {segment_ids.shape} does not match the per-token inputs {shape}")
-    ids = jnp.arange(rows)[:, None] * (length + 1) + segment_ids.astype(jnp.int32)
-    return ids.reshape(-1), rows * (length + 1)
+    return jnp.asarray(segment_ids).astype(jnp.int32), shape[1] + 1
 
 
 def default_loss_scale(loss_mask, segment_ids=None, *, ratio_type: str = "token"):
@@ -130,11 +129,11 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
         scale = jnp.asarray(loss_scale, jnp.float32)
     ids, n_ids = _sample_index(shape, segment_ids)
 
-    def per_sample(values, reduce=jax.ops.segment_sum):
-        return reduce(values.reshape(-1), ids, num_segments=n_ids)
+    def per_sample(values, reduce=jax.ops.segment_sum):  # [R, T] -> [R, samples a row can hold]
+        return jax.vmap(lambda v, i: reduce(v, i, num_segments=n_ids))(values, ids)
 
     def per_token(sample_values):
-        return sample_values[ids].reshape(shape)
+        return jnp.take_along_axis(sample_values, ids, axis=1)
 
     def token_mean(x):
         return jnp.sum(jnp.where(m, x, 0.0)) / denom

@@ -234,6 +234,18 @@ class Trainer:
                 total = item if total is None else self._add(total, item)
         return total
 
+    def compiled_step(self, batch: TrainBatch | Rows) -> dict:
+        """The programs a step on `batch` runs, compiled (not run): the gradient of one micro-batch ("grad") and the
+        optimizer update ("apply"). Their `.as_text()` is the optimized HLO that ctxd_jax/hlo.py reads."""
+        part = self.share(batch, jax.process_index())
+        mb = next(self._micro_batches(part))
+        with jax.set_mesh(self.mesh):
+            grad = self._grad.lower(self.lora, self.rest, mb, np.float32(part.loss_scale), max_segments=part.bound)
+            grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated),
+                                 self.lora)
+            apply = self._apply.lower(self.lora, self.opt_state, grads)
+            return {"grad": grad.compile(), "apply": apply.compile()}
+
     def step(self, batch: TrainBatch | Rows) -> dict[str, float]:
         """One optimizer step on `batch`; returns float metrics (loss, grad_norm, lr, entropy, loss metrics)."""
         lr = float(self.schedule(self.updates))

@@ -9,57 +9,71 @@ import jax.numpy as jnp
 
 
 def _chunk_stats(h, w, targets, temps, ids, topk, entropy=True):
-    """h [C, D], w [D, V], targets [C], temps [C], ids [C, k] -> logprob [C], entropy [C] (if `entropy`), logprob
-    at ids [C, k] [+ the `topk` most likely ids [C, topk] and their log-probs, best first]."""
-    logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32) / temps[:, None]
+    """h [..., C, D], w [D, V], targets [..., C], temps [..., C], ids [..., C, k] -> logprob [..., C], entropy
+    [..., C] (if `entropy`), logprob at ids [..., C, k] [+ the `topk` most likely ids [..., C, topk] and their
+    log-probs, best first]."""
+    logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32) / temps[..., None]
     lse = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - lse
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
     out = (logp,)
     if entropy:
-        probs = jnp.exp(logits - lse[:, None])
+        probs = jnp.exp(logits - lse[..., None])
         out += (lse - jnp.sum(probs * logits, axis=-1),)
-    out += (jnp.take_along_axis(logits, ids, axis=-1) - lse[:, None],)
+    out += (jnp.take_along_axis(logits, ids, axis=-1) - lse[..., None],)
     if not topk:
         return out
     top_logits, top_ids = jax.lax.top_k(logits, topk)
-    return out + (top_ids.astype(jnp.int32), top_logits - lse[:, None])
+    return out + (top_ids.astype(jnp.int32), top_logits - lse[..., None])
+
+
+def _local_rows(rows: int) -> int:
+    """Rows of a [rows, ...] batch on one device: batches shard their rows over 'fsdp' (ctxd_jax/sharding.py) of
+    the mesh set around the call, if any."""
+    mesh = jax.sharding.get_abstract_mesh()
+    fsdp = 1 if mesh.empty else dict(mesh.shape).get("fsdp", 1)
+    return rows // fsdp if rows % fsdp == 0 else rows
 
 
 def _chunked_stats(h, head_kernel, targets, temps, ids, *, chunk_size: int, topk: int, entropy: bool = True):
-    """_chunk_stats of n flat positions (h [n, D], targets [n], temps [n], ids [n, k]) in chunks of `chunk_size`:
-    a tuple of [n, ...] arrays. Only one chunk's logits [chunk, V] exist at a time, in the forward and backward."""
-    n, d = h.shape
-    k = ids.shape[-1]
-    chunk = max(1, min(chunk_size, n))
-    pad = -n % chunk
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        targets, ids = jnp.pad(targets, (0, pad)), jnp.pad(ids, ((0, pad), (0, 0)))
-        temps = jnp.pad(temps, (0, pad), constant_values=1.0)
-    nc = (n + pad) // chunk
+    """_chunk_stats of rows of positions (h [B, L, D], targets [B, L], temps [B, L], ids [B, L, k]) in chunks along
+    L: a tuple of [B, L, ...] arrays. A chunk holds the same positions of every row, about `chunk_size` tokens a
+    device; only one chunk's logits exist at a time, in the forward and the backward.
+
+    The rows stay a dimension of every chunk because batches shard their rows over the devices: each device then
+    computes the head of its own rows. Chunks of the flattened rows would cut across devices; XLA then gathers
+    every row's hidden states onto every device and each computes the head of the whole batch (work that grows
+    with the device count)."""
+    b, n, d = h.shape
+    nc = max(1, -(-n // max(1, chunk_size // _local_rows(b))))
+    chunk = -(-n // nc)  # nc even chunks: less than one position a chunk of padding
+    pad = nc * chunk - n
+    if pad:  # along L, which no mesh axis splits
+        h, ids = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (h, ids))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        temps = jnp.pad(temps, ((0, 0), (0, pad)), constant_values=1.0)
+
+    def split(x):  # [B, nc * chunk, ...] -> [nc, B, chunk, ...]
+        return jnp.moveaxis(x.reshape((b, nc, chunk) + x.shape[2:]), 1, 0)
+
     # prevent_cse=False: inside lax.map (a scan) CSE cannot merge the recomputation anyway.
     body = jax.checkpoint(lambda xs: _chunk_stats(xs[0], head_kernel, xs[1], xs[2], xs[3], topk, entropy),
                           prevent_cse=False)
-    out = jax.lax.map(body, (h.reshape(nc, chunk, d), targets.reshape(nc, chunk), temps.reshape(nc, chunk),
-                             ids.reshape(nc, chunk, k)))
-    return tuple(x.reshape((nc * chunk,) + x.shape[2:])[:n] for x in out)
+    out = jax.lax.map(body, tuple(split(x) for x in (h, targets, temps, ids)))
+    return tuple(jnp.moveaxis(x, 0, 1).reshape((b, nc * chunk) + x.shape[3:])[:, :n] for x in out)
 
 
 def hidden_logprobs(hidden, head_kernel, tokens, segment_ids, temperatures, *, chunk_size: int = 1024,
                     gather_ids=None, topk: int = 0):
     """Like token_logprobs, from final hidden states [B, T, D] and the [D, V] head."""
     b, t, d = hidden.shape
-    k = 0 if gather_ids is None else gather_ids.shape[-1]
     # Position t is predicted from hidden t-1, within the same (non-padding) segment.
     valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-    n = b * (t - 1)
-    ids = (jnp.zeros((b, t, 0), jnp.int32) if gather_ids is None else gather_ids)[:, 1:].reshape(n, k)
+    ids = (jnp.zeros((b, t, 0), jnp.int32) if gather_ids is None else gather_ids)[:, 1:]
     logp, ent, at_ids, *top = _chunked_stats(
-        hidden[:, :-1].reshape(n, d), head_kernel, tokens[:, 1:].reshape(n),
-        temperatures[:, 1:].astype(jnp.float32).reshape(n), ids, chunk_size=chunk_size, topk=topk)
+        hidden[:, :-1], head_kernel, tokens[:, 1:], temperatures[:, 1:].astype(jnp.float32), ids,
+        chunk_size=chunk_size, topk=topk)
 
-    def unflatten(x):  # [n, ...] -> [B, T, ...], zeros at t=0, invalid positions zeroed
-        x = x.reshape((b, t - 1) + x.shape[1:])
+    def unflatten(x):  # [B, T - 1, ...] -> [B, T, ...], zeros at t=0, invalid positions zeroed
         mask = valid.reshape(valid.shape + (1,) * (x.ndim - 2))
         x = jnp.where(mask, x, jnp.zeros((), x.dtype))
         return jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
@@ -75,13 +89,12 @@ def logprobs_at(hidden, head_kernel, tokens, temperatures, at, *, chunk_size: in
     token_logprobs's numbers there, without the LM head, softmax or top-k at any other position (a teacher prompt's
     tokens, padding). No entropy."""
     b, p = at.shape
-    d = hidden.shape[-1]
-    rows = jnp.arange(b)[:, None]
-    h = hidden[rows, jnp.maximum(at - 1, 0)].reshape(b * p, d)  # position t is predicted from hidden t-1
-    logp, _, *top = _chunked_stats(h, head_kernel, tokens[rows, at].reshape(b * p),
-                                   temperatures[rows, at].astype(jnp.float32).reshape(b * p),
-                                   jnp.zeros((b * p, 0), jnp.int32), chunk_size=chunk_size, topk=topk, entropy=False)
-    return tuple(x.reshape((b, p) + x.shape[1:]) for x in (logp, *top))
+    # Gathers along each row, not by (row, position) pairs: rows sharded over devices stay on them.
+    h = jnp.take_along_axis(hidden, jnp.maximum(at - 1, 0)[..., None], axis=1)  # t is predicted from hidden t-1
+    logp, _, *top = _chunked_stats(h, head_kernel, jnp.take_along_axis(tokens, at, axis=1),
+                                   jnp.take_along_axis(temperatures, at, axis=1).astype(jnp.float32),
+                                   jnp.zeros((b, p, 0), jnp.int32), chunk_size=chunk_size, topk=topk, entropy=False)
+    return (logp, *top)
 
 
 def token_logprobs(model, tokens, positions, segment_ids, temperatures, *, chunk_size: int = 1024,
