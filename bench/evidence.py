@@ -81,7 +81,8 @@ def make_config(a, task: str, method: str, seed: int):
     """The resolved config of one run (validated like the command line's), on the GPU of this worker's
     CUDA_VISIBLE_DEVICES."""
     from configs import demo, demo_gpu
-    from ctxd_jax.config import Gpus, resolve, visible_devices
+    from ctxd_jax.config import resolve
+    from ctxd_jax.plan import Gpus, visible_devices
 
     c = (demo_gpu if a.gpus else demo).get_config()
     sizes = {"max_steps": a.steps, "seed": seed, "env.name": task, "eval.interval": a.eval_every,

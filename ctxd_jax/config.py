@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from ctxd_jax import envs
+from ctxd_jax.plan import Gpus, Plan, ServerPlan, TrainerPlan
 from ctxd_jax.models.names import LORA_TARGETS
 
 TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
@@ -43,105 +44,6 @@ def parse_gpu_ids(field: str, text: str) -> tuple[int, ...]:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{field}: GPU ids repeat in {text!r}")
     return tuple(ids)
-
-
-def visible_devices(value: str | None) -> tuple[str, ...] | None:
-    """The entries of an inherited CUDA_VISIBLE_DEVICES (None when unset: GPU ids are the machine's own)."""
-    return None if value is None else tuple(p for p in value.replace(" ", "").split(",") if p)
-
-
-@dataclasses.dataclass(frozen=True)
-class Gpus:
-    """GPU ids of each process, as indexes into `visible` (the CUDA_VISIBLE_DEVICES the run inherited, e.g. from a
-    scheduler), or the machine's own ids when it is None; so two runs on one host can be given disjoint GPUs."""
-
-    inference: tuple[int, ...] = ()
-    teacher: tuple[int, ...] = ()
-    trainer: tuple[int, ...] = ()
-    visible: tuple[str, ...] | None = None
-
-    @property
-    def cpu(self) -> bool:
-        return not (self.inference or self.teacher or self.trainer)
-
-    def devices(self, ids: tuple[int, ...]) -> tuple[str, ...]:
-        """What a process on GPUs `ids` gets as its CUDA_VISIBLE_DEVICES entries."""
-        return tuple(str(i) if self.visible is None else self.visible[i] for i in ids)
-
-
-def _describe_gpus(ids: tuple[int, ...], devices: tuple[str, ...]) -> str:
-    """'0,1', with the devices they name when an inherited CUDA_VISIBLE_DEVICES makes them differ."""
-    text = ",".join(map(str, ids))
-    return text if devices == tuple(map(str, ids)) else f"{text} (CUDA_VISIBLE_DEVICES={','.join(devices)})"
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerPlan:
-    """One vLLM server. gpu_ids () = CPU. roles: 'student' (serves the LoRA adapter) and/or 'teacher' (base weights)."""
-
-    roles: tuple[str, ...]
-    model: str
-    gpu_ids: tuple[int, ...]
-    dp: int
-    tp: int
-    port: int | None  # None: a private Unix socket (inference.transport='uds')
-    devices: tuple[str, ...] = ()  # the server's CUDA_VISIBLE_DEVICES entries (Gpus.devices of gpu_ids)
-
-    def describe(self) -> str:
-        where = (f"GPUs {_describe_gpus(self.gpu_ids, self.devices)} (dp={self.dp}, tp={self.tp})" if self.gpu_ids
-                 else "CPU")
-        listen = "a private Unix socket" if self.port is None else f"port {self.port}"
-        return f"vLLM server [{' + '.join(self.roles)}] {self.model} on {where}, {listen}"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainerPlan:
-    gpu_ids: tuple[int, ...]  # () = CPU
-    num_train_workers: int  # data-parallel (fsdp) size of the trainer mesh
-    tp: int
-    devices: tuple[str, ...] = ()  # the trainer's CUDA_VISIBLE_DEVICES entries
-
-    def describe(self) -> str:
-        if not self.gpu_ids:
-            return "JAX trainer on CPU"
-        gpus = _describe_gpus(self.gpu_ids, self.devices)
-        return f"JAX trainer on GPUs {gpus} (num_train_workers={self.num_train_workers}, tp={self.tp})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """The processes a run starts. `teacher` is `student` itself when one server serves both; None = no teacher
-    server. `teacher_scorer` ('trainer' or 'vllm', resolved) says who computes the teacher's log-probs, which the
-    run needs when `teacher_logprobs` (a KL tau > 0); with 'trainer' no teacher server runs."""
-
-    cpu: bool
-    student: ServerPlan
-    teacher: ServerPlan | None
-    trainer: TrainerPlan
-    teacher_scorer: str = "vllm"
-    teacher_logprobs: bool = False
-
-    @property
-    def teacher_shared(self) -> bool:
-        return self.teacher is self.student
-
-    @property
-    def servers(self) -> tuple[ServerPlan, ...]:
-        if self.teacher is None or self.teacher_shared:
-            return (self.student,)
-        return (self.student, self.teacher)
-
-    def describe(self) -> str:
-        mode = "CPU" if self.cpu else "GPU"
-        lines = [f"plan ({mode} mode):"]
-        lines += [f"  {s.describe()}" for s in self.servers]
-        if self.teacher_scorer == "trainer":
-            what = "log-probs from the JAX trainer (LoRA off)" if self.teacher_logprobs else "no log-probs (KL taus 0)"
-            lines.append(f"  teacher = the student's base model: {what}, samples from the student server")
-        elif self.teacher is None:
-            lines.append("  no teacher (all KL taus 0, no baseline eval)")
-        lines.append(f"  {self.trainer.describe()}")
-        return "\n".join(lines)
 
 
 def _require(ok: bool, field: str, message: str) -> None:

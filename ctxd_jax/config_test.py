@@ -1,7 +1,8 @@
 import pytest
 
 from configs import demo, rl
-from ctxd_jax.config import ConfigError, Gpus, parse_gpu_ids, resolve, teacher_scorer, validate, visible_devices
+from ctxd_jax.config import ConfigError, parse_gpu_ids, resolve, teacher_scorer, validate
+from ctxd_jax.plan import Gpus, visible_devices
 from ctxd_jax.envs.persona import style_context
 from ctxd_jax.envs.sokoban import TEACHER_CONTEXT
 

@@ -17,7 +17,8 @@ import dataclasses
 import os
 import re
 
-from ctxd_jax.config import ConfigError, Plan
+from ctxd_jax.config import ConfigError
+from ctxd_jax.plan import Plan
 
 ENV = ("CTXD_COORDINATOR_ADDRESS", "CTXD_NUM_PROCESSES", "CTXD_PROCESS_ID")
 # What JAX's SLURM detection reads (jax._src.clusters.slurm_cluster); all must be set.

@@ -4,7 +4,8 @@ import pytest
 
 from configs import rl
 from ctxd_jax import hosts
-from ctxd_jax.config import ConfigError, Gpus, resolve
+from ctxd_jax.config import ConfigError, resolve
+from ctxd_jax.plan import Gpus
 
 SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-04]", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
          "SLURM_LOCALID": "0"}

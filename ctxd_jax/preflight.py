@@ -12,7 +12,8 @@ import json
 import os
 
 from ctxd_jax import envs
-from ctxd_jax.config import ConfigError, Plan
+from ctxd_jax.config import ConfigError
+from ctxd_jax.plan import Plan
 from ctxd_jax.inference.deploy import max_model_len, teacher_topk
 
 # Prompts rendered per split to find the longest (Sokoban's 15,000 are built on demand; its prompts differ only in a

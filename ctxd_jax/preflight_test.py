@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from configs import demo
-from ctxd_jax.config import ConfigError, Gpus, resolve
+from ctxd_jax.config import ConfigError, resolve
+from ctxd_jax.plan import Gpus
 from ctxd_jax.preflight import check
 from ctxd_jax.tiny import write_tiny_checkpoint
 

@@ -8,7 +8,8 @@ import pytest
 from configs import demo
 from ctxd_jax import rundir
 from ctxd_jax.checkpoint import Checkpointer
-from ctxd_jax.config import ConfigError, Gpus, resolve
+from ctxd_jax.config import ConfigError, resolve
+from ctxd_jax.plan import Gpus
 
 
 def _config(out, **overrides):

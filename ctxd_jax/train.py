@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from ctxd_jax import config as config_lib
 from ctxd_jax import hosts
+from ctxd_jax.plan import Gpus, Plan, visible_devices
 
 DEFAULT_CONFIG = "configs/rl.py"
 # No default here: config_flags would load it and apply --config.* overrides while this module is imported, where a
@@ -119,7 +120,7 @@ def stop_requests(ignore: bool = False):
             signal.signal(sig, old)
 
 
-def _hide_gpus(plan: config_lib.Plan) -> None:
+def _hide_gpus(plan: Plan) -> None:
     """CPU mode: no process of the run sees a GPU (the servers inherit this; JAX is told before it is imported)."""
     if plan.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -139,7 +140,7 @@ def _replot(path: str) -> None:
     metrics.plot(path, baseline=metrics.read_json(os.path.join(path, rundir.EVAL_BASELINE)))
 
 
-def _run(config: ml_collections.ConfigDict, plan: config_lib.Plan, argv: list[str], processes: hosts.Settings) -> int:
+def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], processes: hosts.Settings) -> int:
     """The run itself, after every check: exit status 0 (done), 1 (failed) or 128 + signal (stopped, resumable).
     With several processes only process 0 handles the stop signals; the others ignore them and stop when it says."""
     from ctxd_jax import loop, multihost, rundir  # JAX and vLLM load only for a real run
@@ -190,11 +191,11 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     try:
-        gpus = config_lib.Gpus(
+        gpus = Gpus(
             inference=config_lib.parse_gpu_ids("inference_gpu_ids", _INFERENCE_GPU_IDS.value),
             teacher=config_lib.parse_gpu_ids("teacher_gpu_ids", _TEACHER_GPU_IDS.value),
             trainer=config_lib.parse_gpu_ids("trainer_gpu_ids", _TRAINER_GPU_IDS.value),
-            visible=config_lib.visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
+            visible=visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         processes = hosts.settings_from_env(os.environ)

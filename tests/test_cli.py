@@ -239,7 +239,8 @@ def test_complete_run_only_redraws_its_plots(tiny_model_dir, tmp_path):
     """README command 1 run again: the demo resumes by default, and a run at max_steps starts nothing."""
     from configs import demo
     from ctxd_jax import rundir
-    from ctxd_jax.config import Gpus, resolve
+    from ctxd_jax.config import resolve
+    from ctxd_jax.plan import Gpus
 
     c = demo.get_config()
     c.update_from_flattened_dict({"model.path": tiny_model_dir, "output_dir": str(tmp_path)})

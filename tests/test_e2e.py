@@ -19,7 +19,8 @@ import pytest
 from configs import rl
 from ctxd_jax import loop
 from ctxd_jax.checkpoint import Checkpointer
-from ctxd_jax.config import Gpus, resolve
+from ctxd_jax.config import resolve
+from ctxd_jax.plan import Gpus
 from ctxd_jax.inference.deploy import STUDENT_ADAPTER, Deployment
 from ctxd_jax.inference.server import ServerGroup
 from ctxd_jax.metrics import read_json, read_jsonl

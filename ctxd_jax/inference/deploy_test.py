@@ -3,7 +3,8 @@
 import pytest
 
 from configs.rl import get_config
-from ctxd_jax.config import Gpus, resolve
+from ctxd_jax.config import resolve
+from ctxd_jax.plan import Gpus
 from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, TEACHER_NAME, build_servers
 
 
