@@ -178,19 +178,14 @@ class CompileCounter:
 
 def run_one(config, key: str, server, refs, counter: CompileCounter) -> dict:
     from ctxd_jax import loop
-    from ctxd_jax.config import needs_teacher_scores, teacher_scorer
-    from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, Deployment
-    from ctxd_jax.inference.server import ServerGroup
+    from ctxd_jax.inference.deploy import STUDENT_ADAPTER, on_running_server
 
     shutil.rmtree(config.output_dir, ignore_errors=True)  # what a stopped try of this run left
     before = dict(counter.counts)
     trainer, tokenizer = loop._load_trainer(config)
-    scorer = teacher_scorer(config)
-    # Pure RL gets no teacher, so it pays for no teacher scoring (its seconds are its own).
-    teacher = server if scorer == "vllm" and needs_teacher_scores(config) else None
-    # Each run's adapters get names of their own: a server that served another run never serves its weights.
-    deployment = Deployment(ServerGroup([]), server, teacher, f"{STUDENT_ADAPTER}-{key}",
-                            BASE_NAME if teacher else None, scorer)
+    # Pure RL gets no teacher, so it pays for no teacher scoring (its seconds are its own). Each run's adapters get
+    # names of their own: a server that served another run never serves its weights.
+    deployment = on_running_server(config, server, f"{STUDENT_ADAPTER}-{key}")
     t = time.perf_counter()
     asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
     wall = time.perf_counter() - t

@@ -102,10 +102,9 @@ def main():
 
     from ctxd_jax import loop
     from ctxd_jax import orchestrator as orch
-    from ctxd_jax.config import teacher_scorer
     from ctxd_jax.envs import env_from_config
     from ctxd_jax.inference.client import Client
-    from ctxd_jax.inference.deploy import BASE_NAME, STUDENT_ADAPTER, Deployment, max_model_len
+    from ctxd_jax.inference.deploy import BASE_NAME, max_model_len, on_running_server
     from ctxd_jax.inference.server import ServerGroup, VLLMServer
     from ctxd_jax.inference.teacher import render_prompt
 
@@ -129,10 +128,7 @@ def main():
     def run_variant(name: str, server: VLLMServer, floor: float) -> None:
         config = make_config(a, os.path.join(a.out, name), VARIANTS[name])
         trainer, tokenizer = loop._load_trainer(config)
-        scorer = teacher_scorer(config)
-        teacher = server if scorer == "vllm" else None
-        deployment = Deployment(ServerGroup([]), server, teacher, STUDENT_ADAPTER, BASE_NAME if teacher else None,
-                                scorer)
+        deployment = on_running_server(config, server)
         t = time.perf_counter()
         try:
             asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))

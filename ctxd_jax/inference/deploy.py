@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 
+from ctxd_jax.config import needs_teacher_scores, teacher_scorer
 from ctxd_jax.inference.client import Client
 from ctxd_jax.inference.pool import ClientPool
 from ctxd_jax.inference.server import ServerGroup, VLLMServer
@@ -54,6 +55,14 @@ class Deployment:
         if self.teacher_scorer == "trainer":
             return Client.for_server(self.student, **kwargs), BASE_NAME
         return None
+
+
+def on_running_server(config, server: VLLMServer, adapter_prefix: str = STUDENT_ADAPTER) -> Deployment:
+    """A run on a server that outlives it (a benchmark's, kept for many runs): the server also scores the teacher when
+    a vLLM teacher is needed, and the group is empty, so the run stops nothing."""
+    scorer = teacher_scorer(config)
+    teacher = server if scorer == "vllm" and needs_teacher_scores(config) else None
+    return Deployment(ServerGroup([]), server, teacher, adapter_prefix, BASE_NAME if teacher else None, scorer)
 
 
 def max_model_len(config, model_dir: str) -> int:
