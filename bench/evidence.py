@@ -63,12 +63,6 @@ HELD_OUT = slice(-16, None)  # the eval split's last prompts: answers for forget
 MIN_SERVER_SHARE = 0.1
 SHARED_GPU_KV_GIB = 4
 REPORT_S = 30  # what --time_limit keeps back for the report and the export
-def set_path(config, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
 
 
 def server_share(c, workers: int) -> float:
@@ -90,8 +84,7 @@ def make_config(a, task: str, method: str, seed: int):
              "sampling.max_tokens": a.max_tokens, "output_dir": os.path.join(a.out, task, method, f"seed{seed}")}
     if a.gpus:
         sizes["inference.gpu_memory_utilization"] = server_share(c, a.workers)
-    for key, value in {**SHARED, **sizes, **METHODS[method]}.items():
-        set_path(c, key, value)
+    c.update_from_flattened_dict({**SHARED, **sizes, **METHODS[method]})
     gpus = Gpus((0,), (0,), (0,), visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))) if a.gpus else Gpus()
     return resolve(c, gpus)[0]
 

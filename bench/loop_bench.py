@@ -54,14 +54,7 @@ def make_config(a, out: str, overrides: dict):
     sizes = {"batch_size": a.prompts * 16, "sampling.max_tokens": a.max_tokens, "seq_len": a.seq_len}
     if a.cpu:
         sizes.update({"model.dtype": "float32", "inference.kv_cache_gb": 2})
-    for key, value in {**SHARED, **sizes, **overrides}.items():
-        if key == "ckpt.overwrite" and "overwrite" not in c.ckpt:
-            continue
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({**SHARED, **sizes, **overrides})
     return c
 
 
