@@ -46,8 +46,8 @@ def _model(path: str, cpu: bool) -> str:
 def _flags(args, out: str, gpus: str, trainer_gpus: str) -> list[str]:
     batch, group, max_tokens, seq_len = SHAPES["cpu" if args.cpu else "gpu"]
     devices = [] if args.cpu else [f"--inference_gpu_ids={gpus}", f"--trainer_gpu_ids={trainer_gpus}",
-                                   "--config.inference.gpu_memory_utilization=0.6",
-                                   "--config.trainer.gpu_memory_fraction=0.3"]
+                                   "--config.inference.gpu_memory_utilization=0.45",
+                                   "--config.trainer.gpu_memory_fraction=0.35"]
     return [sys.executable, "-m", "ctxd_jax.train", "--config=configs/rl.py", f"--config.model.path={args.model}",
             *devices, f"--config.max_steps={args.steps}", f"--config.batch_size={batch}",
             f"--config.rollouts_per_example={group}", f"--config.sampling.max_tokens={max_tokens}",

@@ -138,7 +138,8 @@ def main():
     names = a.variants.split(",")
     merged = [n for n in names if VARIANTS[n].get("weights.mode") == "merged"]
     samples = a.prompts * 16
-    server = make_server(merged=False)
+    only_merged = len(merged) == len(names)  # then one server without LoRA, which also gives the floor
+    server = make_server(merged=only_merged)
     os.makedirs(a.out, exist_ok=True)
     with ServerGroup([server], timeout=900):
         # The floor: step 0's prompts and seeds, from the base model, without log-probs.
@@ -155,15 +156,18 @@ def main():
             from ctxd_jax.models.hf import save_adapter
 
             async with Client.for_server(server) as c:
-                path = save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
-                                    base_model_name_or_path=a.model)
-                await c.load_adapter("probe", path)
-                await rates(c, prompts[:2], seeds[:2], [("warm-up", BASE_NAME, True), ("warm-up", "probe", True)],
+                models = [("base model, no log-probs (floor)", BASE_NAME, False),
+                          ("base model, log-probs", BASE_NAME, True)]
+                if not only_merged:
+                    path = save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
+                                        base_model_name_or_path=a.model)
+                    await c.load_adapter("probe", path)
+                    models += [("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)]
+                await rates(c, prompts[:2], seeds[:2], [("warm-up", m, True) for _, m, _ in models[1::2]],
                             a.max_tokens)
-                out = await rates(c, prompts, seeds, [
-                    ("base model, no log-probs (floor)", BASE_NAME, False), ("base model, log-probs", BASE_NAME, True),
-                    ("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)], a.max_tokens)
-                await c.unload_adapter("probe")
+                out = await rates(c, prompts, seeds, models, a.max_tokens)
+                if not only_merged:
+                    await c.unload_adapter("probe")
                 return out
 
         sampling = asyncio.run(probe())
@@ -176,9 +180,9 @@ def main():
         print(f"{'variant':16s} " + " ".join(f"{p[:8]:>8s}" for p in PHASES) + f" {'step/floor':>10s} {'total s':>8s}",
               flush=True)
         for name in names:
-            if name not in merged:
+            if (name in merged) == only_merged:
                 run_variant(name, server, floor)
-    if merged:
+    if merged and not only_merged:
         plain = make_server(merged=True)
         with ServerGroup([plain], timeout=900):
             for name in merged:

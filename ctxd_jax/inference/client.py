@@ -298,16 +298,15 @@ class Client:
     async def reset_prefix_cache(self) -> None:
         await self.request("POST", "/reset_prefix_cache")
 
-    async def reload_weights(self, path: str, *, version: str | None = None) -> None:
+    async def reload_weights(self, path: str) -> None:
         """Full-weight reload from `path` (a folder of safetensors); the server needs dev_mode. In-flight requests
-        finish on the old weights first; the prefix cache is reset so no block of the old weights is reused."""
+        finish on the old weights first; the prefix cache is reset so no block of the old weights is reused. (No
+        /update_weight_version: vLLM 0.26 on GPU answers it 404, and nothing here reads the version back.)"""
         await self.request("POST", "/pause", params={"mode": "wait"})
         try:
             await self.request("POST", "/collective_rpc", timeout=RELOAD_TIMEOUT_S,
                                json={"method": "reload_weights", "kwargs": {"weights_path": path}})
             await self.reset_prefix_cache()
-            if version is not None:
-                await self.request("POST", "/update_weight_version", json={"new_version": version})
         finally:
             await self.request("POST", "/resume")
 

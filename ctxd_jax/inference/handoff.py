@@ -62,7 +62,7 @@ class Publisher:
         path = self.path(version)
         await asyncio.to_thread(write_fresh, path, self.write)
         if self.merged:
-            await asyncio.gather(*(c.reload_weights(path, version=str(version)) for c in self.clients))
+            await asyncio.gather(*(c.reload_weights(path) for c in self.clients))
         else:
             await asyncio.gather(*(load_adapter(c, self.model(version), path) for c in self.clients))
         self.loaded[version] = path
