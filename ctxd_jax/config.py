@@ -198,9 +198,9 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
 MESH_SHARED_LIMIT = 0.85
 
 
-def _check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan) -> None:
+def check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan, several_processes: bool = False) -> None:
     """Every process on a GPU takes its configured share of it; shares on one GPU must add up to at most 1, or
-    MESH_SHARED_LIMIT beside a trainer over several GPUs."""
+    MESH_SHARED_LIMIT beside a trainer over several GPUs (of this process, or of several processes' joint mesh)."""
     users: dict[int, list[tuple[str, float]]] = {}
     for server in plan.servers:
         for gpu in server.gpu_ids:
@@ -208,7 +208,7 @@ def _check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan) -> None:
                 (f"{'+'.join(server.roles)} server", config.inference.gpu_memory_utilization))
     for gpu in plan.trainer.gpu_ids:
         users.setdefault(gpu, []).append(("trainer", config.trainer.gpu_memory_fraction))
-    mesh = len(plan.trainer.gpu_ids) > 1
+    mesh = several_processes or len(plan.trainer.gpu_ids) > 1
     for gpu, shares in sorted(users.items()):
         total = sum(share for _, share in shares)
         limit = MESH_SHARED_LIMIT if mesh and gpu in plan.trainer.gpu_ids else 1.0
@@ -291,7 +291,7 @@ def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collectio
     if resolved.inference.parallel.dp is None:
         resolved.inference.parallel.dp = max(len(gpus.inference) // resolved.inference.parallel.tp, 1)
     plan = make_plan(resolved, gpus)
-    _check_gpu_memory(resolved, plan)
+    check_gpu_memory(resolved, plan)
     if plan.teacher_shared and resolved.weights.mode == "merged":
         raise ConfigError("weights.mode: 'merged' reloads the server's base weights, which also serve the teacher; "
                           "use 'adapter' or give the teacher its own GPUs or model")

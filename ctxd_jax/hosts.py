@@ -17,7 +17,7 @@ import dataclasses
 import os
 import re
 
-from ctxd_jax.config import ConfigError
+from ctxd_jax.config import ConfigError, check_gpu_memory
 from ctxd_jax.plan import Plan
 
 ENV = ("CTXD_COORDINATOR_ADDRESS", "CTXD_NUM_PROCESSES", "CTXD_PROCESS_ID")
@@ -65,9 +65,12 @@ def settings_from_env(env) -> Settings:
     return Settings(env.get(ENV[0], ""), _number(env, ENV[1], 1), _number(env, ENV[2], 0))
 
 
-def check(config, settings: Settings) -> None:
+def check(config, plan: Plan, settings: Settings) -> None:
     """Refusals that only several processes have (ConfigError 'field: message')."""
-    if settings.several and config.weights.mode == "merged":
+    if not settings.several:
+        return
+    check_gpu_memory(config, plan, several_processes=True)  # the trainers form one mesh over NCCL
+    if config.weights.mode == "merged":
         raise ConfigError("weights.mode: 'merged' is not built for several processes (each host would gather the "
                           "whole model every step); use 'adapter'")
 

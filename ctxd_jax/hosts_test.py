@@ -64,11 +64,20 @@ def test_each_other_process_starts_one_student_server_on_its_own_port():
 
 
 def test_merged_weights_are_refused_with_several_processes():
-    config, _ = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged"},
-                          **TCP_VLLM_TEACHER)
-    hosts.check(config, hosts.Settings())
+    config, plan = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged"},
+                             **TCP_VLLM_TEACHER)
+    hosts.check(config, plan, hosts.Settings())
     with pytest.raises(ConfigError, match="^weights.mode: 'merged' is not built for several processes"):
-        hosts.check(config, hosts.Settings("h:1", 2, 0))
+        hosts.check(config, plan, hosts.Settings("h:1", 2, 0))
+
+
+def test_a_gpu_shared_with_a_trainer_of_several_processes_keeps_room_for_nccl():
+    """One trainer GPU a process looks like no mesh to that process, but the processes' trainers form one."""
+    shares = {"inference.gpu_memory_utilization": 0.5, "trainer.gpu_memory_fraction": 0.45}
+    config, plan = _resolved(Gpus(inference=(0,), trainer=(0,)), **shares)
+    hosts.check(config, plan, hosts.Settings())
+    with pytest.raises(ConfigError, match=r"^inference.gpu_memory_utilization: GPU 0 is shared .*0.95 > 0.85"):
+        hosts.check(config, plan, hosts.Settings("h:1", 2, 0))
 
 
 def test_describe_names_every_process():

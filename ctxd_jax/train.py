@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         processes = hosts.settings_from_env(os.environ)
-        hosts.check(config, processes)
+        hosts.check(config, plan, processes)
     except config_lib.ConfigError as e:
         _fail(str(e))
     for warning in warnings:
