@@ -163,8 +163,8 @@ def main():
                                         base_model_name_or_path=a.model)
                     await c.load_adapter("probe", path)
                     models += [("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)]
-                await rates(c, prompts[:2], seeds[:2], [("warm-up", m, True) for _, m, _ in models[1::2]],
-                            a.max_tokens)
+                served = dict.fromkeys(m for _, m, _ in models)  # each served model once, in order
+                await rates(c, prompts[:2], seeds[:2], [("warm-up", m, True) for m in served], a.max_tokens)
                 out = await rates(c, prompts, seeds, models, a.max_tokens)
                 if not only_merged:
                     await c.unload_adapter("probe")
