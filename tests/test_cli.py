@@ -150,6 +150,7 @@ def test_benchmark_layouts_pass_the_cli_validation():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "REFUSED" not in r.stdout, r.stdout + r.stderr
     assert "-- mesh (CUDA_VISIBLE_DEVICES=0,1): ok" in r.stdout and "on GPUs 0,1 (dp=2, tp=1)" in r.stdout
+    assert "-- mesh4 (CUDA_VISIBLE_DEVICES=0,1,2,3): ok" in r.stdout and "on GPUs 0,1,2,3 (dp=4, tp=1)" in r.stdout
 
 
 def test_shared_gpu_over_its_memory_is_refused():
