@@ -45,6 +45,7 @@ def _model(path: str, cpu: bool) -> str:
 
 def _flags(args, out: str, gpus: str, trainer_gpus: str) -> list[str]:
     batch, group, max_tokens, seq_len = SHAPES["cpu" if args.cpu else "gpu"]
+    # 0.45 + 0.35 of a GPU: the servers share GPUs with a trainer mesh, whose NCCL buffers need room (config.py)
     devices = [] if args.cpu else [f"--inference_gpu_ids={gpus}", f"--trainer_gpu_ids={trainer_gpus}",
                                    "--config.inference.gpu_memory_utilization=0.45",
                                    "--config.trainer.gpu_memory_fraction=0.35"]
