@@ -4,7 +4,8 @@ phase table, where each process ran (GPU, memory) and which policy versions each
 Workload: the reference's shape (random Qwen3 weights of --shape, Sokoban, 256 samples = 16 prompts x 16 of up to
 1,024 new tokens, rows of 4,096, no eval). Every layout is dry-run first (the CLI's own validation, memory shares
 included); a refused one is reported and skipped. Layouts that fit side by side in --gpus run at once, each given
-its GPUs through CUDA_VISIBLE_DEVICES (the CLI's GPU ids index into it), with its own run folder and compile caches.
+its GPUs through CUDA_VISIBLE_DEVICES (the CLI's GPU ids index into it), with its own run folder; vLLM's compile
+caches are kept per first GPU, so a later run on the same GPUs starts warm.
 
     python bench/layouts.py --layouts=split,mesh --gpus=0,1,2,3     # two 2-GPU layouts at once, on 0,1 and 2,3
     python bench/layouts.py --layouts=separate,shared,mesh4 --gpus=0,1,2,3 # one after the other
@@ -96,7 +97,8 @@ def run_env(gpus: list[str] | None, cache: str, extra: dict) -> dict[str, str]:
     env.pop("VLLM_PORT", None)  # a fixed base port would make two runs' servers race for the same ports
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    # Per layout: two runs at once never write one compile cache; a rerun of the layout finds its own warm.
+    # Per first GPU: two runs at once never write one compile cache (their GPUs are disjoint), and a later run on the
+    # same GPUs (the four-GPU layouts, one after another) finds it warm.
     env.update(VLLM_CACHE_ROOT=os.path.join(cache, "vllm"), TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
                TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     return env
@@ -130,7 +132,8 @@ class Run:
         names = [str(g) for g in slot] if inherited is None else [inherited.split(",")[g] for g in slot]
         self.devices = None if name == SMOKE else names
         argv, extra = command(name, model, self.run_dir, overrides)
-        self.argv, self.env = argv, run_env(self.devices, os.path.join(a.out, "cache", f"{name}-{a.shape}"), extra)
+        self.argv, self.env = argv, run_env(self.devices, os.path.join(a.out, "cache", f"{a.shape}-gpu{slot[0] if slot else ''}"),
+                                        extra)
         self.status, self.wall, self.monitor, self.plan = None, 0.0, None, []
 
     def dry_run(self) -> subprocess.CompletedProcess:
