@@ -262,3 +262,21 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student
     for key in final:
         np.testing.assert_allclose(final[key], final_ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
+
+def on_server_command(config_path: str, server) -> list[str]:
+    """The command that runs config file `config_path` in a process of its own (its own JAX devices) on `server`, a
+    running server of this session, as the command line runs it but without a server of its own."""
+    boot = "import runpy, sys; sys.path.insert(0, sys.argv[1]); runpy.run_path(sys.argv[2], run_name='__main__')"
+    return [sys.executable, "-c", boot, REPO, os.path.abspath(__file__), config_path, server.model_dir, server.uds,
+            server.api_key]
+
+
+if __name__ == "__main__":
+    import runpy
+
+    from ctxd_jax.inference.server import VLLMServer
+
+    path, model_dir, uds, key = sys.argv[-4:]
+    shared = VLLMServer(model_dir, name="student+teacher", served_name="base", api_key=key)
+    shared.uds = uds  # another process's server: reached through its socket, not started here
+    run_in_process(resolve(runpy.run_path(path)["get_config"](), Gpus())[0], shared, like_cli=True)
