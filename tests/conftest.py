@@ -51,6 +51,14 @@ def vllm_server_factory(vllm_log_dir):
         s.stop()
 
 
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """The environment of the command-line runs that tests start: one JAX compilation cache for all of them in this
+    session, so that a resumed run, or another run of the same settings, loads what an earlier one compiled."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
 # An API key that begins with '-', as a random one does once in 64 runs: the server must start with it anyway.
 DASH_KEY = "-" + secrets.token_urlsafe(24)
 

