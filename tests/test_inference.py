@@ -223,8 +223,42 @@ def test_bad_request_names_server(client):
     assert "404" in str(e.value)
 
 
-def test_hung_then_killed_server_is_reported(vllm_server_factory, tiny_model_dir):
-    server = vllm_server_factory(tiny_model_dir, name="doomed")
+ORCHESTRATOR = """
+import sys, time
+from ctxd_jax.inference.server import VLLMServer
+s = VLLMServer(sys.argv[1], name="orphan", log_dir=sys.argv[2], cache_dir=sys.argv[3], cpu_core=1).start()
+print(s.pid, flush=True)
+s.wait_healthy(600)
+print("healthy", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def doomed_servers(vllm_server_factory, tiny_model_dir, vllm_log_dir):
+    """(server, orchestrator, its server's process group): two servers that their tests break, booting side by side
+    (start-up is most of those tests' time): "doomed", started here, and "orphan", started by the orchestrator, a
+    process of its own (ORCHESTRATOR) that prints its server's pid, then "healthy"."""
+    from conftest import VLLM_CACHE
+
+    server = vllm_server_factory(tiny_model_dir, name="doomed", wait=False, cpu_core=0)  # the orphan's is on core 1
+    orch = subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, tiny_model_dir, vllm_log_dir, VLLM_CACHE],
+                            stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        pgid = int(orch.stdout.readline())
+        yield server, orch, pgid
+    finally:
+        if orch.poll() is None:
+            orch.kill()
+            orch.wait()
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+
+
+def test_hung_then_killed_server_is_reported(doomed_servers):
+    server = doomed_servers[0].wait_healthy(600)
     # The watchdog's thresholds shortened for the test (a run waits 45 s of failed /health probes).
     client = Client.for_server(server, retries=2, backoff=0.1, probe_interval=0.5, unhealthy_after=2.0)
     assert run(client.health())
@@ -299,38 +333,14 @@ def test_endpoints_reach_only_this_user(student_teacher_server):
     assert other.returncode != 0 and "PermissionError" in other.stderr, (other.stdout, other.stderr)
 
 
-ORCHESTRATOR = """
-import sys, time
-from ctxd_jax.inference.server import VLLMServer
-s = VLLMServer(sys.argv[1], name="orphan", log_dir=sys.argv[2], cache_dir=sys.argv[3], cpu_core=1).start()
-print(s.pid, flush=True)
-s.wait_healthy(600)
-print("healthy", flush=True)
-time.sleep(600)
-"""
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL])
-def test_no_orphans_when_orchestrator_dies(sig, tiny_model_dir, vllm_log_dir, tmp_path):
+def test_no_orphans_when_orchestrator_dies(doomed_servers):
     """SIGKILL of the process that started a server: PR_SET_PDEATHSIG stops it, engine core and worker included."""
-    from conftest import VLLM_CACHE
-
-    orch = subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, tiny_model_dir, vllm_log_dir, VLLM_CACHE],
-                            stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    try:
-        pgid = int(orch.stdout.readline())
-        assert orch.stdout.readline().strip() == "healthy"
-        assert len(group_members(pgid)) >= 2  # API server + engine core
-        orch.send_signal(sig)
-        orch.wait(10)
-        deadline = time.monotonic() + 60
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert group_members(pgid) == []
-    finally:
-        if orch.poll() is None:
-            orch.kill()
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, UnboundLocalError):
-            pass
+    _, orch, pgid = doomed_servers
+    assert orch.stdout.readline().strip() == "healthy"
+    assert len(group_members(pgid)) >= 2  # API server + engine core
+    orch.send_signal(signal.SIGKILL)
+    orch.wait(10)
+    deadline = time.monotonic() + 60
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_members(pgid) == []
