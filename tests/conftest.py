@@ -66,13 +66,6 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
 DASH_KEY = "-" + secrets.token_urlsafe(24)
 
 
-NEEDS_SERVER = pytest.StashKey[bool]()
-
-
-def pytest_collection_modifyitems(config, items):
-    config.stash[NEEDS_SERVER] = any("student_teacher_server" in item.fixturenames for item in items)
-
-
 @pytest.fixture(scope="session")
 def booting_server(vllm_server_factory, tiny_model_dir):
     return vllm_server_factory(tiny_model_dir, name="student+teacher", lora_rank=8, dev_mode=True, api_key=DASH_KEY,
@@ -83,7 +76,7 @@ def booting_server(vllm_server_factory, tiny_model_dir):
 def boot_early(request):
     """When a selected test needs the session's server, it starts with the first test here: its start-up overlaps
     the tests before its first user (tests/test_cli.py's)."""
-    if request.config.stash.get(NEEDS_SERVER, False):
+    if any("student_teacher_server" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("booting_server")
 
 
