@@ -17,7 +17,7 @@ import shutil
 
 RESULTS = "results.json"
 # The arguments a resumed results.json must share with the command (they decide what a run measures).
-SETTINGS = ("steps", "prompts", "max_tokens", "eval_every", "eval_examples", "gpu")
+SETTINGS = ("steps", "prompts", "max_tokens", "eval_every", "eval_examples", "gpu", "model")
 
 
 def run_key(task: str, method: str, seed: int) -> str:
@@ -67,7 +67,7 @@ class Store:
         """Checks that an existing results.json was made with the same settings, records `args`, clears claims."""
         def check(results):
             old = results.get("args") or {}
-            differ = [k for k in SETTINGS if k in old and old[k] != args[k]]
+            differ = [k for k in SETTINGS if k in old and old[k] != args.get(k)]
             if differ:
                 raise SystemExit(f"error: --out: {self.path} was made with other settings "
                                  f"({', '.join(f'{k}={old[k]}' for k in differ)}); use another --out")

@@ -70,7 +70,7 @@ def test_task_references_are_measured_once(tmp_path):
 SECOND_TRAINER = """
 import json, sys
 sys.path.insert(0, "bench")
-from evidence import CompileCounter, use_compile_cache
+from evidence_worker import CompileCounter, use_compile_cache
 if sys.argv[2]:
     use_compile_cache(sys.argv[2])
 counter = CompileCounter()
