@@ -12,8 +12,12 @@ results.json in --out is the record (bench/evidence_store.py): each finished run
 copied to every --export folder, so a killed or timed-out command keeps its finished runs, and running the same
 command again skips them (runs that failed are retried). `--time_limit` stops the command in time to write the
 report: no worker starts a run it would not finish by then (judged by its longest run so far), and the workers still
-running at the limit are stopped (their runs are redone next time). Compiled steps are reused across runs: a JAX
-compilation cache in --out/cache, shared by the workers (the first run of a method compiles, later ones load).
+running at the limit are stopped (their runs are redone next time). A worker whose server dies starts a fresh one
+(at most MAX_RESTARTS times; the dead one's log is kept as logs/vllm-wN.crashK.log) and tries the run it was in once
+more, if that fits the time limit with the start-up; the failed try's row names the first error line of the server's
+log. `--redo=m1,m2` drops the stored runs of these methods first (e.g. after a fix that changes them). Compiled steps
+are reused across runs: a JAX compilation cache in --out/cache, shared by the workers (the first run of a method
+compiles, later ones load).
 
 Seconds: workers that share a GPU (or CPU cores) slow each other down, so "training seconds" compare methods within
 one command's table, not against other machines or other worker counts. Each row records its worker and GPU.
@@ -37,10 +41,12 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(BENCH), BENCH]
 
+from evidence_worker import CompileCounter, WorkerServer, use_compile_cache  # noqa: E402
 from evidence_store import Store, run_key  # noqa: E402
 
 # What each method changes in the demo config (configs/demo.py: adv_tau 1, teacher/student taus 0.1, topk_tau 1).
@@ -63,6 +69,7 @@ HELD_OUT = slice(-16, None)  # the eval split's last prompts: answers for forget
 MIN_SERVER_SHARE = 0.1
 SHARED_GPU_KV_GIB = 4
 REPORT_S = 30  # what --time_limit keeps back for the report and the export
+MAX_RESTARTS = 2  # a worker's server restarts after it died (vLLM crashes are rare; a server that keeps dying ends it)
 
 
 def server_share(c, workers: int) -> float:
@@ -84,7 +91,7 @@ def make_config(a, task: str, method: str, seed: int):
              "sampling.max_tokens": a.max_tokens, "output_dir": os.path.join(a.out, task, method, f"seed{seed}")}
     if a.gpus:
         sizes["inference.gpu_memory_utilization"] = server_share(c, a.workers)
-    c.update_from_flattened_dict({**SHARED, **sizes, **METHODS[method]})
+    c.update_from_flattened_dict({**SHARED, **sizes, **METHODS[method], "model.path": a.model})
     gpus = Gpus((0,), (0,), (0,), visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))) if a.gpus else Gpus()
     return resolve(c, gpus)[0]
 
@@ -132,43 +139,6 @@ def curve(config) -> list[dict]:
     return points
 
 
-
-
-def use_compile_cache(folder: str) -> None:
-    """JAX keeps every compiled executable in `folder` (before the first compile): a fresh trainer of the same shapes,
-    in this process or another, loads its steps instead of compiling them."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small steps are worth keeping too
-
-
-class CompileCounter:
-    """Counts XLA compilations (and loads from the compilation cache) through jax.monitoring's events."""
-
-    def __init__(self):
-        from jax import monitoring
-
-        self.counts = {"compiles": 0, "cache_hits": 0, "compile_s": 0.0}
-        monitoring.register_event_listener(self._event)
-        monitoring.register_event_duration_secs_listener(self._duration)
-
-    def _event(self, name: str, **_):
-        if name.endswith("/compilation_cache/cache_hits"):
-            self.counts["cache_hits"] += 1
-
-    def _duration(self, name: str, secs: float, **_):
-        if name.endswith("/compile/backend_compile_duration"):
-            self.counts["compiles"] += 1
-            self.counts["compile_s"] += secs
-
-    def since(self, before: dict) -> dict:
-        """Compilations since `before` (a copy of counts); a cache hit is counted as a load, not a compile."""
-        d = {k: self.counts[k] - before[k] for k in self.counts}
-        return {"compiles": d["compiles"] - d["cache_hits"], "cache_hits": d["cache_hits"],
-                "compile_s": round(d["compile_s"], 2)}
-
-
 def run_one(config, key: str, server, refs, counter: CompileCounter) -> dict:
     from ctxd_jax import loop
     from ctxd_jax.inference.deploy import STUDENT_ADAPTER, on_running_server
@@ -195,29 +165,32 @@ def run_list(a) -> list[tuple[str, str, int]]:
 
 
 def work(a) -> None:
-    """One worker: its server, then runs not yet done nor taken, until none is left or the deadline is near."""
+    """One worker: its server, then runs not yet done nor taken, until none is left or the deadline is near. A dead
+    server is restarted (at most MAX_RESTARTS times) and the run it failed is tried once more."""
     use_compile_cache(os.path.join(a.out, "cache", "jax"))
     counter = CompileCounter()
     from ctxd_jax.envs import get_env
     from ctxd_jax.inference.client import Client
     from ctxd_jax.inference.deploy import BASE_NAME
-    from ctxd_jax.inference.server import ServerGroup, VLLMServer
+    from ctxd_jax.inference.server import VLLMServer
     from transformers import AutoTokenizer
 
     store, tag = Store(a.out, tuple(a.export)), f"w{a.worker}"
     gpu = os.environ["CUDA_VISIBLE_DEVICES"] if a.gpus else None
     first = make_config(a, *run_list(a)[0])
     shared_gpu = ["--kv-cache-memory-bytes=%d" % (SHARED_GPU_KV_GIB << 30)] if a.gpus and a.workers > 1 else []
-    server = VLLMServer(first.model.path, name=tag, served_name=BASE_NAME, gpu_ids=None if gpu is None else (gpu,),
-                        cpu_core=None if a.gpus else a.worker % os.cpu_count(), lora_rank=first.lora.rank,
-                        max_loras=first.max_async_level + 2,
-                        gpu_memory_utilization=first.inference.gpu_memory_utilization,
-                        kv_cache_gib=first.inference.kv_cache_gb, max_model_len=first.seq_len + 2048,
-                        dtype=first.model.dtype, log_dir=os.path.join(a.out, "logs"), max_logprobs=first.loss.topk,
-                        cache_dir=os.path.join(a.out, "cache", tag), extra_args=shared_gpu)
+
+    def new_server():
+        return VLLMServer(first.model.path, name=tag, served_name=BASE_NAME, gpu_ids=None if gpu is None else (gpu,),
+                          cpu_core=None if a.gpus else a.worker % os.cpu_count(), lora_rank=first.lora.rank,
+                          max_loras=first.max_async_level + 2,
+                          gpu_memory_utilization=first.inference.gpu_memory_utilization,
+                          kv_cache_gib=first.inference.kv_cache_gb, max_model_len=first.seq_len + 2048,
+                          dtype=first.model.dtype, log_dir=os.path.join(a.out, "logs"), max_logprobs=first.loss.topk,
+                          cache_dir=os.path.join(a.out, "cache", tag), extra_args=shared_gpu)
     tokenizer = AutoTokenizer.from_pretrained(first.model.path)
 
-    def measure(task):
+    def measure(task, server):
         config = make_config(a, task, run_list(a)[0][1], 42)
 
         async def refs():
@@ -228,27 +201,45 @@ def work(a) -> None:
         print(f"{task}: student {out['student']['reward']:.3f} teacher {out['teacher']['reward']:.3f}", flush=True)
         return out
 
-    longest = 0.0
-    with ServerGroup([server], timeout=900) as group:
-        for task, method, seed in run_list(a):
+    def late(seconds: float) -> bool:
+        """Whether work of `seconds` started now would end after the deadline."""
+        if a.deadline and time.time() + seconds > a.deadline:
+            print(f"{tag}: stops before the time limit (it needs {seconds:.0f} s)", flush=True)
+            return True
+        return False
+
+    longest, todo, retried = 0.0, run_list(a), set()
+    with WorkerServer(new_server, MAX_RESTARTS, timeout=900) as ws:
+        while todo:
+            task, method, seed = todo.pop(0)
             key = run_key(task, method, seed)
-            if a.deadline and time.time() + longest > a.deadline:
-                print(f"{tag}: stops before the time limit ({longest:.0f} s a run)", flush=True)
+            if late(longest):
                 break
-            if key in store.done() or not store.claim(key):
+            if key not in retried and (key in store.done() or not store.claim(key)):
                 continue
-            t = time.perf_counter()
+            if not ws.server.alive():
+                if not ws.restarts_left:
+                    ws.server.check_alive()  # past its restarts, a dead server ends the worker
+                if late(ws.start_s + longest):
+                    break
+                crash = ws.restart()
+                print(f"{tag}: restarted its server ({ws.restarts_left} restarts left); the dead one's log: {crash}",
+                      flush=True)
+            t, since = time.perf_counter(), ws.log_size()
             row = {"task": task, "method": method, "seed": seed, "worker": tag, "gpu": gpu}
             try:
-                refs = store.task_refs(task, lambda: measure(task))
-                row.update(run_one(make_config(a, task, method, seed), key, server, refs, counter))
+                refs = store.task_refs(task, lambda: measure(task, ws.server))
+                row.update(run_one(make_config(a, task, method, seed), key, ws.server, refs, counter))
             except Exception as e:  # report and go on with the other runs
-                row["error"] = f"{type(e).__name__}: {e}"[:500]
+                traceback.print_exc()  # the whole story, in the worker's log
+                row["error"] = (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
+                row.update(ws.failure(since))
             longest = max(longest, time.perf_counter() - t)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
             store.add_run(row)
-            if "error" in row:
-                group.check_alive()  # a dead server ends the worker, not every run left
+            if "error" in row and not ws.server.alive() and key not in retried:
+                retried.add(key)  # the server's death may be what failed it: once more, on a fresh server
+                todo.insert(0, (task, method, seed))
 
 
 def worker_envs(a) -> list[dict]:
@@ -265,7 +256,10 @@ def worker_envs(a) -> list[dict]:
 def coordinate(a, argv: list[str]) -> None:
     """Starts the workers, waits for them (until --time_limit), then writes the report and exports it."""
     store = Store(a.out, tuple(a.export))
-    store.start({**vars(a), "gpu": bool(a.gpus)})
+    dropped = store.start({**vars(a), "gpu": bool(a.gpus)})
+    if a.redo:
+        print(f"--redo: dropped {dropped} stored runs of {', '.join(a.redo)}"
+              + ("" if dropped else " (none, or this command resumed: its redone runs are kept)"), flush=True)
     todo = [r for r in run_list(a) if run_key(*r) not in store.done()]
     deadline = time.time() + a.time_limit - REPORT_S if a.time_limit else 0
     envs = worker_envs(a)[:len(todo)]
@@ -329,6 +323,9 @@ def parse(argv):
     p.add_argument("--export", action="append", default=[], help="a folder that gets results.json after every run "
                    "and the report at the end (e.g. $OUT); may repeat")
     p.add_argument("--time_limit", type=float, default=0, help="seconds for the whole command (0: none)")
+    p.add_argument("--redo", default="", help="methods whose stored runs (every task and seed) are dropped first, "
+                   "to run them again, e.g. after a fix; running the same command again resumes (keeps them)")
+    p.add_argument("--model", help="model folder (default: the demo config's)")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -336,6 +333,12 @@ def parse(argv):
         if getattr(a, key) is None:
             setattr(a, key, value)
     a.out = os.path.abspath(a.out)
+    a.redo = [m for m in a.redo.split(",") if m]
+    if a.model is None:
+        from configs import demo, demo_gpu
+
+        a.model = (demo_gpu if a.gpus else demo).get_config().model.path
+    a.model = os.path.abspath(os.path.expanduser(a.model))  # as results.json records it
     a.export = [os.path.abspath(e) for e in a.export]
     return a
 
@@ -344,9 +347,13 @@ def check(a) -> None:
     """One line per bad flag, before anything starts."""
     from configs import demo_gpu
 
-    unknown = [m for m in a.methods.split(",") if m not in METHODS]
-    if unknown:
-        sys.exit(f"error: --methods: unknown {unknown} (known: {', '.join(METHODS)})")
+    for flag, methods in (("methods", a.methods.split(",")), ("redo", a.redo)):
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            sys.exit(f"error: --{flag}: unknown {unknown} (known: {', '.join(METHODS)})")
+    if set(a.redo) - set(a.methods.split(",")):
+        sys.exit(f"error: --redo: {sorted(set(a.redo) - set(a.methods.split(',')))} not in --methods (their runs "
+                 "would be dropped and not run again)")
     if a.workers < 1:
         sys.exit("error: --workers: at least 1")
     share = server_share(demo_gpu.get_config(), a.workers)

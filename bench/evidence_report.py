@@ -1,17 +1,20 @@
 """The table and plots of bench/evidence.py's results.json (run it alone to redraw, or to merge the files of several
 runs of the benchmark, e.g. one per task: `python bench/evidence_report.py OUT_DIR RESULTS.json [RESULTS.json ...]`).
 
-Per task and method (mean over seeds): the final eval reward; steps and training seconds (eval excluded) until the
-eval reward first reaches 90 % of the teacher's ('-' = not within budget); the share of the student-teacher gap
-closed at the budget; the change in mean log-likelihood per token of the base model's own answers (forgetting: < 0
-means the student moved away from what it used to say) and of the teacher's answers (fidelity: > 0 means closer to
-the teacher).
+A row per task (in the order results.json measured them) and method (in bench/evidence.py's METHODS order), the
+mean over its seeds: the final eval reward; steps and training seconds (eval excluded) until the eval reward first
+reaches 90 % of the teacher's ('-' = not within budget); the share of the student-teacher gap closed at the budget;
+the change in mean log-likelihood per token of the base model's own answers (forgetting: < 0 means the student moved
+away from what it used to say) and of the teacher's answers (fidelity: > 0 means closer to the teacher).
 """
 
 import json
 import os
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its siblings, however this module was imported
+from evidence import METHODS  # noqa: E402
 
 
 def eval_points(run: dict, student0: float) -> list[tuple[int, float, float, float]]:
@@ -25,14 +28,23 @@ def first_reaching(points, target: float):
     return next(((s, t) for s, t, _, r in points if r >= target), None)
 
 
+def method_order(methods) -> list[str]:
+    """METHODS order, then methods it does not know in the order given."""
+    methods = list(dict.fromkeys(methods))
+    return sorted(methods, key=lambda m: (list(METHODS).index(m) if m in METHODS else len(METHODS), methods.index(m)))
+
+
 def summarize(results: dict) -> list[dict]:
+    """A row per task and method, ordered by task (results["tasks"] order) then method (`method_order`), not by when
+    their runs finished."""
     cells = {}
     for run in results["runs"]:
         if "error" in run:
             continue
         cells.setdefault((run["task"], run["method"]), []).append(run)
+    tasks, methods = list(results["tasks"]), method_order(m for _, m in cells)
     rows = []
-    for (task, method), runs in cells.items():
+    for (task, method), runs in sorted(cells.items(), key=lambda c: (tasks.index(c[0][0]), methods.index(c[0][1]))):
         base = results["tasks"][task]
         s0, teacher = base["student"]["reward"], base["teacher"]["reward"]
         finals, hits, gaps = [], [], []
@@ -74,14 +86,15 @@ def plot(results: dict, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written, methods = [], method_order(r["method"] for r in results["runs"])  # a method's color in every plot
     for task, base in results["tasks"].items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        runs = [r for r in results["runs"] if r["task"] == task and "error" not in r]
-        for i, run in enumerate(sorted(runs, key=lambda r: r["method"])):
+        runs = sorted((r for r in results["runs"] if r["task"] == task and "error" not in r),
+                      key=lambda r: (methods.index(r["method"]), r["seed"]))
+        for i, run in enumerate(runs):
             pts = eval_points(run, base["student"]["reward"])
-            color = f"C{sorted({r['method'] for r in runs}).index(run['method'])}"
-            label = run["method"] if run["seed"] == min(r["seed"] for r in runs) else None
+            color = f"C{methods.index(run['method'])}"
+            label = run["method"] if i == 0 or runs[i - 1]["method"] != run["method"] else None  # once a method
             for ax, x in zip(axes, (0, 1)):
                 ax.plot([p[x] for p in pts], [p[3] for p in pts], "o-", color=color, label=label, alpha=0.8)
         for ax, xl in zip(axes, ("step", "training seconds (eval excluded)")):
@@ -113,7 +126,9 @@ def merge(paths) -> dict:
 def report(out_dir: str, *results_paths: str) -> str:
     results = merge(results_paths)
     text = table(summarize(results))
-    errors = [f"{r['task']}/{r['method']}/{r['seed']}: {r['error']}" for r in results["runs"] if "error" in r]
+    errors = [f"{r['task']}/{r['method']}/{r['seed']}: {r['error']}"
+              + (f" (server log: {r['server_error']})" if "server_error" in r else "")
+              for r in results["runs"] if "error" in r]
     plots = plot(results, out_dir)
     return "\n".join([text, *errors, *plots])
 

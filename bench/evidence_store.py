@@ -4,6 +4,7 @@ Every change is a read-modify-write under an exclusive lock (fcntl) and lands by
 sees half a file and a killed worker loses only the run it was in. After every change the file is also copied to the
 export folders (e.g. a lent machine's $OUT), so whatever stops the command, the finished runs come back. A run is done
 when results.json holds its row without an error; a rerun of the same command skips those and retries the rest.
+`redo` (bench/evidence.py --redo) drops every row of some methods, once: a resumed command that asks the same keeps them.
 Workers take runs through claim files (O_EXCL), which the coordinator clears before it starts them.
 """
 
@@ -17,7 +18,7 @@ import shutil
 
 RESULTS = "results.json"
 # The arguments a resumed results.json must share with the command (they decide what a run measures).
-SETTINGS = ("steps", "prompts", "max_tokens", "eval_every", "eval_examples", "gpu")
+SETTINGS = ("steps", "prompts", "max_tokens", "eval_every", "eval_examples", "gpu", "model")
 
 
 def run_key(task: str, method: str, seed: int) -> str:
@@ -63,18 +64,26 @@ class Store:
             self._write(results)
             return results
 
-    def start(self, args: dict) -> dict:
-        """Checks that an existing results.json was made with the same settings, records `args`, clears claims."""
+    def start(self, args: dict) -> int:
+        """Checks that an existing results.json was made with the same settings, records `args`, clears claims, and
+        drops the rows of the methods in args["redo"] (every task and seed) unless the command recorded before asked
+        for them too (it is this command, resumed: what it redid is kept). Returns the rows dropped."""
+        dropped = []
+
         def check(results):
             old = results.get("args") or {}
-            differ = [k for k in SETTINGS if k in old and old[k] != args[k]]
+            differ = [k for k in SETTINGS if k in old and old[k] != args.get(k)]
             if differ:
                 raise SystemExit(f"error: --out: {self.path} was made with other settings "
                                  f"({', '.join(f'{k}={old[k]}' for k in differ)}); use another --out")
+            redo = set(args.get("redo") or ()) - set(old.get("redo") or ())
+            dropped.extend(r for r in results["runs"] if r["method"] in redo)
+            results["runs"] = [r for r in results["runs"] if r["method"] not in redo]
             results["args"] = args
         shutil.rmtree(self.claims, ignore_errors=True)
         os.makedirs(self.claims)
-        return self.update(check)
+        self.update(check)
+        return len(dropped)
 
     def done(self) -> set[str]:
         return {run_key(r["task"], r["method"], r["seed"]) for r in self.read()["runs"] if "error" not in r}

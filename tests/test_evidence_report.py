@@ -4,10 +4,10 @@ here)."""
 from bench.evidence_report import summarize, table
 
 
-def run(method, evals, before=-2.0, after=-2.5):
+def run(method, evals, before=-2.0, after=-2.5, task="t", seed=42):
     curve = [{"step": i + 1, "seconds": 10.0 * (i + 1), "tokens": 64.0 * (i + 1), "eval": r, "reward": r}
              for i, r in enumerate(evals)]
-    return {"task": "t", "method": method, "seed": 42, "curve": curve, "base_answers_before": before,
+    return {"task": task, "method": method, "seed": seed, "curve": curve, "base_answers_before": before,
             "base_answers_after": after, "teacher_answers_before": -3.0, "teacher_answers_after": -2.0}
 
 
@@ -25,3 +25,14 @@ def test_reaching_90_percent_gap_and_loglik_changes():
     assert fast["tokens"] == 192.0
     text = table(list(rows.values()))
     assert "| t | slow | 1 | 0.20 → 0.60 | 0.40 | 0.50 | - | - |" in text
+
+
+def test_rows_follow_the_tasks_then_the_methods_order_not_completion_order():
+    base = {"student": {"reward": 0.2}, "teacher": {"reward": 0.6}}
+    finished = [("u", "hybrid_topk", 42), ("t", "rl", 43), ("u", "custom", 42), ("t", "trainer_teacher", 42),
+                ("u", "rl", 42), ("t", "distill", 42), ("t", "rl", 42), ("u", "distill", 42)]
+    results = {"tasks": {"t": base, "u": base}, "runs": [run(m, [0.3], task=t, seed=s) for t, m, s in finished]}
+    rows = summarize(results)
+    assert [(r["task"], r["method"], r["seeds"]) for r in rows] == [
+        ("t", "rl", 2), ("t", "distill", 1), ("t", "trainer_teacher", 1),
+        ("u", "rl", 1), ("u", "distill", 1), ("u", "hybrid_topk", 1), ("u", "custom", 1)]  # unknown methods last

@@ -58,6 +58,23 @@ def test_a_rerun_skips_done_runs_retries_failed_ones_and_keeps_its_settings(tmp_
         store.start(dict(ARGS, steps=20))
 
 
+def test_redo_drops_a_methods_runs_once_and_a_resumed_command_keeps_what_it_redid(tmp_path):
+    store = Store(str(tmp_path))
+    store.start(ARGS)
+    for method, seed in (("a", 42), ("b", 42), ("a", 43), ("b", 43)):
+        store.add_run({"task": "t", "method": method, "seed": seed, "wall_s": 1.0})
+    store.add_run({"task": "u", "method": "b", "seed": 42, "error": "boom"})
+    assert store.start(dict(ARGS, redo=["b"])) == 3  # every task and seed of b, failed tries too
+    assert store.done() == {"t-a-seed42", "t-a-seed43"}
+    store.add_run({"task": "t", "method": "b", "seed": 42, "wall_s": 2.0})  # redone
+    assert store.start(dict(ARGS, redo=["b"])) == 0  # the same command again resumes: the redone run stays
+    assert store.start(dict(ARGS, redo=["a", "b"])) == 2  # only a is new to this redo
+    assert store.done() == {"t-b-seed42"}
+    store.start(ARGS)
+    assert store.start(dict(ARGS, redo=["b"])) == 1  # a later command asks for b again: dropped again
+    assert store.read()["args"]["redo"] == ["b"]
+
+
 def test_task_references_are_measured_once(tmp_path):
     store, calls = Store(str(tmp_path)), []
     store.start(ARGS)
@@ -70,7 +87,7 @@ def test_task_references_are_measured_once(tmp_path):
 SECOND_TRAINER = """
 import json, sys
 sys.path.insert(0, "bench")
-from evidence import CompileCounter, use_compile_cache
+from evidence_worker import CompileCounter, use_compile_cache
 if sys.argv[2]:
     use_compile_cache(sys.argv[2])
 counter = CompileCounter()

