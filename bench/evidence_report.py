@@ -2,8 +2,9 @@
 runs of the benchmark, e.g. one per task: `python bench/evidence_report.py OUT_DIR RESULTS.json [RESULTS.json ...]`).
 
 A row per task (in the order results.json measured them) and method (in bench/evidence.py's METHODS order), the
-mean over its seeds: the final eval reward; steps and training seconds (eval excluded) until the eval reward first
-reaches 90 % of the teacher's ('-' = not within budget); the share of the student-teacher gap closed at the budget;
+mean over its seeds: the final eval reward (± its standard deviation over the seeds); steps and training seconds
+(eval excluded) until the eval reward first reaches 90 % of the teacher's ('-' = not within budget, with how many
+seeds reached it when some did); the share of the student-teacher gap closed at the budget;
 the change in mean log-likelihood per token of the base model's own answers (forgetting: < 0 means the student moved
 away from what it used to say) and of the teacher's answers (fidelity: > 0 means closer to the teacher).
 """
@@ -57,7 +58,8 @@ def summarize(results: dict) -> list[dict]:
         mean = statistics.fmean
         rows.append({
             "task": task, "method": method, "seeds": len(runs), "student": s0, "teacher": teacher,
-            "final": mean(finals), "gap_closed": mean(gaps),
+            "final": mean(finals), "final_sd": statistics.stdev(finals) if len(finals) > 1 else None,
+            "gap_closed": mean(gaps), "reached": len(reached),
             "to90_steps": mean(h[0] for h in reached) if len(reached) == len(runs) else None,
             "to90_s": mean(h[1] for h in reached) if len(reached) == len(runs) else None,
             "train_s": mean(run["curve"][-1]["seconds"] for run in runs),
@@ -72,37 +74,52 @@ def table(rows: list[dict]) -> str:
             "| train s | sampled tokens | Δ loglik base answers | Δ loglik teacher answers |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
-        to90 = ("-", "-") if r["to90_steps"] is None else (f"{r['to90_steps']:.0f}", f"{r['to90_s']:.0f}")
+        missed = f"- ({r['reached']}/{r['seeds']})" if r["reached"] else "-"
+        to90 = (missed, missed) if r["to90_steps"] is None else (f"{r['to90_steps']:.0f}", f"{r['to90_s']:.0f}")
+        final = f"{r['final']:.2f}" + ("" if r["final_sd"] is None else f" ± {r['final_sd']:.2f}")
         lines.append(f"| {r['task']} | {r['method']} | {r['seeds']} | {r['student']:.2f} → {r['teacher']:.2f} "
-                     f"| {r['final']:.2f} | {r['gap_closed']:.2f} | {to90[0]} | {to90[1]} | {r['train_s']:.0f} "
+                     f"| {final} | {r['gap_closed']:.2f} | {to90[0]} | {to90[1]} | {r['train_s']:.0f} "
                      f"| {r['tokens']:.0f} | {r['forget']:+.3f} | {r['fidelity']:+.3f} |")
     return "\n".join(lines)
 
 
+def mean_curve(runs: list[dict], student0: float) -> list[tuple]:
+    """Per eval step common to all `runs`: (step, mean seconds, mean sampled tokens, mean, min and max eval reward)
+    over the seeds."""
+    per_run = [{p[0]: p for p in eval_points(run, student0)} for run in runs]
+    steps = sorted(set.intersection(*(set(pts) for pts in per_run)))
+    return [(step, *(statistics.fmean(pts[step][k] for pts in per_run) for k in (1, 2, 3)),
+             min(pts[step][3] for pts in per_run), max(pts[step][3] for pts in per_run)) for step in steps]
+
+
 def plot(results: dict, out_dir: str) -> list[str]:
-    """One PNG per task: eval reward against steps and against training seconds, a line per method and seed."""
+    """One PNG per task: eval reward against steps, training seconds and sampled tokens; a line per method (the mean
+    over its seeds), its band from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written, methods = [], method_order(r["method"] for r in results["runs"])  # a method's color in every plot
+    xlabels = ("step", "training seconds (eval excluded)", "sampled tokens")
     for task, base in results["tasks"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        runs = sorted((r for r in results["runs"] if r["task"] == task and "error" not in r),
-                      key=lambda r: (methods.index(r["method"]), r["seed"]))
-        for i, run in enumerate(runs):
-            pts = eval_points(run, base["student"]["reward"])
-            color = f"C{methods.index(run['method'])}"
-            label = run["method"] if i == 0 or runs[i - 1]["method"] != run["method"] else None  # once a method
-            for ax, x in zip(axes, (0, 1)):
-                ax.plot([p[x] for p in pts], [p[3] for p in pts], "o-", color=color, label=label, alpha=0.8)
-        for ax, xl in zip(axes, ("step", "training seconds (eval excluded)")):
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
+        runs = [r for r in results["runs"] if r["task"] == task and "error" not in r]
+        for method in method_order(r["method"] for r in runs):
+            mine = [r for r in runs if r["method"] == method]
+            curve = mean_curve(mine, base["student"]["reward"])
+            color = f"C{methods.index(method)}"
+            for ax, x in zip(axes, (0, 1, 2)):
+                xs = [c[x] for c in curve]
+                ax.plot(xs, [c[3] for c in curve], "o-", ms=3, color=color, label=f"{method} ({len(mine)})")
+                ax.fill_between(xs, [c[4] for c in curve], [c[5] for c in curve], color=color, alpha=0.15, lw=0)
+        for ax, xl in zip(axes, xlabels):
             ax.axhline(base["teacher"]["reward"], color="k", ls="--", lw=1, label="teacher" if xl == "step" else None)
             ax.set_xlabel(xl)
         axes[0].set_ylabel("eval reward (held-out prompts)")
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{task}: student {base['student']['reward']:.2f}, teacher {base['teacher']['reward']:.2f}")
+        axes[0].legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+        fig.suptitle(f"{task}: student {base['student']['reward']:.2f}, teacher {base['teacher']['reward']:.2f} "
+                     "(mean over seeds; band: lowest to highest seed)")
         fig.tight_layout()
         path = os.path.join(out_dir, f"evidence_{task}.png")
         fig.savefig(path, dpi=90)

@@ -1,6 +1,8 @@
 """The report's arithmetic on a hand-made results.json (no servers: bench/evidence.py's measurement is not timed
 here)."""
 
+import statistics
+
 from bench.evidence_report import summarize, table
 
 
@@ -36,3 +38,16 @@ def test_rows_follow_the_tasks_then_the_methods_order_not_completion_order():
     assert [(r["task"], r["method"], r["seeds"]) for r in rows] == [
         ("t", "rl", 2), ("t", "distill", 1), ("t", "trainer_teacher", 1),
         ("u", "rl", 1), ("u", "distill", 1), ("u", "hybrid_topk", 1), ("u", "custom", 1)]  # unknown methods last
+
+
+def test_spread_over_seeds_partial_reach_and_mean_curves(tmp_path):
+    from bench.evidence_report import mean_curve, plot
+
+    base = {"student": {"reward": 0.2}, "teacher": {"reward": 0.6}}
+    results = {"tasks": {"t": base}, "runs": [run("m", [0.3, 0.6], seed=42), run("m", [0.3, 0.4], seed=43)]}
+    (row,) = summarize(results)
+    assert abs(row["final_sd"] - statistics.stdev([0.6, 0.4])) < 1e-9 and row["reached"] == 1
+    assert "| t | m | 2 | 0.20 → 0.60 | 0.50 ± 0.14 | 0.75 | - (1/2) | - (1/2) |" in table([row])
+    curve = mean_curve(results["runs"], 0.2)  # step 0 (the untrained student), then the two evals
+    assert [c[0] for c in curve] == [0, 1, 2] and curve[2][3:] == (0.5, 0.4, 0.6)
+    assert plot(results, str(tmp_path)) == [str(tmp_path / "evidence_t.png")] and (tmp_path / "evidence_t.png").exists()
