@@ -97,6 +97,25 @@ def test_default_and_demo_cpu_plans():
     assert "name: ahoy" in r.stdout and r.stderr == ""
 
 
+DRY_RUN_IMPORTS = """
+import runpy, sys
+sys.argv = ["ctxd_jax.train", "--config=configs/demo.py", "--dry_run"]
+try:
+    runpy.run_module("ctxd_jax.train", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+print(" ".join(sorted(m for m in ("jax", "torch", "transformers", "vllm") if m in sys.modules)) or "none")
+"""
+
+
+def test_dry_run_imports_no_jax():
+    # Checking a config (every refused start, every --dry_run) needs none of the heavy stacks: JAX alone would
+    # triple its time.
+    r = subprocess.run([sys.executable, "-c", DRY_RUN_IMPORTS], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "none", r.stdout
+
+
 def test_demo_gpu_plan_shares_one_gpu():
     # The README's GPU quickstart: one server (student adapter + teacher) and the trainer on GPU 0, shares within it.
     r = ok("--config=configs/demo_gpu.py", "--inference_gpu_ids=0", "--teacher_gpu_ids=0", "--trainer_gpu_ids=0")

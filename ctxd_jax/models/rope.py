@@ -4,13 +4,13 @@
 whose type sits under `type` or `rope_type`) and transformers 5 (everything in `rope_parameters`). It standardises
 them the way transformers does (and vLLM, which reads configs through transformers), computes the inverse
 frequencies once in numpy from these static values, and refuses any RoPE type or key it does not build, naming it.
-`rope_sin_cos` and `apply_rope` are the JAX side: the frequencies enter the compiled step as a constant.
+The JAX side (`rope_sin_cos`, `apply_rope`) is in models/transformer.py: this module stays free of JAX, so that the
+command line checks a config (and --dry_run prints it) without importing JAX, in a third of the time.
 """
 
 import dataclasses
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_THETA = 10000.0
@@ -145,25 +145,3 @@ def _yarn(p, theta, dim, max_pos):
 FREQUENCIES = {"default": lambda p, theta, dim, max_pos: (_default(theta, dim), 1.0), "linear": _linear,
                "dynamic": _dynamic, "llama3": _llama3, "yarn": _yarn}
 assert set(FREQUENCIES) == set(TYPE_KEYS)
-
-
-def rope_sin_cos(positions, rope: Rope):
-    """HF rotate_half convention: angles for dims i and i + hd/2 are equal. Returns float32 [B, T, hd] each."""
-    if rope.max_row is not None and positions.shape[-1] > rope.max_row:
-        raise ValueError(f"rope_type {rope.rope_type!r}: rows of {positions.shape[-1]} tokens are longer than "
-                         f"max_position_embeddings {rope.max_row}, past which transformers changes the frequencies "
-                         f"per batch")
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope.inv_freq, jnp.float32)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    sin, cos = jnp.sin(emb), jnp.cos(emb)
-    if rope.attention_scaling != 1.0:
-        sin, cos = sin * rope.attention_scaling, cos * rope.attention_scaling
-    return sin, cos
-
-
-def apply_rope(x, sin, cos):
-    """x [B, T, H, hd]; sin/cos [B, T, hd]."""
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)

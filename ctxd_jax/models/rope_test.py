@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ctxd_jax.models.config import ModelConfig
 from ctxd_jax.models.hf import load_model
 from ctxd_jax.models.hf_test import jax_logprobs, torch_logprobs
-from ctxd_jax.models.rope import rope_sin_cos
+from ctxd_jax.models.transformer import rope_sin_cos
 from ctxd_jax.score import score
 from ctxd_jax.score_test import SEQS
 from ctxd_jax.tiny import write_tokenizer

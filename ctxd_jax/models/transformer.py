@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ctxd_jax.models.attention import attention
 from ctxd_jax.models.config import ModelConfig
-from ctxd_jax.models.rope import apply_rope, rope_sin_cos
+from ctxd_jax.models.rope import Rope
 
 # Layer remat (the scan always keeps each layer's input). nothing_saveable: recompute the whole layer in the
 # backward, least memory. dots_with_no_batch_dims_saveable: keep the projection outputs (x @ W has no dot_general
@@ -28,6 +28,28 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_mlp": jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"),
 }
+
+
+def rope_sin_cos(positions, rope: Rope):
+    """HF rotate_half convention: angles for dims i and i + hd/2 are equal. Returns float32 [B, T, hd] each."""
+    if rope.max_row is not None and positions.shape[-1] > rope.max_row:
+        raise ValueError(f"rope_type {rope.rope_type!r}: rows of {positions.shape[-1]} tokens are longer than "
+                         f"max_position_embeddings {rope.max_row}, past which transformers changes the frequencies "
+                         f"per batch")
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope.inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    sin, cos = jnp.sin(emb), jnp.cos(emb)
+    if rope.attention_scaling != 1.0:
+        sin, cos = sin * rope.attention_scaling, cos * rope.attention_scaling
+    return sin, cos
+
+
+def apply_rope(x, sin, cos):
+    """x [B, T, H, hd]; sin/cos [B, T, hd]."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
