@@ -4,9 +4,9 @@ runs of the benchmark, e.g. one per task: `python bench/evidence_report.py OUT_D
 A row per task (in the order results.json measured them) and method (in bench/evidence.py's METHODS order), the
 mean over its seeds: the final eval reward (± its standard deviation over the seeds); steps and training seconds
 (eval excluded) until the eval reward first reaches 90 % of the teacher's ('-' = not within budget, with how many
-seeds reached it when some did); the share of the student-teacher gap closed at the budget;
-the change in mean log-likelihood per token of the base model's own answers (forgetting: < 0 means the student moved
-away from what it used to say) and of the teacher's answers (fidelity: > 0 means closer to the teacher).
+seeds reached it when some did); the share of the student-teacher gap closed at the budget; the change in mean
+log-likelihood per token of the base model's own answers (forgetting: < 0 means the student moved away from what it
+used to say) and of the teacher's answers (fidelity: > 0 means closer to the teacher).
 """
 
 import json
