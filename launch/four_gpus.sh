@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The loop on four GPUs of one host, in the reference's two layouts (separate ran on 4×H100: BENCHMARKS.md §4):
+# The loop on four GPUs of one host, in the reference's two layouts (both ran on 4×H100: BENCHMARKS.md §4):
 #   LAYOUT=separate (default): student server on GPU 0, teacher server on GPU 1, trainer mesh over GPUs 2,3.
 #   LAYOUT=shared: student server with dp=2 on GPUs 0,1, the teacher server also on GPU 1 (both servers take
 #     inference.gpu_memory_utilization of each of their GPUs, so 0.45 + 0.45 on GPU 1), trainer mesh over GPUs 2,3.
