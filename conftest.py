@@ -5,8 +5,9 @@ and whose LoRA adapters are the student. `vllm_server_factory(model_dir, **VLLMS
 stopped at the end of the session, and the session fails if any of their processes survives.
 
 Here at the repository's root, not in tests/, so that what the selected tests need starts with the session's first
-test (`boot_early`): the server's start-up, and the command-line runs that have their own servers (`background`),
-take about one core, and the unit tests before them leave about half of the other idle.
+test (`boot_early`): this server, and in a background thread the command-line runs and servers of their own that
+some tests check (`background`). Their start-up takes about one core for half a minute per server; the unit tests
+before them leave much of the other idle.
 """
 
 import concurrent.futures
@@ -79,9 +80,11 @@ def booting_server(vllm_server_factory, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def background():
-    """One worker thread for the command-line runs that tests check later (each starts its own server): they run one
-    after another from the session's first test, beside the tests before theirs; a test waits for its run's result.
-    At the end of the session, every run has ended (each ends its processes on any failure)."""
+    """One worker thread for what tests check later that starts its own servers (command-line runs, servers that
+    tests break): it runs one job after another from the session's first test, beside the tests before theirs; a
+    test waits for its job's result. The thread lives as long as the session: a server dies with the thread that
+    started it (PR_SET_PDEATHSIG). At the end of the session, every job has ended (each ends its processes on any
+    failure)."""
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background")
     yield pool
     pool.shutdown(wait=True, cancel_futures=True)  # a session cut short starts no queued run
@@ -102,9 +105,48 @@ def cli_preempted(background, tmp_path_factory, tiny_model_dir, cli_env):
                              tiny_model_dir, cli_env)
 
 
-# What starts with the session's first test when a selected test needs it, in this order (the runs in the order
-# their tests come).
-EARLY = ("booting_server", "cli_killed_and_resumed", "cli_preempted")
+@pytest.fixture(scope="session")
+def hosts_killed_and_resumed(background, tmp_path_factory, tiny_model_dir, cli_env):
+    from test_hosts import two_processes_killed_and_resumed
+
+    return background.submit(two_processes_killed_and_resumed, tmp_path_factory.mktemp("hosts"), tiny_model_dir,
+                             cli_env)
+
+
+@pytest.fixture(scope="session")
+def yarn_server(background, vllm_server_factory, tmp_path_factory):
+    """(model, merged export, its server's future): tests/test_export_vllm.py's yarn export, built here, and its
+    own server, started in `background`."""
+    from test_export_vllm import yarn_export
+
+    model, merged = yarn_export(str(tmp_path_factory.mktemp("yarn")))
+    return model, merged, background.submit(vllm_server_factory, merged, name="yarn")
+
+
+@pytest.fixture(scope="session")
+def doomed_servers(background, vllm_server_factory, tiny_model_dir, vllm_log_dir):
+    """The future of tests/test_inference.py's start_doomed (two servers that its tests break); what is left of
+    them ends with the session."""
+    from test_inference import end_doomed, start_doomed
+
+    started = background.submit(start_doomed, vllm_server_factory, tiny_model_dir, vllm_log_dir)
+    yield started
+    if not started.cancel() and not started.exception():  # cancel(): still queued, nothing started
+        end_doomed(*started.result()[1:])
+
+
+@pytest.fixture(scope="session")
+def broken_start(background, tmp_path_factory):
+    from test_inference import start_broken
+
+    return background.submit(start_broken, tmp_path_factory.mktemp("broken"))
+
+
+# What starts with the session's first test when a selected test needs it, in this order: the server the most tests
+# share, then the background's jobs: the command-line runs first (their servers end with them), then the servers
+# that wait for their tests. So at most four vLLM servers (~2.5 GB each) hold a model at once.
+EARLY = ("booting_server", "cli_killed_and_resumed", "cli_preempted", "hosts_killed_and_resumed", "yarn_server",
+         "doomed_servers", "broken_start")
 
 
 @pytest.fixture(scope="session", autouse=True)
