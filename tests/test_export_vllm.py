@@ -4,6 +4,7 @@ sampler precision. A long-context (yarn RoPE) checkpoint's merged export is read
 same model as ours."""
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -60,15 +61,23 @@ def test_vllm_serves_the_merged_export(student_teacher_server, tiny_model_dir, l
     np.testing.assert_allclose(restored, jax_logprobs(load_model(tiny_model_dir), PROBE), atol=ATOL)
 
 
-def test_vllm_and_transformers_read_a_yarn_export_as_ours(vllm_server_factory, tmp_path):
-    """Qwen's long-context RoPE (yarn, in transformers 5's rope_parameters): the merged export of a LoRA model."""
-    src = hf_checkpoint(str(tmp_path / "yarn"), *CASES["qwen3_yarn_tied"])
+def yarn_export(tmp: str):
+    """A Qwen3 checkpoint with Qwen's long-context RoPE (yarn, in transformers 5's rope_parameters), and the merged
+    export of a LoRA model on it: (the model, the export's folder)."""
+    src = hf_checkpoint(os.path.join(tmp, "yarn"), *CASES["qwen3_yarn_tied"])
     model = load_model(src, lora_rank=8, lora_alpha=16)
     randomise_lora(model, seed=7)
-    merged = save_merged(model, str(tmp_path / "merged"), src_dir=src)
+    return model, save_merged(model, os.path.join(tmp, "merged"), src_dir=src)
+
+
+def test_vllm_and_transformers_read_a_yarn_export_as_ours(yarn_server):
+    """The merged export of a LoRA model on a yarn checkpoint, served by its own server (conftest.py's
+    `yarn_server`, started with the session: start-up is most of this test's time)."""
+    model, merged, server = yarn_server
     want = jax_logprobs(model, LONG_PROBE)
     hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     np.testing.assert_allclose(torch_logprobs(hf, LONG_PROBE), want, atol=1e-4)
     assert np.max(np.abs(default_rope_logprobs(hf, LONG_PROBE) - want)) > 10 * ATOL  # the RoPE type matters
-    server = vllm_server_factory(merged, name="yarn")
+    server = server.result()
     np.testing.assert_allclose(_score(server, BASE, tokens=LONG_PROBE), want, atol=ATOL)
+    server.stop()  # its memory back for the tests after

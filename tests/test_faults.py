@@ -48,11 +48,19 @@ def _refused(path, *extra) -> str:
     return log.strip().splitlines()[-1]
 
 
-def test_preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir, cli_env):
+def test_preempt_refuse_resume_then_lose_the_server(cli_preempted):
     """One run folder through its faults (two server starts in all, to keep the suite short): SIGTERM mid-run
     checkpoints and exits 143 with the resume command; a second start without that flag, and a resume that changes
     the batch shape, are refused before anything starts; the resume continues from the checkpoint; its server,
-    killed mid-run, ends it with exit 1 and the server's log tail. No process outlives either run."""
+    killed mid-run, ends it with exit 1 and the server's log tail. No process outlives either run.
+    The runs (preempt_refuse_resume_then_lose_the_server) start with the session (conftest.py's `background`):
+    they mostly wait for their servers' start-up, which takes one core."""
+    seconds = cli_preempted.result()
+    print(f"killed server reported, run ended {seconds:.1f} s later")
+
+
+def preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir, cli_env) -> float:
+    """The test's runs and checks; returns how long the run took to end after its server was killed."""
     out = str(tmp_path / "run")
     path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_steps=50)
     proc = _cli(path, env=cli_env)
@@ -98,4 +106,4 @@ def test_preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir, cl
     assert re.match(r"error: vLLM server 'student' \(unix:.*\) exited with code -9\.\nLast lines of ", error)
     assert "vllm" in error.split("Last lines of", 1)[1]  # the log tail
     assert _servers(proc.pid) == [] and group_members(server) == []
-    print(f"killed server reported, run ended {seconds:.1f} s later")
+    return seconds

@@ -7,6 +7,7 @@ seeded per group, so it does not matter which server a group went to, and the tr
 way. Process 1 writes each adapter version from its own copy of the weights; its last one must equal process 0's.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,8 +38,8 @@ def _cli(config: str, *extra) -> list[str]:
     return [sys.executable, "-m", "ctxd_jax.train", f"--config={config}", *extra]
 
 
-@pytest.fixture
-def start():
+@contextlib.contextmanager
+def processes():
     """start(command, log, env) -> its process; any still running at the end is killed (the servers a CLI run
     started die with it)."""
     started = []
@@ -49,11 +50,19 @@ def start():
                                             start_new_session=True))
         return started[-1]
 
-    yield go
-    for p in started:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    try:
+        yield go
+    finally:
+        for p in started:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def start():
+    with processes() as go:
+        yield go
 
 
 def _two(start, config: str, tmp_path, base: dict, *extra) -> list[subprocess.Popen]:
@@ -94,44 +103,57 @@ def test_dry_run_shows_every_process_and_refuses_bad_variables():
                                                    "with several processes")
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model_dir, student_teacher_server, cli_env,
-                                                            start):
-    # The teacher is scored by the trainer and the behaviour log-probs under each version's snapshot, on the whole
-    # mesh, while the next batch is sampled (max_async_level 1): process 1 runs those calls as process 0 orders them.
-    settings = dict(max_steps=STEPS, max_async_level=1, batch_size=2, rollouts_per_example=2,
-                    teacher=dict(eval_baseline=False), eval=dict(interval=0),
-                    parity=dict(num_prompts=1, max_mismatch_kl=1e-3), log=dict(tensorboard=False))
-    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
-    # The one-process run (two devices) beside the two-process one, on the session's server: the servers' start-up
-    # is most of each run's time.
-    ref = start(on_server_command(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, **settings),
-                                  student_teacher_server), str(tmp_path / "ref.log"), _env(cli_env, 2))
-    # A fixed key: a random one starting with '-' is read by vLLM's argument parser as a flag (one start in 64).
-    config = config_file(str(tmp_path / "run.py"), tiny_model_dir, out, **settings,
-                         inference=dict(kv_cache_gb=1, port=free_port(), api_key="two"))
-    procs = _two(start, config, tmp_path, cli_env)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    deadline = time.monotonic() + 600
-    while procs[0].poll() is None and not os.path.isdir(os.path.join(ckpt_dir, "1")) and time.monotonic() < deadline:
-        time.sleep(0.2)  # orbax renames the step folder only once every process has written its part
-    assert procs[0].poll() is None, _log(tmp_path, "p0.log")
-    os.kill(procs[1].pid, signal.SIGKILL)
-    codes = _wait(procs, timeout=120)
-    # process 0 notices at once and ends the run (its peer can never join another collective)
-    assert codes[0] == EXIT_PEER_LOST and "process 1 (host " in _log(tmp_path, "p0.log"), _log(tmp_path, "p0.log")
-    ck = Checkpointer(ckpt_dir)
-    saved_step = ck.latest_step()
-    ck.close()
-    assert saved_step in (1, 2)
+# The teacher is scored by the trainer and the behaviour log-probs under each version's snapshot, on the whole mesh,
+# while the next batch is sampled (max_async_level 1): process 1 runs those calls as process 0 orders them.
+SETTINGS = dict(max_steps=STEPS, max_async_level=1, batch_size=2, rollouts_per_example=2,
+                teacher=dict(eval_baseline=False), eval=dict(interval=0),
+                parity=dict(num_prompts=1, max_mismatch_kl=1e-3), log=dict(tensorboard=False))
 
-    procs = _two(start, config, tmp_path, cli_env, "--config.ckpt.resume=True")
-    assert _wait([ref]) == [0], _log(tmp_path, "ref.log")
-    assert _wait(procs) == [0, 0], _log(tmp_path, "p0.log") + _log(tmp_path, "p1.log")
+
+def two_processes_killed_and_resumed(tmp_path, tiny_model_dir: str, cli_env: dict) -> str:
+    """The two-process CLI run of the test below: process 1 killed (SIGKILL) after the first checkpoint, both resumed
+    to the end. Started with the session (conftest.py's `background`): the servers' start-up is most of its time.
+    Returns the run's folder."""
+    out = str(tmp_path / "run")
+    # A fixed key: a random one starting with '-' is read by vLLM's argument parser as a flag (one start in 64).
+    config = config_file(str(tmp_path / "run.py"), tiny_model_dir, out, **SETTINGS,
+                         inference=dict(kv_cache_gb=1, port=free_port(), api_key="two"))
+    ckpt_dir = os.path.join(out, "checkpoints")
+    with processes() as start:
+        procs = _two(start, config, tmp_path, cli_env)
+        deadline = time.monotonic() + 600
+        while (procs[0].poll() is None and not os.path.isdir(os.path.join(ckpt_dir, "1"))
+               and time.monotonic() < deadline):
+            time.sleep(0.2)  # orbax renames the step folder only once every process has written its part
+        assert procs[0].poll() is None, _log(tmp_path, "p0.log")
+        os.kill(procs[1].pid, signal.SIGKILL)
+        codes = _wait(procs, timeout=120)
+        # process 0 notices at once and ends the run (its peer can never join another collective)
+        assert codes[0] == EXIT_PEER_LOST and "process 1 (host " in _log(tmp_path, "p0.log"), _log(tmp_path, "p0.log")
+        ck = Checkpointer(ckpt_dir)
+        saved_step = ck.latest_step()
+        ck.close()
+        assert saved_step in (1, 2)
+
+        procs = _two(start, config, tmp_path, cli_env, "--config.ckpt.resume=True")
+        assert _wait(procs) == [0, 0], _log(tmp_path, "p0.log") + _log(tmp_path, "p1.log")
     assert f"resumed from {ckpt_dir}/{saved_step}" in _log(tmp_path, "p0.log")
     served = _log(tmp_path, "p1.log").split("served ")[-1].split()[0]
     assert int(served) > 0  # process 1's server sampled some of the groups
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model_dir, student_teacher_server, cli_env,
+                                                            start, hosts_killed_and_resumed):
+    """The one-process run (two devices, on the session's server) against the two-process run, killed and resumed
+    (two_processes_killed_and_resumed, run from the session's start)."""
+    ref_out = str(tmp_path / "ref")
+    ref = start(on_server_command(config_file(str(tmp_path / "ref.py"), tiny_model_dir, ref_out, **SETTINGS),
+                                  student_teacher_server), str(tmp_path / "ref.log"), _env(cli_env, 2))
+    assert _wait([ref]) == [0], _log(tmp_path, "ref.log")
+    out = hosts_killed_and_resumed.result()
 
     rows, ref_rows = read_jsonl(os.path.join(out, "metrics.jsonl")), read_jsonl(os.path.join(ref_out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))

@@ -234,31 +234,35 @@ time.sleep(600)
 """
 
 
-@pytest.fixture(scope="module")
-def doomed_servers(vllm_server_factory, tiny_model_dir, vllm_log_dir):
-    """(server, orchestrator, its server's process group): two servers that their tests break, booting side by side
-    (start-up is most of those tests' time): "doomed", started here, and "orphan", started by the orchestrator, a
-    process of its own (ORCHESTRATOR) that prints its server's pid, then "healthy"."""
+def start_doomed(start, tiny_model_dir: str, log_dir: str):
+    """(server, orchestrator, its server's process group): two servers that their tests break, booting side by side:
+    "doomed", started by `start` (vllm_server_factory), and "orphan", started by the orchestrator, a process of its own
+    (ORCHESTRATOR) that prints its server's pid, then "healthy". Started with the session (conftest.py's
+    `doomed_servers`): start-up is most of those tests' time."""
     from conftest import VLLM_CACHE
 
-    server = vllm_server_factory(tiny_model_dir, name="doomed", wait=False, cpu_core=0)  # the orphan's is on core 1
-    orch = subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, tiny_model_dir, vllm_log_dir, VLLM_CACHE],
+    server = start(tiny_model_dir, name="doomed", wait=False, cpu_core=0)  # the orphan's is on core 1
+    orch = subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, tiny_model_dir, log_dir, VLLM_CACHE],
                             stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
-        pgid = int(orch.stdout.readline())
-        yield server, orch, pgid
-    finally:
-        if orch.poll() is None:
-            orch.kill()
-            orch.wait()
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, UnboundLocalError):
-            pass
+        return server, orch, int(orch.stdout.readline())
+    except BaseException:
+        end_doomed(orch)
+        raise
+
+
+def end_doomed(orch, pgid: int | None = None) -> None:
+    if orch.poll() is None:
+        orch.kill()
+        orch.wait()
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, TypeError):
+        pass
 
 
 def test_hung_then_killed_server_is_reported(doomed_servers):
-    server = doomed_servers[0].wait_healthy(600)
+    server = doomed_servers.result()[0].wait_healthy(600)
     # The watchdog's thresholds shortened for the test (a run waits 45 s of failed /health probes).
     client = Client.for_server(server, retries=2, backoff=0.1, probe_interval=0.5, unhealthy_after=2.0)
     assert run(client.health())
@@ -282,13 +286,20 @@ def test_hung_then_killed_server_is_reported(doomed_servers):
     assert group_members(server.pid) == []  # the engine core and worker went with it
 
 
-def test_startup_failure_shows_log(tmp_path):
+def start_broken(tmp_path) -> tuple[str, ServerError]:
+    """A server on a folder without a model: its start fails (vLLM's imports, one core's ~10 s, first). Started with
+    the session (conftest.py's `broken_start`); returns the folder and the error."""
     bad = tmp_path / "not-a-model"
     bad.mkdir()
     with pytest.raises(ServerError, match="'broken'.*exited with code") as e:
         with VLLMServer(str(bad), name="broken", log_dir=str(tmp_path)):
             pass
-    assert "Last lines of" in str(e.value) and str(bad) in str(e.value)
+    return str(bad), e.value
+
+
+def test_startup_failure_shows_log(broken_start):
+    bad, error = broken_start.result()
+    assert "Last lines of" in str(error) and bad in str(error)
 
 
 def _listening_tcp_ports(pid: int) -> list[int]:
@@ -335,7 +346,7 @@ def test_endpoints_reach_only_this_user(student_teacher_server):
 
 def test_no_orphans_when_orchestrator_dies(doomed_servers):
     """SIGKILL of the process that started a server: PR_SET_PDEATHSIG stops it, engine core and worker included."""
-    _, orch, pgid = doomed_servers
+    _, orch, pgid = doomed_servers.result()
     assert orch.stdout.readline().strip() == "healthy"
     assert len(group_members(pgid)) >= 2  # API server + engine core
     orch.send_signal(signal.SIGKILL)

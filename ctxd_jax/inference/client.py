@@ -172,13 +172,15 @@ class Client:
         requests in flight). Resolves `down` with the error once the process has exited or /health has failed for
         `unhealthy_after` seconds."""
         last_ok = time.monotonic()
-        async with self._http_client(1, timeout=PROBE_TIMEOUT_S) as probe:
+        # A probe need not wait past `unhealthy_after`: by then the server counts as hung whatever it answers.
+        wait = min(PROBE_TIMEOUT_S, self.unhealthy_after)
+        async with self._http_client(1, timeout=wait) as probe:
             while True:
                 await asyncio.sleep(self.probe_interval)
                 if (dead := self._dead_server()) is not None:
                     down.set_result(dead)
                     return
-                if await _healthy(probe):
+                if await _healthy(probe, wait):
                     last_ok = time.monotonic()
                 elif time.monotonic() - last_ok > self.unhealthy_after:
                     down.set_result(self._failure(f"did not answer GET /health for {self.unhealthy_after:.0f} s "
@@ -313,8 +315,8 @@ class Client:
             await self.request("POST", "/resume")
 
 
-async def _healthy(http: httpx.AsyncClient) -> bool:
+async def _healthy(http: httpx.AsyncClient, timeout: float = PROBE_TIMEOUT_S) -> bool:
     try:
-        return (await http.get("/health", timeout=PROBE_TIMEOUT_S)).status_code == 200
+        return (await http.get("/health", timeout=timeout)).status_code == 200
     except httpx.HTTPError:
         return False
