@@ -98,6 +98,13 @@ def cli_killed_and_resumed(background, tmp_path_factory, tiny_model_dir, cli_env
 
 
 @pytest.fixture(scope="session")
+def evidence_server_killed(background, tmp_path_factory, tiny_model_dir, cli_env):
+    from test_evidence import dead_server_restarted
+
+    return background.submit(dead_server_restarted, tmp_path_factory.mktemp("evidence"), tiny_model_dir, cli_env)
+
+
+@pytest.fixture(scope="session")
 def cli_preempted(background, tmp_path_factory, tiny_model_dir, cli_env):
     from test_faults import preempt_refuse_resume_then_lose_the_server
 
@@ -145,8 +152,8 @@ def broken_start(background, tmp_path_factory):
 # What starts with the session's first test when a selected test needs it, in this order: the server the most tests
 # share, then the background's jobs: the command-line runs first (their servers end with them), then the servers
 # that wait for their tests. So at most four vLLM servers (~2.5 GB each) hold a model at once.
-EARLY = ("booting_server", "cli_killed_and_resumed", "cli_preempted", "hosts_killed_and_resumed", "yarn_server",
-         "doomed_servers", "broken_start")
+EARLY = ("booting_server", "cli_killed_and_resumed", "evidence_server_killed", "cli_preempted",
+         "hosts_killed_and_resumed", "yarn_server", "doomed_servers", "broken_start")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -57,12 +57,10 @@ def test_redo_of_an_unknown_or_unrun_method_is_refused(tmp_path, flags, message)
     assert not os.path.exists(tmp_path / "ev")  # refused before anything starts
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_a_dead_server_is_restarted_and_its_run_done_in_the_same_command(tmp_path, tiny_model_dir, cli_env):
-    """One worker, one run (4 steps, evaluated each step, so every step needs the server). Its server is SIGKILLed
-    once the first step is logged: the failed try's row is printed, the worker starts a fresh server (a new process;
-    the dead one's log kept as vllm-w0.crash1.log), runs the same run again, and the command ends with it done."""
+def dead_server_restarted(tmp_path, tiny_model_dir: str, cli_env: dict):
+    """The command of the test below, its server killed after step 1; returns (its output, its --out, the killed and
+    the fresh server's pids). Started with the session (conftest.py's `background`): two server starts are most of
+    its time."""
     out = tmp_path / "ev"
     os.makedirs(out / "cache")
     os.symlink(VLLM_CACHE, out / "cache" / "w0")  # the test session's warm vLLM caches
@@ -87,6 +85,16 @@ def test_a_dead_server_is_restarted_and_its_run_done_in_the_same_command(tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     assert proc.returncode == 0 and killed and fresh, log[-5000:]
+    return log, out, killed, fresh
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_dead_server_is_restarted_and_its_run_done_in_the_same_command(evidence_server_killed):
+    """One worker, one run (4 steps, evaluated each step, so every step needs the server). Its server is SIGKILLed
+    once the first step is logged: the failed try's row is printed, the worker starts a fresh server (a new process;
+    the dead one's log kept as vllm-w0.crash1.log), runs the same run again, and the command ends with it done."""
+    log, out, killed, fresh = evidence_server_killed.result()
     rows = [json.loads(line) for line in log.splitlines() if line.startswith('{"task": "ahoy"')]
     assert len(rows) == 2 and "error" in rows[0] and "error" not in rows[1], log[-5000:]
     assert rows[0]["error"].startswith("ServerError: vLLM server 'w0' (unix:") and "exited with code -9" in \
