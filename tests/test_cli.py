@@ -165,11 +165,16 @@ def test_gpu_ids_index_an_inherited_cuda_visible_devices():
 def test_benchmark_layouts_pass_the_cli_validation():
     # bench/layouts.py dry-runs every layout through this CLI (launch/four_gpus.sh for the four-GPU ones), each on
     # the GPUs it would get: all must pass, memory shares included.
-    r = subprocess.run([sys.executable, "bench/layouts.py", "--dry_run", "--layouts=all", "--gpus=0,1,2,3"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "bench/layouts.py", "--dry_run", "--layouts=all", "--gpus=0,1,2,3,4,5,6,7"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "REFUSED" not in r.stdout, r.stdout + r.stderr
-    assert "-- mesh (CUDA_VISIBLE_DEVICES=0,1): ok" in r.stdout and "on GPUs 0,1 (dp=2, tp=1)" in r.stdout
+    # one (GPU 0) and split (1,2) come first in the same round, so mesh gets GPUs 3,4, which its ids 0,1 index
+    assert "-- mesh (CUDA_VISIBLE_DEVICES=3,4): ok" in r.stdout
+    assert "on GPUs 0,1 (CUDA_VISIBLE_DEVICES=3,4) (dp=2, tp=1)" in r.stdout
     assert "-- mesh4 (CUDA_VISIBLE_DEVICES=0,1,2,3): ok" in r.stdout and "on GPUs 0,1,2,3 (dp=4, tp=1)" in r.stdout
+    eight = "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7"
+    assert f"-- separate8 ({eight}): ok" in r.stdout and "[teacher] /tmp/qwen3-0.6b-random on GPUs 4,5 (dp=2" in r.stdout
+    assert f"-- mesh8 ({eight}): ok" in r.stdout and "JAX trainer on GPUs 0,1,2,3,4,5,6,7 (num_train_workers=8" in r.stdout
 
 
 def test_shared_gpu_over_its_memory_is_refused():
