@@ -154,10 +154,10 @@ class Monitor:
         index, used = table
         for gpu in self.gpus:
             self.gpu_peak[gpu] = max(self.gpu_peak.get(gpu, 0), used.get(gpu, 0))
-        live = set(tree)
+        # a pid once in the tree stays the run's: an engine core outlives its server by a moment when it shuts down
         for pid, uuid, mem in compute_apps():
             key = (pid, index.get(uuid, -1))
-            target = self.peak if pid in live else self.others
+            target = self.peak if pid in self.roles else self.others
             target[key] = max(target.get(key, 0), mem)
 
     def report(self) -> list[str]:
