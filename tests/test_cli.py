@@ -173,8 +173,10 @@ def test_benchmark_layouts_pass_the_cli_validation():
     assert "on GPUs 0,1 (CUDA_VISIBLE_DEVICES=3,4) (dp=2, tp=1)" in r.stdout
     assert "-- mesh4 (CUDA_VISIBLE_DEVICES=0,1,2,3): ok" in r.stdout and "on GPUs 0,1,2,3 (dp=4, tp=1)" in r.stdout
     eight = "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7"
-    assert f"-- separate8 ({eight}): ok" in r.stdout and "[teacher] /tmp/qwen3-0.6b-random on GPUs 4,5 (dp=2" in r.stdout
-    assert f"-- mesh8 ({eight}): ok" in r.stdout and "JAX trainer on GPUs 0,1,2,3,4,5,6,7 (num_train_workers=8" in r.stdout
+    assert f"-- separate8 ({eight}): ok" in r.stdout
+    assert "[teacher] /tmp/qwen3-0.6b-random on GPUs 4,5 (dp=2" in r.stdout
+    assert f"-- mesh8 ({eight}): ok" in r.stdout
+    assert "JAX trainer on GPUs 0,1,2,3,4,5,6,7 (num_train_workers=8" in r.stdout
 
 
 def test_shared_gpu_over_its_memory_is_refused():
