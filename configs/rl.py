@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
         # Shard the frozen base weights over the data-parallel GPUs too (FSDP: least memory). False replicates them,
         # so only the LoRA gradients cross GPUs: faster where the base model fits on each trainer GPU.
         shard_weights=False,
+        # CUDA MPS where a server shares the trainer's one GPU, so the GPU runs both processes' kernels side by side
+        # instead of taking turns: auto (where the machine allows it; else one line says so), on (required), off.
+        mps="auto",
     )
 
     c.inference = dict(

@@ -26,6 +26,7 @@ REMAT_POLICIES = ("nothing_saveable", "save_attention", "save_mlp", "dots_with_n
 TEACHER_SCORERS = ("auto", "trainer", "vllm")
 LOGPROB_SOURCES = ("vllm", "trainer")  # sampling.logprobs
 TRANSPORTS = ("uds", "tcp")
+MPS_MODES = ("auto", "on", "off")  # trainer.mps
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _positive(config, "trainer.chunk_size")
     _require(config.trainer.attn_impl in ATTN_IMPLS, "trainer.attn_impl",
              f"{config.trainer.attn_impl!r} is not one of {ATTN_IMPLS}")
+    _require(config.trainer.mps in MPS_MODES, "trainer.mps", f"{config.trainer.mps!r} is not one of {MPS_MODES}")
     _require(config.trainer.remat_policy in REMAT_POLICIES, "trainer.remat_policy",
              f"{config.trainer.remat_policy!r} is not one of {REMAT_POLICIES}")
     for field in ("inference.gpu_memory_utilization", "trainer.gpu_memory_fraction"):

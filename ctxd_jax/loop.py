@@ -12,6 +12,7 @@ current step and saves a checkpoint. Servers stop on every path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
@@ -33,11 +34,13 @@ from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, evaluate
 from ctxd_jax import rundir
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
+from ctxd_jax.inference import mps
 from ctxd_jax.inference.handoff import Publisher
 from ctxd_jax.packing import pack
 from ctxd_jax.pipeline import RolloutPipeline
 from ctxd_jax.scoring import behaviour_logprobs, score_teacher_in_trainer
 from ctxd_jax.records import Rollout
+from ctxd_jax.timeline import Timeline
 from ctxd_jax.trainer import LOSS_KEYS, OptimConfig, StepConfig, Trainer, mismatch_kl
 
 
@@ -65,15 +68,17 @@ def run(config, plan, stop: threading.Event, lead=None) -> None:
     part of a run over several processes (ctxd_jax/multihost.py)."""
     out = rundir.run_path(config)
     os.makedirs(out, exist_ok=True)
-    deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
-    try:
-        trainer, tokenizer = start(config, plan, deployment)
-        checkpointer = rundir.checkpointer
-        if lead is not None:
-            deployment, trainer, checkpointer = lead.attach(deployment, trainer)
-        asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop, checkpointer))
-    finally:
-        deployment.group.stop()
+    shared_gpu = mps.wanted(config.trainer.mps, plan)
+    with mps.daemon(required=config.trainer.mps == "on") if shared_gpu else contextlib.nullcontext():
+        deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
+        try:
+            trainer, tokenizer = start(config, plan, deployment)
+            checkpointer = rundir.checkpointer
+            if lead is not None:
+                deployment, trainer, checkpointer = lead.attach(deployment, trainer)
+            asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop, checkpointer))
+        finally:
+            deployment.group.stop()
 
 
 def start(config, plan, deployment) -> tuple[Trainer, object]:
@@ -148,10 +153,11 @@ class Run:
     device: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one trainer call at a time
     min_rows: int = 0  # packed rows of the largest batch so far (fewer recompiles without micro-batches)
     snapshots: dict = dataclasses.field(default_factory=dict)  # version -> LoRA state (sampling.logprobs='trainer')
+    timeline: Timeline = dataclasses.field(default_factory=Timeline)  # the server's and the trainer's busy periods
 
     async def on_device(self, fn, *args):
         def locked():
-            with self.device:
+            with self.device, self.timeline.span("trainer"):
                 return fn(*args)
 
         return await asyncio.to_thread(locked)
@@ -234,7 +240,8 @@ async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> No
         async with asyncio.TaskGroup() as tg:
             trainer_side = run.trainer_teacher or config.sampling.logprobs == "trainer"
             hook = functools.partial(_after_sampling, run) if trainer_side else None
-            pipe = RolloutPipeline(run.src, key, tg, async_level=k, model=run.publisher.model, after_sampling=hook)
+            pipe = RolloutPipeline(run.src, key, tg, async_level=k, model=run.publisher.model, after_sampling=hook,
+                                   timeline=run.timeline)
             await pipe.publish(state.step)
             for i, batch in enumerate(state.pending):
                 pipe.start(state.step + i, sampled=[Rollout(**r) for r in batch])
@@ -245,7 +252,9 @@ async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> No
                     m = await _step(run, pipe, state)
                     if config.eval.interval and state.step % config.eval.interval == 0 and run.eval_examples:
                         m.update(await _evaluate(run, state.step))
-                    m["time/step"] = time.perf_counter() - m.pop("_t0")
+                    t0 = m.pop("_t0")
+                    m["time/step"] = time.perf_counter() - t0
+                    m.update(run.timeline.busy(t0, t0 + m["time/step"]))
                     samples = m.pop("_samples")
                     logger.log(state.step, m, samples=samples)
                     done = state.step >= config.max_steps or stop.is_set()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ctxd_jax import orchestrator as orch
 from ctxd_jax.envs import Example
 from ctxd_jax.records import Rollout
+from ctxd_jax.timeline import Timeline
 
 # After sampling, before the batch is handed over: trainer-side work on the whole batch (teacher scores and/or
 # behaviour log-probs computed by the trainer), given the batch's examples, rollouts and policy version; returns
@@ -39,8 +40,10 @@ class RolloutPipeline:
     """Produces the batches of steps on demand: `start(s)` schedules batch s, `take(s)` awaits and hands it over."""
 
     def __init__(self, src: orch.Sources, rng_key, tg: asyncio.TaskGroup, *, async_level: int,
-                 model: Callable[[int], str], after_sampling: BatchHook | None = None):
+                 model: Callable[[int], str], after_sampling: BatchHook | None = None,
+                 timeline: Timeline | None = None):
         self.src, self.rng_key, self.tg = src, rng_key, tg
+        self.timeline = timeline or Timeline()
         self.async_level, self.model, self.after_sampling = async_level, model, after_sampling
         self.published = -1
         self._version_changed = asyncio.Condition()
@@ -100,9 +103,10 @@ class RolloutPipeline:
                 await self._version_changed.wait_for(lambda: self.published >= version)
             t0 = time.perf_counter()
             seeds = orch.group_seeds(self.rng_key, step, len(examples))
-            async with asyncio.TaskGroup() as groups:
-                tasks = [groups.create_task(self._group(g, ex, seed, version, scored_by_vllm, times, t0))
-                         for g, (ex, seed) in enumerate(zip(examples, seeds))]
+            with self.timeline.span("server"):
+                async with asyncio.TaskGroup() as groups:
+                    tasks = [groups.create_task(self._group(g, ex, seed, version, scored_by_vllm, times, t0))
+                             for g, (ex, seed) in enumerate(zip(examples, seeds))]
             rollouts = [r for t in tasks for r in t.result()]
             times["time/rollouts"] = time.perf_counter() - t0
         else:  # sampled and verified before a checkpoint; teacher scores are recomputed
