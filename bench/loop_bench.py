@@ -44,6 +44,9 @@ VARIANTS = {
     "merged": {"weights.mode": "merged", "sampling.logprobs": "trainer"},
     "micro8": {"trainer.micro_batch_rows": 8},
     "topk_micro8": {"loss.topk_tau": 1.0, "trainer.micro_batch_rows": 8},
+    # Two batches in flight: the server always has a queue while the trainer scores and trains.
+    "async2": {"max_async_level": 2},
+    "topk_async2": {"loss.topk_tau": 1.0, "max_async_level": 2},
 }
 SHARED = {"rollouts_per_example": 16, "teacher.eval_baseline": False, "eval.interval": 0, "ckpt.interval": 0,
           "log.tensorboard": False, "parity.num_prompts": 4, "ckpt.overwrite": True}
@@ -118,6 +121,8 @@ def main():
         a.model = a.model or write_tiny_checkpoint(os.path.join(a.out, "tiny"), "qwen3_tied")
     a.model = a.model or write_random_checkpoint(a.shape, f"/tmp/qwen3-{a.shape}-random")
     first = make_config(a, a.out, VARIANTS[a.variants.split(",")[0]])
+    # The server holds every version a variant samples ahead with, plus the current one and the probe's.
+    ahead = max(VARIANTS[n].get("max_async_level", first.max_async_level) for n in a.variants.split(","))
 
     def make_server(merged: bool) -> VLLMServer:
         # Merged mode reloads the base weights, which vLLM 0.26 cannot do into LoRA-wrapped layers (HTTP 500:
@@ -125,7 +130,7 @@ def main():
         return VLLMServer(a.model, name="merged" if merged else "student+teacher", served_name=BASE_NAME,
                           gpu_ids=None if a.cpu else server_gpus, dp=len(server_gpus),
                           lora_rank=0 if merged else first.lora.rank,
-                          max_loras=first.max_async_level + 2, dev_mode=merged,
+                          max_loras=ahead + 2, dev_mode=merged,
                           gpu_memory_utilization=server_share, kv_cache_gib=2,
                           max_model_len=max_model_len(first, a.model), dtype=first.model.dtype, log_dir=a.out)
 
