@@ -11,6 +11,7 @@ import torch
 from flax import nnx
 
 from configs import rl
+from ctxd_jax.export import export
 from ctxd_jax.loop import _load_trainer
 from ctxd_jax.models.hf_test import randomise_lora, torch_logprobs
 from ctxd_jax.rundir import checkpointer
@@ -67,7 +68,7 @@ def test_adapter_export_is_the_trainers_model(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir, base, want = run
-    out = _export(run_dir, str(tmp_path / "adapter"))
+    out = export(run_dir, str(tmp_path / "adapter"))  # in-process: the command line is the merged test's
     _check(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out), want)
 
 
