@@ -43,10 +43,10 @@ def restore_model(run_dir: str, step: int | None = None):
         lora = nnx.state(model, nnx.LoRAParam)
         # Only the LoRA arrays, restored onto this process's devices whatever the mesh that saved them.
         target = {"lora": jax_abstract(nnx.to_pure_dict(lora))}
+        restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                         restore_args=ocp.checkpoint_utils.construct_restore_args(target))
         try:
-            arrays = ckpt._manager.restore(step, args=ocp.args.Composite(
-                arrays=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                              restore_args=ocp.checkpoint_utils.construct_restore_args(target))))["arrays"]
+            arrays = ckpt._manager.restore(step, args=ocp.args.Composite(arrays=restore))["arrays"]
         except Exception as e:  # orbax raises many types; name the folder and the step
             raise CheckpointError(f"{folder}/{step}: cannot restore the LoRA ({type(e).__name__}: {e})") from e
         nnx.replace_by_pure_dict(lora, arrays["lora"])
