@@ -47,16 +47,9 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(BENCH), BENCH]
 
 from evidence_worker import CompileCounter, WorkerServer, use_compile_cache  # noqa: E402
+from evidence_methods import METHODS  # noqa: E402
 from evidence_store import Store, run_key  # noqa: E402
 
-# What each method changes in the demo config (configs/demo.py: adv_tau 1, teacher/student taus 0.1, topk_tau 1).
-METHODS = {
-    "rl": {"loss.teacher_tau": 0.0, "loss.student_tau": 0.0, "loss.topk_tau": 0.0},
-    "distill": {"loss.adv_tau": 0.0, "loss.topk_tau": 0.0, "buffer.skip_verification": True},
-    "hybrid": {"loss.topk_tau": 0.0},
-    "hybrid_topk": {"loss.topk_tau": 1.0},
-    "trainer_teacher": {"loss.topk_tau": 1.0, "teacher.scorer": "trainer"},
-}
 SHARED = {"teacher.eval_baseline": False, "ckpt.interval": 0, "ckpt.resume": False, "log.tensorboard": False,
           "parity.num_prompts": 2}
 # Sizes by machine (a flag given on the command line wins): CPU keeps the demo's step (~16 s on 2 idle cores).

@@ -1,7 +1,7 @@
 """The table and plots of bench/evidence.py's results.json (run it alone to redraw, or to merge the files of several
 runs of the benchmark, e.g. one per task: `python bench/evidence_report.py OUT_DIR RESULTS.json [RESULTS.json ...]`).
 
-A row per task (in the order results.json measured them) and method (in bench/evidence.py's METHODS order), the
+A row per task (in the order results.json measured them) and method (in bench/evidence_methods.py's METHODS order), the
 mean over its seeds: the final eval reward (± its standard deviation over the seeds); steps and training seconds
 (eval excluded) until the eval reward first reaches 90 % of the teacher's ('-' = not within budget, with how many
 seeds reached it when some did); the share of the student-teacher gap closed at the budget; the change in mean
@@ -15,7 +15,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its siblings, however this module was imported
-from evidence import METHODS  # noqa: E402
+from evidence_methods import METHODS  # noqa: E402
 
 
 def eval_points(run: dict, student0: float) -> list[tuple[int, float, float, float]]:

@@ -2,7 +2,7 @@
 
 One vLLM server (student adapters + the base model) and the JAX trainer, in one of LAYOUTS: the server on GPU 0 and
 the trainer on GPU 1 (`split`), both on GPU 0 (`shared`), or both over GPUs 0,1 (`mesh`: the server's two engines,
-dp=2, and the trainer's mesh; the two-GPU layout the README recommends). First the sampling rates of one
+dp=2, and the trainer's mesh; the two-GPU layout docs/layouts.md recommends). First the sampling rates of one
 step's batch (the floor: the base model without log-probs; then the adapter, with and without log-probs), then a few
 steps of each variant through the loop itself, then the tables: per-phase medians (steps 2+), each variant's step
 time over the floor by the mean and by the median (steps on one GPU alternate short and long, so the median alone

@@ -121,7 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A run folder (output_dir) that holds a run is never reused silently: resume=True continues it (from its latest
     # checkpoint, refusing a config that changes what the saved state depends on); overwrite=True deletes it first.
     c.ckpt = dict(interval=50, resume=False, overwrite=False, keep=2)
-    c.log = dict(tensorboard=True, wandb="")  # wandb: project name, '' = off
+    # wandb: W&B project name, '' = off (pip install '.[wandb]'); wandb_entity: its team or user, '' = W&B's default;
+    # run_name: the W&B run's display name, '' = W&B's random one. A resumed run continues the same W&B run.
+    c.log = dict(tensorboard=True, wandb="", wandb_entity="", run_name="")
 
     c.lock()
     return c

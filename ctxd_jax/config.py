@@ -177,6 +177,9 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
 
 def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list[str]:
     loss, out = config.loss, []
+    for field in ("wandb_entity", "run_name"):
+        if config.log[field] and not config.log.wandb:
+            out.append(f"log.{field}: no effect without log.wandb (the W&B project)")
     if config.advantage.kl_only_incorrect and loss.teacher_tau == 0 and loss.student_tau == 0:
         out.append("advantage.kl_only_incorrect: no effect, teacher_tau and student_tau are 0 (no KL terms to gate)")
     if config.buffer.skip_verification and loss.adv_tau > 0:

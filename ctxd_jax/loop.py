@@ -218,6 +218,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
             metrics_lib.write_json(out, "eval_baseline.json", baseline)
         logger = metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
                                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
+                                           wandb_entity=config.log.wandb_entity, run_name=config.log.run_name,
                                            run_config=config.to_dict())
         await _train(run, state, logger, stop)
     finally:

@@ -9,11 +9,13 @@ import json
 import math
 import os
 import sys
+import uuid
 from typing import Mapping
 
 CONSOLE_KEYS = (("reward/mean", "reward"), ("teacher_kl", "teacher_kl"), ("mismatch_kl", "mismatch_kl"),
                 ("loss", "loss"), ("grad_norm", "grad_norm"), ("time/step", "s"))
 PLOTS = (("reward/mean", "task reward", "reward.png"), ("teacher_kl", "teacher KL (per token)", "teacher_kl.png"))
+WANDB_ID = "wandb_id.txt"  # the W&B run id of the run in this folder
 
 
 def _scalar(value) -> float | None:
@@ -76,7 +78,8 @@ class MetricsLogger:
     so that metrics.jsonl holds each step once."""
 
     def __init__(self, output_dir: str, *, total_steps: int, start_step: int = 0, tensorboard: bool = True,
-                 wandb_project: str = "", run_config: Mapping | None = None, progress: bool = True):
+                 wandb_project: str = "", wandb_entity: str = "", run_name: str = "",
+                 run_config: Mapping | None = None, progress: bool = True):
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir, self.total_steps = output_dir, total_steps
         self.path = os.path.join(output_dir, "metrics.jsonl")
@@ -94,8 +97,10 @@ class MetricsLogger:
             except ImportError:
                 print("warning: log.wandb is set but wandb is not installed; W&B logging is off", file=sys.stderr)
             else:
-                self._wandb = wandb.init(project=wandb_project, config=dict(run_config or {}), resume="allow",
-                                         dir=output_dir)
+                # The run's W&B id lives in its folder: a resumed run continues the same W&B run.
+                self._wandb = wandb.init(project=wandb_project, entity=wandb_entity or None, name=run_name or None,
+                                         id=_wandb_id(output_dir),
+                                         config=dict(run_config or {}), resume="allow", dir=output_dir)
         self._bar = None
         if progress:
             from tqdm import tqdm
@@ -139,6 +144,16 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _wandb_id(output_dir: str) -> str:
+    """The id in `output_dir`/WANDB_ID, written there (random) by the run's first start."""
+    path = os.path.join(output_dir, WANDB_ID)
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(uuid.uuid4().hex)
+    with open(path) as f:
+        return f.read().strip()
 
 
 def plot(output_dir: str, *, baseline: Mapping[str, Mapping[str, float]] | None = None) -> list[str]:

@@ -1,6 +1,8 @@
 import os
 
-from ctxd_jax.metrics import MetricsLogger, console_line, plot, read_json, read_jsonl, write_json
+import pytest
+
+from ctxd_jax.metrics import WANDB_ID, MetricsLogger, console_line, plot, read_json, read_jsonl, write_json
 
 
 def test_jsonl_tensorboard_and_plots(tmp_path, capsys):
@@ -40,3 +42,28 @@ def test_resume_drops_later_rows_and_torn_line(tmp_path):
 
 def test_console_line_skips_missing():
     assert console_line(1, 2, {"loss": 1.0, "time/step": 2.345}) == "step 1/2 | loss 1.000 | 2.3s"
+
+
+def test_wandb_run_is_named_logs_config_and_continues_on_resume(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = str(tmp_path)
+    kwargs = dict(tensorboard=False, progress=False, wandb_project="ctxd-test", wandb_entity="someone",
+                  run_name="first-try", run_config={"lora": {"rank": 4}, "seed": 3})
+    log = MetricsLogger(out, total_steps=4, **kwargs)
+    first = log._wandb.id
+    assert log._wandb.name == "first-try" and log._wandb.config["lora"] == {"rank": 4}
+    log.log(1, {"loss": 0.5})
+    log.close()
+    with open(os.path.join(out, WANDB_ID)) as f:
+        assert f.read() == first
+    log = MetricsLogger(out, total_steps=4, start_step=1, **kwargs)  # the resumed run
+    assert log._wandb.id == first
+    log.log(2, {"loss": 0.25})
+    log.close()
+    assert wandb.run is None
+    # A second run (another folder) gets its own W&B run.
+    other = MetricsLogger(str(tmp_path / "other"), total_steps=1, **kwargs)
+    assert other._wandb.id != first
+    other.close()

@@ -16,14 +16,14 @@ import shutil
 
 from ctxd_jax.config import ConfigError
 from ctxd_jax.hosts import PROCESS_DIR
-from ctxd_jax.metrics import PLOTS, read_jsonl
+from ctxd_jax.metrics import PLOTS, WANDB_ID, read_jsonl
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 EVAL_BASELINE = "eval_baseline.json"
 # Everything a run writes into its folder: what ckpt.overwrite deletes (and nothing else there).
 RUN_ENTRIES = (CHECKPOINTS, "weights", "logs", "tensorboard", METRICS, "samples.jsonl", EVAL_BASELINE,
-               *(name for _, _, name in PLOTS))
+               *(name for _, _, name in PLOTS), WANDB_ID, "wandb")
 # What the saved state depends on: the LoRA and optimizer arrays (model, lora), the data stream and the position in
 # it (env, seed, batch_size, rollouts_per_example) and the sampled but untrained batch (sampling).
 STATE_FIELDS = ("model", "lora", "seed", "env", "batch_size", "rollouts_per_example", "sampling")

@@ -1,6 +1,6 @@
 """Log-probs (and the top-k) of token sequences under the model with a given LoRA state, packed several to a row.
 
-One piece of code for every scorer: `python -m ctxd_jax.score`, `Trainer.logprobs`, and the trainer-side scores of
+One piece of code for every scorer: `python -m ctxd_jax.score_cli`, `Trainer.logprobs`, and the trainer-side scores of
 the rollout pipeline:
 
 - teacher: when the teacher is the student's base model with a context in its prompt (`teacher.scorer` resolves to

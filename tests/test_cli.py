@@ -32,7 +32,7 @@ def refused(*args: str, env: dict | None = None) -> str:
     return lines[0].removeprefix("error: ")
 
 
-# The reference's common configurations (the README's table of them), in our flag names, on its GPU layout.
+# The reference's common configurations (docs/command-line.md's table of them), in our flag names, on its GPU layout.
 COMMON = {
     "pure_rl": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=0", "--config.loss.student_tau=0"],
     "hybrid": ["--config.loss.adv_tau=1.0", "--config.loss.teacher_tau=1.0", "--config.loss.student_tau=1.0",
@@ -117,7 +117,7 @@ def test_dry_run_imports_no_jax():
 
 
 def test_demo_gpu_plan_shares_one_gpu():
-    # The README's GPU quickstart: one server (student adapter + teacher) and the trainer on GPU 0, shares within it.
+    # The one-GPU quickstart (docs/layouts.md): one server (student adapter + teacher) and the trainer on GPU 0, shares within it.
     r = ok("--config=configs/demo_gpu.py", "--inference_gpu_ids=0", "--teacher_gpu_ids=0", "--trainer_gpu_ids=0")
     assert "vLLM server [student + teacher] " in r.stdout and "SmolLM2-135M-Instruct on GPUs 0 (dp=1" in r.stdout
     assert "JAX trainer on GPUs 0 " in r.stdout and "dtype: bfloat16" in r.stdout and r.stderr == ""

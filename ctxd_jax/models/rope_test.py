@@ -1,5 +1,5 @@
 """RoPE types and config.json layouts against transformers (float32): checkpoints that transformers itself writes,
-scored through ctxd_jax.score and the trainer's token_logprobs; configs not built are refused, naming the field."""
+scored through ctxd_jax.score_cli and the trainer's token_logprobs; configs not built are refused, naming the field."""
 
 import json
 import os
@@ -16,8 +16,8 @@ from ctxd_jax.models.config import ModelConfig
 from ctxd_jax.models.hf import load_model
 from ctxd_jax.models.hf_test import jax_logprobs, torch_logprobs
 from ctxd_jax.models.transformer import rope_sin_cos
-from ctxd_jax.score import score
-from ctxd_jax.score_test import SEQS
+from ctxd_jax.score_cli import score
+from ctxd_jax.score_cli_test import SEQS
 from ctxd_jax.tiny import write_tokenizer
 
 # GQA (4 query heads, 2 kv heads) everywhere.
@@ -109,7 +109,7 @@ def test_scores_match_transformers(ckpt, name):
     assert rope.attention_scaling == pytest.approx(hf.model.rotary_emb.attention_scaling, rel=1e-7)
 
     want = [torch_logprobs(hf, s) if len(s) > 1 else np.zeros(0) for s in SEQS]
-    for seq, got, w in zip(SEQS, score(model, SEQS, batch_tokens=512), want):  # packed rows, as ctxd_jax.score
+    for seq, got, w in zip(SEQS, score(model, SEQS, batch_tokens=512), want):  # packed rows, as ctxd_jax.score_cli
         np.testing.assert_allclose(got, w, atol=1e-4)
     long = SEQS[3]
     np.testing.assert_allclose(jax_logprobs(model, long), want[3], atol=1e-4)  # one row, as the trainer
@@ -123,7 +123,7 @@ def test_score_cli_reads_a_transformers5_config(ckpt, tmp_path):
     assert "rope_theta" not in json.load(open(os.path.join(src, "config.json")))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"tokens": s}) + "\n" for s in SEQS))
-    cmd = [sys.executable, "-m", "ctxd_jax.score", f"--model={src}", f"--input={inp}", f"--output={out}"]
+    cmd = [sys.executable, "-m", "ctxd_jax.score_cli", f"--model={src}", f"--input={inp}", f"--output={out}"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert run.returncode == 0, run.stderr[-3000:]
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

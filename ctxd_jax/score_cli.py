@@ -1,6 +1,6 @@
 """Scores token sequences with a HF checkpoint (+ optional PEFT adapter) through the JAX model.
 
-    python -m ctxd_jax.score --model=DIR [--adapter=DIR] --input=in.jsonl --output=out.jsonl \
+    python -m ctxd_jax.score_cli --model=DIR [--adapter=DIR] --input=in.jsonl --output=out.jsonl \
         [--dtype=float32|bfloat16] [--batch_tokens=8192]
 
 Each input line is {"tokens": [ids...]}; each output line (same order) is {"logprobs": [...]} with

@@ -13,7 +13,7 @@ from flax import nnx
 
 from ctxd_jax.models.hf import load_model, save_adapter
 from ctxd_jax.models.hf_test import randomise_lora, torch_logprobs
-from ctxd_jax.score import read_sequences, score
+from ctxd_jax.score_cli import read_sequences, score
 from ctxd_jax.tiny import write_tiny_checkpoint
 
 SEQS = [[1, 17, 40, 99, 23, 5, 300, 77], [5], [2, 60, 61], list(range(3, 200)), [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]]
@@ -50,7 +50,7 @@ def test_cli(base_and_adapter, tmp_path):
     base, adapter, model = base_and_adapter
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"tokens": s}) + "\n" for s in SEQS))
-    cmd = [sys.executable, "-m", "ctxd_jax.score", f"--model={base}", f"--adapter={adapter}", f"--input={inp}",
+    cmd = [sys.executable, "-m", "ctxd_jax.score_cli", f"--model={base}", f"--adapter={adapter}", f"--input={inp}",
            f"--output={out}", "--batch_tokens=512"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert run.returncode == 0, run.stderr[-3000:]
