@@ -288,6 +288,10 @@ def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collectio
         resolved.env = env_section
     if resolved.teacher.context is None:
         resolved.teacher.context = env.default_context
+    try:
+        envs.check_context(resolved.teacher.context, env)
+    except ValueError as e:  # names its field
+        raise ConfigError(str(e)) from e
     resolved.model.path = os.path.expanduser(resolved.model.path)
     resolved.teacher.model = os.path.expanduser(resolved.teacher.model)
     if resolved.inference.parallel.dp is None:
