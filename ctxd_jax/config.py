@@ -13,6 +13,7 @@ from ml_collections import config_dict
 from ctxd_jax import envs
 from ctxd_jax.plan import Gpus, Plan, ServerPlan, TrainerPlan
 from ctxd_jax.models.names import LORA_TARGETS
+from ctxd_jax.rewards import REWARD_ERRORS
 
 TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
 DTYPES = ("float32", "bfloat16")
@@ -140,6 +141,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.inference.transport in TRANSPORTS, "inference.transport",
              f"{config.inference.transport!r} is not one of {TRANSPORTS}")
     _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
+    _require(config.env.reward_errors in REWARD_ERRORS, "env.reward_errors",
+             f"{config.env.reward_errors!r} is not one of {REWARD_ERRORS}")
 
 
 def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
@@ -272,7 +275,7 @@ def _resolve_env(config: ml_collections.ConfigDict) -> tuple[dict, envs.Environm
         message = str(e)
         raise ConfigError(f"env.{name}.{message[4:]}" if message.startswith("env.") else f"env.{name}: {message}") \
             from e
-    return {"name": name, "args": args}, env
+    return {"name": name, "args": args, "reward_errors": config.env.reward_errors}, env
 
 
 def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:

@@ -261,7 +261,8 @@ def test_gpu_ids_index_the_inherited_visible_devices():
 
 def test_switching_environment_takes_its_defaults():
     config, _, _ = resolve(_config(env__name="ahoy"), CPU)
-    assert config.env.to_dict() == {"name": "ahoy", "args": {"seed": 0, "num_eval": 96, "num_train": None}}
+    assert config.env.to_dict() == {"name": "ahoy", "args": {"seed": 0, "num_eval": 96, "num_train": None},
+                                    "reward_errors": "stop"}
     assert config.teacher.context == style_context("ahoy")
     config, _, _ = resolve(_config(env__name="cheers", env__cheers__num_train=10, teacher__context=""), CPU)
     assert config.env.args.num_train == 10 and config.teacher.context == ""
@@ -275,3 +276,10 @@ def test_transport_and_output_dir():
     assert _error(_config(output_dir="")).startswith("output_dir: is empty")
     _, plan, _ = resolve(_config(), CPU)
     assert plan.student.port is None and "a private Unix socket" in plan.describe()
+
+
+def test_reward_errors_and_context_template_are_checked():
+    assert resolve(_config(env__reward_errors="zero"), CPU)[0].env.reward_errors == "zero"
+    assert _error(_config(env__reward_errors="skip")) == "env.reward_errors: 'skip' is not one of ('stop', 'zero')"
+    assert _error(_config(env__name="ahoy", teacher__context="Solution: {solution}")).startswith(
+        "teacher.context: {solution} is not a field of example 'ahoy-train-0' (fields: question)")

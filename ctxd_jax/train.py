@@ -147,6 +147,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     from ctxd_jax.checkpoint import CheckpointError
     from ctxd_jax.inference.client import RequestError
     from ctxd_jax.inference.server import ServerError
+    from ctxd_jax.rewards import RewardError
 
     # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
     for name in ("httpx", "absl", "orbax"):
@@ -155,7 +156,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     with stop_requests(ignore=not processes.leader) as stop:
         try:
             multihost.run(config, plan, processes, stop)  # one process: loop.run
-        except (ServerError, RequestError, CheckpointError, loop.ParityError) as e:
+        except (ServerError, RequestError, CheckpointError, loop.ParityError, RewardError) as e:
             if _DEBUG.value and not several:
                 raise
             if _DEBUG.value:

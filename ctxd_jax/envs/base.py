@@ -143,7 +143,7 @@ def check_split(split: str) -> None:
 
 
 _REGISTRY: dict[str, Callable[..., Environment]] = {}
-RESERVED_NAMES = ("name", "args")  # keys of config.env that are not environments
+RESERVED_NAMES = ("name", "args", "reward_errors")  # keys of config.env that are not environments
 
 
 def register(name: str):
