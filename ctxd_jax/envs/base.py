@@ -18,7 +18,8 @@ An example may carry its own teacher context (`Example.context`: its worked solu
 student never sees. `config.teacher.context` is then a template rendered per example (`render_context`): `{name}`
 takes the field `name` of the example's `data`, `{context}` the example's own context, `{{` and `}}` are literal
 braces; a template without placeholders is used as it is, and an empty one means the example's own context.
-Adding an environment is one file in this package that decorates its class with `@register("name")`.
+Adding an environment is one file in this package that decorates its class with `@register("name")`, or a class
+anywhere on PYTHONPATH named as `env.name=pkg.module:Class` (its keyword arguments are then config.env.args).
 """
 
 import dataclasses
@@ -92,6 +93,21 @@ def check_context(template: str | None, env: "Environment") -> None:
             raise ValueError(f"teacher.context: {{context}} but the {split} examples have no context of their own")
         if len(examples):
             render_context(template, examples[0])
+
+
+def describe(env: "Environment", template: str | None) -> str:
+    """What a dry run shows of the task: split sizes, the verifier, and the first train example's student and teacher
+    chat messages."""
+    train, ev = env.examples("train"), env.examples("eval")
+    verifier = getattr(env, "verifier", None) or f"{type(env).__module__}.{type(env).__qualname__}.reward"
+    lines = [f"task: {len(train)} train and {len(ev)} eval examples; verifier: {verifier}"]
+    if len(train):
+        ex, context = train[0], render_context(template, train[0])
+        teacher = env.teacher_messages(ex, context) if context else list(ex.messages)
+        for who, msgs in (("student", ex.messages), ("teacher", teacher)):
+            lines.append(f"{who} prompt of example {ex.id!r}:")
+            lines += [f"  [{m['role']}] {line}" for m in msgs for line in m["content"].splitlines() or [""]]
+    return "\n".join(lines)
 
 
 def format_context(system: str, demos: Sequence[tuple[str, str]]) -> str:
@@ -172,7 +188,28 @@ def env_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def section(name: str) -> str:
+    """The key of config.env that holds environment `name`'s keyword arguments."""
+    return "args" if ":" in name else name
+
+
+def _load_outside(name: str) -> None:
+    """Registers the Environment subclass `pkg.module:Class` under its own name."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # anything the user's module raises on import
+        raise ValueError(f"env.name: cannot import {module_name!r} ({type(e).__name__}: {e}); is it on PYTHONPATH?") \
+            from e
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ValueError(f"env.name: {name!r} is not a subclass of ctxd_jax.envs.Environment")
+    _REGISTRY[name] = cls
+
+
 def _cls(name: str) -> Callable[..., Environment]:
+    if name not in _REGISTRY and ":" in name:
+        _load_outside(name)
     if name not in _REGISTRY:
         _import_all()
     if name not in _REGISTRY:
