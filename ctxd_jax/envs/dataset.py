@@ -11,6 +11,7 @@ column or the row. See docs/tasks.md.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -24,6 +25,7 @@ ROLES = ("system", "user", "assistant")
 
 def load_rows(path: str, field: str):
     """The rows of `path` as a `datasets.Dataset`; ValueError '{field}: ...' when there are none to read."""
+    logging.getLogger("datasets").setLevel(logging.WARNING)  # its import logs which frameworks it found
     import datasets
 
     datasets.disable_progress_bars()
@@ -101,7 +103,7 @@ class DatasetEnv(Environment):
             if not 0 <= eval_fraction < 1:
                 raise ValueError(f"env.eval_fraction: {eval_fraction} must be in [0, 1)")
             order = np.random.default_rng(seed).permutation(len(rows))
-            n_eval = int(round(eval_fraction * len(rows)))
+            n_eval = max(int(round(eval_fraction * len(rows))), int(eval_fraction > 0))  # > 0: at least one
             self._splits = {"train": (rows, path, np.sort(order[n_eval:])), "eval": (rows, path, np.sort(order[:n_eval]))}
         if len(self._splits["train"][2]) == 0:
             raise ValueError(f"env.eval_fraction: {eval_fraction} leaves no train rows of the {len(rows)} in {path!r}")
