@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     # name picks the environment; env.<name> holds its keyword arguments at its own defaults (Sokoban's are the
     # reference run's puzzle and split sizes), e.g. --config.env.name=ahoy --config.env.ahoy.num_eval=32.
     c.env = env_config("sokoban")
+    # A reward function that raises or returns no finite number: 'stop' the run (one line naming the example; the
+    # checkpoints are kept) or score it 'zero' and count it in the reward/errors metric (ctxd_jax/rewards.py).
+    c.env.reward_errors = "stop"
 
     c.optim = dict(
         lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,

@@ -13,6 +13,7 @@ from ml_collections import config_dict
 from ctxd_jax import envs
 from ctxd_jax.plan import Gpus, Plan, ServerPlan, TrainerPlan
 from ctxd_jax.models.names import LORA_TARGETS
+from ctxd_jax.rewards import REWARD_ERRORS
 
 TAU_FIELDS = ("adv_tau", "teacher_tau", "student_tau", "topk_tau")
 DTYPES = ("float32", "bfloat16")
@@ -140,6 +141,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.inference.transport in TRANSPORTS, "inference.transport",
              f"{config.inference.transport!r} is not one of {TRANSPORTS}")
     _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
+    _require(config.env.reward_errors in REWARD_ERRORS, "env.reward_errors",
+             f"{config.env.reward_errors!r} is not one of {REWARD_ERRORS}")
 
 
 def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
@@ -254,7 +257,7 @@ def make_plan(config: ml_collections.ConfigDict, gpus: Gpus) -> Plan:
 def env_config(name: str) -> ml_collections.ConfigDict:
     """config.env: `name` picks the environment; one section per registered environment holds its keyword arguments
     at that environment's own defaults, so `--config.env.name=X --config.env.X.ARG=V` switches and overrides."""
-    sections = {env: {arg: config_dict.placeholder(kind) if default is None else default
+    sections = {envs.section(env): {arg: config_dict.placeholder(kind) if default is None else default
                       for arg, (default, kind) in envs.default_args(env).items()} for env in envs.env_names()}
     return ml_collections.ConfigDict({"name": name, **sections})
 
@@ -262,20 +265,26 @@ def env_config(name: str) -> ml_collections.ConfigDict:
 def _resolve_env(config: ml_collections.ConfigDict) -> tuple[dict, envs.Environment]:
     """(env section of the resolved config: name and args of the chosen environment only, the environment). Builds it
     once (cheap: examples are lazy) so bad arguments fail before anything starts."""
-    name = config.env.name
+    name, key = config.env.name, envs.section(config.env.name)
+    try:
+        defaults = envs.default_args(name)  # imports an environment from outside the package
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if name not in envs.env_names():
         raise ConfigError(f"env.name: unknown environment {name!r} (known: {', '.join(envs.env_names())})")
-    _require(name in config.env, f"env.{name}", "missing from the config (build config.env with env_config)")
-    args = config.env[name].to_dict()
+    _require(key in config.env or key == "args", f"env.{name}",
+             "missing from the config (build config.env with env_config)")
+    # an outside environment named in a config file (not on the command line) runs with its defaults
+    args = config.env[key].to_dict() if key in config.env else {k: d for k, (d, _) in defaults.items()}
     try:
         env = envs.get_env(name, **args)
     except TypeError as e:
-        raise ConfigError(f"env.{name}: {e}") from e
+        raise ConfigError(f"env.{key}: {e}") from e
     except ValueError as e:  # an environment names its argument 'env.ARG'
         message = str(e)
-        raise ConfigError(f"env.{name}.{message[4:]}" if message.startswith("env.") else f"env.{name}: {message}") \
+        raise ConfigError(f"env.{key}.{message[4:]}" if message.startswith("env.") else f"env.{key}: {message}") \
             from e
-    return {"name": name, "args": args}, env
+    return {"name": name, "args": args, "reward_errors": config.env.reward_errors}, env
 
 
 def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:
@@ -291,6 +300,10 @@ def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collectio
         resolved.env = env_section
     if resolved.teacher.context is None:
         resolved.teacher.context = env.default_context
+    try:
+        envs.check_context(resolved.teacher.context, env)
+    except ValueError as e:  # names its field
+        raise ConfigError(str(e)) from e
     resolved.model.path = os.path.expanduser(resolved.model.path)
     resolved.teacher.model = os.path.expanduser(resolved.teacher.model)
     if resolved.inference.parallel.dp is None:

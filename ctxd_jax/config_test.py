@@ -261,7 +261,8 @@ def test_gpu_ids_index_the_inherited_visible_devices():
 
 def test_switching_environment_takes_its_defaults():
     config, _, _ = resolve(_config(env__name="ahoy"), CPU)
-    assert config.env.to_dict() == {"name": "ahoy", "args": {"seed": 0, "num_eval": 96, "num_train": None}}
+    assert config.env.to_dict() == {"name": "ahoy", "args": {"seed": 0, "num_eval": 96, "num_train": None},
+                                    "reward_errors": "stop"}
     assert config.teacher.context == style_context("ahoy")
     config, _, _ = resolve(_config(env__name="cheers", env__cheers__num_train=10, teacher__context=""), CPU)
     assert config.env.args.num_train == 10 and config.teacher.context == ""
@@ -275,3 +276,43 @@ def test_transport_and_output_dir():
     assert _error(_config(output_dir="")).startswith("output_dir: is empty")
     _, plan, _ = resolve(_config(), CPU)
     assert plan.student.port is None and "a private Unix socket" in plan.describe()
+
+
+def test_reward_errors_and_context_template_are_checked():
+    assert resolve(_config(env__reward_errors="zero"), CPU)[0].env.reward_errors == "zero"
+    assert _error(_config(env__reward_errors="skip")) == "env.reward_errors: 'skip' is not one of ('stop', 'zero')"
+    assert _error(_config(env__name="ahoy", teacher__context="Solution: {solution}")).startswith(
+        "teacher.context: {solution} is not a field of example 'ahoy-train-0' (fields: question)")
+
+
+def test_environment_from_outside_the_package(tmp_path, monkeypatch):
+    from ctxd_jax import envs
+    from ctxd_jax.config import env_config
+
+    (tmp_path / "outside_task.py").write_text(
+        "from ctxd_jax.envs import Environment, Example\n"
+        "class Task(Environment):\n"
+        "    def __init__(self, word: str = 'hi', n: int = 3):\n"
+        "        self._ex = [Example(f't{i}', ({'role': 'user', 'content': word},), {}) for i in range(n)]\n"
+        "    def examples(self, split):\n"
+        "        return self._ex\n"
+        "    def reward(self, example, text):\n"
+        "        return 1.0\n"
+        "NotATask = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(envs.base, "_REGISTRY", dict(envs.base._REGISTRY))  # other tests see no outside name
+    assert _error(_config(env__name="outside_task:Nope")) == (
+        "env.name: 'outside_task:Nope' is not a subclass of ctxd_jax.envs.Environment")
+    assert _error(_config(env__name="outside_task:NotATask")).startswith("env.name: 'outside_task:NotATask' is not")
+    assert _error(_config(env__name="missing_pkg.mod:Task")).startswith(
+        "env.name: cannot import 'missing_pkg.mod' (ModuleNotFoundError")
+    # named in a config file: its defaults; on the command line (train.py loads it first): config.env.args
+    assert resolve(_config(env__name="outside_task:Task"), CPU)[0].env.args.to_dict() == {"word": "hi", "n": 3}
+    c = _config()
+    with c.unlocked():
+        c.env = env_config("outside_task:Task")
+        c.env.reward_errors = "stop"
+        c.env.name = "outside_task:Task"
+    c.env.args.n = 5
+    config, _, _ = resolve(c, CPU)
+    assert config.env.args.n == 5 and len(envs.env_from_config(config).examples("train")) == 5

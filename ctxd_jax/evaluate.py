@@ -9,17 +9,21 @@ import numpy as np
 
 from ctxd_jax.envs import Example
 from ctxd_jax.inference.client import Client
-from ctxd_jax.inference.teacher import render_prompt
+from ctxd_jax.inference.teacher import render_prompt, teacher_prompt_ids
+from ctxd_jax.rewards import score
 
 
 async def evaluate(env, tokenizer, examples: Sequence[Example], client: Client, *, model: str, max_tokens: int,
-                   temperature: float, seed: int, context: str | None = None) -> dict[str, float]:
-    """Mean task reward of one sample per example; with `context`, under the teacher prompt."""
-    prompts = [render_prompt(tokenizer, env.teacher_messages(ex, context) if context else ex.messages)
-               for ex in examples]
+                   temperature: float, seed: int, context: str | None = None,
+                   reward_errors: str = "stop") -> dict[str, float]:
+    """Mean task reward of one sample per example; with `context` (config.teacher.context: a template, '' for the
+    examples' own contexts), under the teacher prompt."""
+    prompts = [render_prompt(tokenizer, ex.messages) for ex in examples]
+    if context is not None:
+        prompts = [teacher_prompt_ids(tokenizer, env, ex, context, p) for ex, p in zip(examples, prompts)]
     outs = await asyncio.gather(*(client.sample(p, 1, model=model, max_tokens=max_tokens, temperature=temperature,
                                                 seed=seed + i) for i, p in enumerate(prompts)))
-    rewards = [float(env.reward(ex, tokenizer.decode(o[0].token_ids, skip_special_tokens=True)))
+    rewards = [score(env, ex, tokenizer.decode(o[0].token_ids, skip_special_tokens=True), reward_errors)[0]
                for ex, o in zip(examples, outs)]
     lengths = [len(o[0].token_ids) for o in outs]
     return {"reward": float(np.mean(rewards)), "completion_len": float(np.mean(lengths)), "n": len(examples)}

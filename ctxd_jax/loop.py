@@ -181,7 +181,8 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer, checkpointer) -
         max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature,
         group_size=config.rollouts_per_example, prompts_per_step=config.batch_size // config.rollouts_per_example,
         seed=config.seed, topk=teacher_topk(config),
-        skip_verification=config.buffer.skip_verification, vllm_logprobs=config.sampling.logprobs == "vllm")
+        skip_verification=config.buffer.skip_verification, vllm_logprobs=config.sampling.logprobs == "vllm",
+        reward_errors=config.env.reward_errors)
     publisher = Publisher([src.student], os.path.join(out, "weights"), weights_writer(config, trainer),
                           merged=config.weights.mode == "merged", prefix=deployment.student_model, base_name=BASE_NAME)
     ckpt = checkpointer(config)  # stores the resolved config, which a resume is checked against
@@ -345,7 +346,8 @@ async def _evaluate(run: Run, step: int) -> dict:
     config, t = run.config, time.perf_counter()
     r = await evaluate(run.src.env, run.src.tokenizer, run.eval_examples, run.src.student,
                        model=run.publisher.model(step), max_tokens=config.sampling.max_tokens,
-                       temperature=config.sampling.temperature, seed=config.seed)
+                       temperature=config.sampling.temperature, seed=config.seed,
+                       reward_errors=run.src.reward_errors)
     return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
             "time/eval": time.perf_counter() - t}
 
@@ -396,7 +398,8 @@ async def eval_baseline(config, src: orch.Sources, examples, student_model: str,
                         teacher_sampler: tuple | None) -> dict[str, dict[str, float]]:
     """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
     context (`teacher_sampler`: its client and model name)."""
-    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed)
+    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed,
+              reward_errors=src.reward_errors)
     jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=student_model, **kw)}
     if teacher_sampler is not None:
         client, model = teacher_sampler

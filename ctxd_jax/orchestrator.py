@@ -20,6 +20,7 @@ from ctxd_jax.envs import Environment, Example
 from ctxd_jax.inference.client import Client
 from ctxd_jax.inference.teacher import render_prompt, score_completion, teacher_prompt_ids
 from ctxd_jax.records import Rollout
+from ctxd_jax.rewards import score
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Sources:
     topk: int = 0
     skip_verification: bool = False
     vllm_logprobs: bool = True  # False: the trainer computes the behaviour log-probs (sampling.logprobs='trainer')
+    reward_errors: str = "stop"  # env.reward_errors: what a failed reward does (ctxd_jax/rewards.py)
 
 
 def prompt_indices(position: int, count: int, num_examples: int, seed: int) -> list[int]:
@@ -87,10 +89,12 @@ async def sample(src: Sources, examples: Sequence[Example], seeds: Sequence[int]
 
 
 def verify(src: Sources, example: Example, rollouts: Sequence[Rollout]) -> None:
-    """Sets the task reward of each rollout of `example`'s group (0 for all with skip_verification)."""
+    """Sets the task reward of each rollout of `example`'s group (0 for all with skip_verification); a failed reward
+    raises RewardError or scores 0 (src.reward_errors)."""
     for r in rollouts:
-        r.reward = 0.0 if src.skip_verification else float(
-            src.env.reward(example, src.tokenizer.decode(r.completion_ids, skip_special_tokens=True)))
+        if not src.skip_verification:
+            text = src.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+            r.reward, r.reward_error = score(src.env, example, text, src.reward_errors)
 
 
 async def score_group(src: Sources, example: Example, rollouts: Sequence[Rollout]) -> None:
@@ -128,7 +132,8 @@ def rollout_metrics(rollouts: Sequence[Rollout], group_size: int) -> dict[str, f
            "reward/group_any_solved": float(np.mean((rewards > 0).any(axis=1))),
            "reward/group_all_solved": float(np.mean((rewards > 0).all(axis=1))),
            "completion_len/mean": lengths.mean(), "completion_len/max": lengths.max(),
-           "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts]))}
+           "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
+           "reward/errors": float(sum(r.reward_error for r in rollouts))}
     if rollouts[0].teacher_logprobs is not None:
         # sum over the completion of (lp_sampling - lp_teacher): a one-sample estimate of KL(student || teacher)
         gaps = [sum(r.sampling_logprobs) - sum(r.teacher_logprobs) for r in rollouts]

@@ -43,3 +43,30 @@ def test_advantages_and_metrics():
     m = orch.rollout_metrics(rs, 2)
     assert m["reward/mean"] == 0.25 and m["reward/group_any_solved"] == 0.5 and m["reward/group_all_solved"] == 0.0
     assert m["teacher_kl/seq"] == 3.0  # sum(-1) - sum(-2) over 3 tokens
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+class _Env:
+    def reward(self, example, text):
+        return {"0": 1.0, "0 1": float("nan")}.get(text, 0.5)
+
+
+def test_verify_checks_each_reward():
+    import pytest
+
+    from ctxd_jax.envs import Example
+    from ctxd_jax.rewards import RewardError
+
+    ex = Example("e1", (), {})
+    rs = [_r(0, 0.0, n=1), _r(0, 0.0, n=2), _r(0, 0.0, n=3)]
+    src = orch.Sources(_Env(), _Tok(), [ex], None, None, None, "", 8, 1.0, 3, 1, 0, reward_errors="zero")
+    orch.verify(src, ex, rs)
+    assert [r.reward for r in rs] == [1.0, 0.0, 0.5] and [r.reward_error for r in rs] == [False, True, False]
+    assert orch.rollout_metrics(rs, 3)["reward/errors"] == 1.0
+    src.reward_errors = "stop"
+    with pytest.raises(RewardError, match=r"example 'e1' is nan \(not a finite number\)"):
+        orch.verify(src, ex, rs)

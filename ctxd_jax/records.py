@@ -32,6 +32,7 @@ class Rollout:
     finish_reason: str
     temperature: float = 1.0
     reward: float = 0.0
+    reward_error: bool = False  # the reward function failed and the sample scored 0 (env.reward_errors='zero')
     policy_version: int = 0
     teacher_logprobs: list[float] | None = None
     # [n][k] lists from a vLLM teacher, [n, k] numpy arrays from the trainer's (packing takes either).

@@ -78,7 +78,22 @@ def _override_error(error: BaseException, argv: list[str]) -> str:
     return "config: " + " ".join(text.split())
 
 
+def _load_outside_env(argv: list[str]) -> None:
+    """An environment from outside the package (`--config.env.name=pkg.module:Class`) is imported before the config
+    file is read, so config.env holds its keyword arguments (config.env.args) for --config.env.args.* to set."""
+    from ctxd_jax import envs
+
+    for arg in argv:
+        match = re.match(r"^--?config\.env\.name=(.+:.+)$", arg)
+        if match:
+            try:
+                envs.default_args(match.group(1))
+            except ValueError as e:
+                _fail(str(e))
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    _load_outside_env(argv)
     if not any(re.match(r"^--?config(=|$)", arg) for arg in argv):
         argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
         sys.argv = argv  # config_flags reads the --config.* overrides from sys.argv
@@ -147,6 +162,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     from ctxd_jax.checkpoint import CheckpointError
     from ctxd_jax.inference.client import RequestError
     from ctxd_jax.inference.server import ServerError
+    from ctxd_jax.rewards import RewardError
 
     # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
     for name in ("httpx", "absl", "orbax"):
@@ -155,7 +171,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     with stop_requests(ignore=not processes.leader) as stop:
         try:
             multihost.run(config, plan, processes, stop)  # one process: loop.run
-        except (ServerError, RequestError, CheckpointError, loop.ParityError) as e:
+        except (ServerError, RequestError, CheckpointError, loop.ParityError, RewardError) as e:
             if _DEBUG.value and not several:
                 raise
             if _DEBUG.value:
@@ -207,6 +223,9 @@ def main(argv: list[str]) -> int:
     if _DRY_RUN.value:
         print(config)
         print(hosts.describe(config, plan, processes))
+        from ctxd_jax import envs
+
+        print(envs.describe(envs.env_from_config(config), config.teacher.context))
         return 0
     _hide_gpus(plan)
     if processes.several:  # first: reading the run folder's checkpoints below starts JAX's backend

@@ -13,7 +13,13 @@ need (SmolLM2-135M ignores an instruction alone, see envs/persona.py): a line th
 
 The default `teacher_messages` puts that system message in place of the student's system message, then the demo
 turns, then the student's other messages (the reference's behaviour: the context replaces the system prompt).
-Adding an environment is one file in this package that decorates its class with `@register("name")`.
+
+An example may carry its own teacher context (`Example.context`: its worked solution, a document, a hint), which the
+student never sees. `config.teacher.context` is then a template rendered per example (`render_context`): `{name}`
+takes the field `name` of the example's `data`, `{context}` the example's own context, `{{` and `}}` are literal
+braces; a template without placeholders is used as it is, and an empty one means the example's own context.
+Adding an environment is one file in this package that decorates its class with `@register("name")`, or a class
+anywhere on PYTHONPATH named as `env.name=pkg.module:Class` (its keyword arguments are then config.env.args).
 """
 
 import dataclasses
@@ -33,7 +39,8 @@ _MARKER_LINE = re.compile(r"^(<<user>>|<<assistant>>)[ \t]*$", re.MULTILINE)
 class Example:
     id: str
     messages: tuple[dict, ...]  # the student's chat messages (system? + user)
-    data: dict  # whatever the verifier needs
+    data: dict  # whatever the verifier needs; the fields a teacher context template may name
+    context: str | None = None  # this example's own teacher context (privileged: never in the student's prompt)
 
 
 def parse_context(context: str) -> list[dict]:
@@ -44,6 +51,63 @@ def parse_context(context: str) -> list[dict]:
     for marker, text in zip(pieces[1::2], pieces[2::2]):
         msgs.append({"role": TURN_MARKERS[marker], "content": text.strip()})
     return msgs
+
+
+# `{{`, `}}`, or a `{name}` placeholder (the name is a data field, or `context`).
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][\w.-]*)\}")
+
+
+def context_fields(template: str) -> list[str]:
+    """The placeholders of a teacher context template, in order."""
+    return [m.group(1) for m in _TEMPLATE_TOKEN.finditer(template) if m.group(1)]
+
+
+def render_context(template: str | None, example: Example) -> str:
+    """The teacher context of `example`: `template` with its placeholders filled from the example (see the module
+    docstring); '' when there is none (the teacher then sees the student's prompt)."""
+    if not template:
+        return example.context or ""
+    if not context_fields(template):
+        return template
+
+    def fill(m: re.Match) -> str:
+        name = m.group(1)
+        if name is None:
+            return m.group(0)[0]
+        if name == "context":
+            return example.context or ""
+        if name not in example.data:
+            raise ValueError(f"teacher.context: {{{name}}} is not a field of example {example.id!r} (fields: "
+                             f"{', '.join(sorted(example.data)) or 'none'})")
+        return str(example.data[name])
+
+    return _TEMPLATE_TOKEN.sub(fill, template)
+
+
+def check_context(template: str | None, env: "Environment") -> None:
+    """Raises ValueError (naming the field) when the template names a field that the first example of a split lacks,
+    or `{context}` while it has no context of its own; before anything starts."""
+    for split in ("train", "eval"):
+        examples = env.examples(split)
+        if len(examples) and template and "context" in context_fields(template) and examples[0].context is None:
+            raise ValueError(f"teacher.context: {{context}} but the {split} examples have no context of their own")
+        if len(examples):
+            render_context(template, examples[0])
+
+
+def describe(env: "Environment", template: str | None) -> str:
+    """What a dry run shows of the task: split sizes, the verifier, and the first train example's student and teacher
+    chat messages."""
+    train, ev = env.examples("train"), env.examples("eval")
+    verifier = getattr(env, "verifier", None) or f"{type(env).__module__}.{type(env).__qualname__}.reward"
+    lines = [f"task: {len(train)} train and {len(ev)} eval examples; verifier: {verifier}"]
+    if len(train):
+        ex, context = train[0], render_context(template, train[0])
+        teacher = env.teacher_messages(ex, context) if context else list(ex.messages)
+        for who, msgs in (("student", ex.messages), ("teacher", teacher)):
+            lines.append(f"{who} prompt of example {ex.id!r}:")
+            lines += [f"  [{m['role']}] {line}" for m in msgs for line in m["content"].splitlines() or [""]]
+    return "\n".join(lines)
 
 
 def format_context(system: str, demos: Sequence[tuple[str, str]]) -> str:
@@ -95,7 +159,7 @@ def check_split(split: str) -> None:
 
 
 _REGISTRY: dict[str, Callable[..., Environment]] = {}
-RESERVED_NAMES = ("name", "args")  # keys of config.env that are not environments
+RESERVED_NAMES = ("name", "args", "reward_errors")  # keys of config.env that are not environments
 
 
 def register(name: str):
@@ -124,7 +188,28 @@ def env_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def section(name: str) -> str:
+    """The key of config.env that holds environment `name`'s keyword arguments."""
+    return "args" if ":" in name else name
+
+
+def _load_outside(name: str) -> None:
+    """Registers the Environment subclass `pkg.module:Class` under its own name."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # anything the user's module raises on import
+        raise ValueError(f"env.name: cannot import {module_name!r} ({type(e).__name__}: {e}); is it on PYTHONPATH?") \
+            from e
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ValueError(f"env.name: {name!r} is not a subclass of ctxd_jax.envs.Environment")
+    _REGISTRY[name] = cls
+
+
 def _cls(name: str) -> Callable[..., Environment]:
+    if name not in _REGISTRY and ":" in name:
+        _load_outside(name)
     if name not in _REGISTRY:
         _import_all()
     if name not in _REGISTRY:

@@ -47,3 +47,54 @@ def test_registry():
         get_env("nope")
     with pytest.raises(ValueError, match="split"):
         get_env("ahoy").examples("test")
+
+
+def test_render_context_template():
+    from ctxd_jax.envs import render_context
+
+    ex = Example("r7", ({"role": "user", "content": "q"},), {"solution": "x = 2", "n": 3}, context="own hint")
+    assert render_context("Reference solution:\n{solution}", ex) == "Reference solution:\nx = 2"
+    assert render_context("{context} / {n} / {{solution}} and {{}}", ex) == "own hint / 3 / {solution} and {}"
+    # no placeholder: as it is (a JSON brace or a doubled one stays); empty: the example's own context
+    assert render_context('Reply as {"a": 1} {{x}}', ex) == 'Reply as {"a": 1} {{x}}'
+    assert render_context("", ex) == "own hint" and render_context(None, ex) == "own hint"
+    assert render_context("", Example("y", (), {})) == ""
+    with pytest.raises(ValueError, match=r"teacher.context: \{answer\} is not a field of example 'r7' "
+                                         r"\(fields: n, solution\)"):
+        render_context("{answer}", ex)
+    # demo turns still parse after rendering
+    demo = render_context("Rule {n}.\n<<user>>\nQ\n<<assistant>>\n{solution}", ex)
+    assert parse_context(demo)[-1] == {"role": "assistant", "content": "x = 2"}
+
+
+def test_check_context_names_the_missing_field():
+    from ctxd_jax.envs import check_context
+
+    env = get_env("ahoy")
+    check_context("Rule about {question}", env)
+    with pytest.raises(ValueError, match=r"\{solution\} is not a field of example 'ahoy-train-0'"):
+        check_context("{solution}", env)
+    with pytest.raises(ValueError, match=r"\{context\} but the train examples have no context"):
+        check_context("Hint: {context}", env)
+
+
+def test_student_never_sees_the_example_context(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ctxd_jax.inference.teacher import render_prompt, teacher_prompt_ids
+    from ctxd_jax.tiny import write_tiny_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(write_tiny_checkpoint(str(tmp_path), "qwen3"))
+    secret = "SECRET SOLUTION 42"
+    ex = Example("s", ({"role": "user", "content": "What is it?"},), {"solution": secret}, context=secret)
+    secret_ids = tok.encode(" " + secret, add_special_tokens=False)[1:]  # the context's tokens, past its first
+
+    def has(ids):
+        return any(ids[i:i + len(secret_ids)] == secret_ids for i in range(len(ids)))
+
+    student = render_prompt(tok, ex.messages)
+    assert not has(student)
+    for template in ("", "{context}", "Solution: {solution}"):
+        teacher = teacher_prompt_ids(tok, Environment(), ex, template, student)
+        assert has(teacher) and teacher != student
+    assert teacher_prompt_ids(tok, Environment(), Example("n", ex.messages, {}), "", student) == student

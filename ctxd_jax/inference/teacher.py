@@ -1,8 +1,8 @@
 """Teacher scoring: the teacher's log-probs of the student's completion tokens under the teacher prompt.
 
-The teacher prompt is the student's chat with `context` as the system message (the environment decides how:
-`Environment.teacher_messages`); without a context the teacher scores the student's own prompt ids (plain on-policy
-distillation). Prompts are rendered here with the HF tokenizer's chat template and sent as token ids.
+The teacher prompt is the student's chat with the example's teacher context (config.teacher.context rendered for it,
+envs.render_context) as the system message (the environment decides how: `Environment.teacher_messages`); without a
+context the teacher scores the student's own prompt ids (plain on-policy distillation). Prompts are rendered here with the HF tokenizer's chat template and sent as token ids.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ctxd_jax.envs import render_context
 from ctxd_jax.inference.client import Client
 
 
@@ -29,7 +30,9 @@ def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
 
 
 def teacher_prompt_ids(tokenizer, env, example, context: str | None, student_prompt_ids: Sequence[int]) -> list[int]:
-    """The teacher's prompt: the student's own ids without a context, else the env's teacher messages rendered."""
+    """The teacher's prompt: the student's own ids without a context, else the env's teacher messages rendered.
+    `context` is config.teacher.context, a template for the example's own."""
+    context = render_context(context, example)
     if not context:
         return list(student_prompt_ids)
     return render_prompt(tokenizer, env.teacher_messages(example, context))
