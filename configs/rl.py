@@ -58,7 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
         kl_tau=0.0,  # weight of the trainer-vs-sampler KL penalty: each token's coefficient gets -kl_tau * log ratio
     )
     # length_weighted_mean: group baseline sum(R * L) / sum(L), L the completion lengths, instead of the plain mean.
-    c.advantage = dict(use_full_reward_baseline=True, kl_only_incorrect=False, length_weighted_mean=False)
+    # kl_normalize: 'sum' (the reference) adds each sample's summed log-probs to its reward, so every token costs KL;
+    # 'mean' divides them by its completion length (per-token rates: no reward for short answers).
+    c.advantage = dict(use_full_reward_baseline=True, kl_only_incorrect=False, length_weighted_mean=False,
+                       kl_normalize="sum")
     # skip_verification: reward 0 for every sample, verifier not run (pure distillation).
     c.buffer = dict(skip_verification=False)
 

@@ -27,6 +27,7 @@ TEACHER_SCORERS = ("auto", "trainer", "vllm")
 LOGPROB_SOURCES = ("vllm", "trainer")  # sampling.logprobs
 TRANSPORTS = ("uds", "tcp")
 MPS_MODES = ("auto", "on", "off")  # trainer.mps
+KL_NORMALIZE = ("sum", "mean")  # advantage.kl_normalize; the advantage math reads this too
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              f"{config.loss.topk_direction!r} is not 'forward' or 'reverse'")
     _require(config.loss.ratio_type in RATIO_TYPES, "loss.ratio_type",
              f"{config.loss.ratio_type!r} is not one of {RATIO_TYPES}")
+    _require(config.advantage.kl_normalize in KL_NORMALIZE, "advantage.kl_normalize",
+             f"{config.advantage.kl_normalize!r} is not one of {KL_NORMALIZE}")
     _require(config.loss.kl_tau >= 0, "loss.kl_tau", f"must be >= 0, got {config.loss.kl_tau!r}")
     _positive(config, "loss.sequence_clip_high")
     _require(config.loss.topk_tau == 0 or config.loss.topk > 0, "loss.topk",
@@ -181,6 +184,10 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
         out.append("advantage.kl_only_incorrect: no effect, teacher_tau and student_tau are 0 (no KL terms to gate)")
     if config.buffer.skip_verification and loss.adv_tau > 0:
         out.append(f"buffer.skip_verification: every task reward is 0, so loss.adv_tau={loss.adv_tau} has no effect")
+    if config.advantage.kl_normalize != "sum" and not (
+            config.advantage.use_full_reward_baseline and (loss.teacher_tau > 0 or loss.student_tau > 0)):
+        out.append("advantage.kl_normalize: no effect without the sequence KL (use_full_reward_baseline with "
+                   "teacher_tau or student_tau > 0)")
     if config.buffer.skip_verification and config.advantage.kl_only_incorrect:
         out.append("advantage.kl_only_incorrect: no effect with buffer.skip_verification (rewards 0, the gate is 1)")
     if config.teacher.eval_baseline and plan.teacher is None and plan.teacher_scorer == "vllm":

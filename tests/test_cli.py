@@ -210,6 +210,7 @@ def test_shared_gpu_over_its_memory_is_refused():
     (["--config.env.name=ahoy", "--config.env.ahoy.num_eval=0"], "env.ahoy.num_eval: 0 must be in [1, "),
     (["--config.env.args.seed=1"], "config.env.args.seed: unknown key 'args'"),
     (["--config.inference.transport=http"], "inference.transport: 'http' is not one of ('uds', 'tcp')"),
+    (["--config.advantage.kl_normalize=max"], "advantage.kl_normalize: 'max' is not one of ('sum', 'mean')"),
 ])
 def test_refusals(args, prefix):
     assert refused(*args).startswith(prefix)
