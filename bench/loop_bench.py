@@ -44,6 +44,10 @@ VARIANTS = {
     "merged": {"weights.mode": "merged", "sampling.logprobs": "trainer"},
     "micro8": {"trainer.micro_batch_rows": 8},
     "topk_micro8": {"loss.topk_tau": 1.0, "trainer.micro_batch_rows": 8},
+    # the teacher inside the train step: the divergence over the whole vocabulary; the live student as teacher
+    "fullvocab": {"loss.topk_tau": 1.0, "loss.topk": 0},
+    "live": {"loss.topk_tau": 1.0, "teacher.lora": "live"},
+    "live_fullvocab": {"loss.topk_tau": 1.0, "loss.topk": 0, "teacher.lora": "live"},
 }
 SHARED = {"rollouts_per_example": 16, "teacher.eval_baseline": False, "eval.interval": 0, "ckpt.interval": 0,
           "log.tensorboard": False, "parity.num_prompts": 4, "ckpt.overwrite": True}
