@@ -162,9 +162,7 @@ def test_three_steps(three_steps, student_teacher_server, tiny_model_dir):
 
 
 # The loss and advantage options that are off by default, all on in the kill/resume CLI runs (no extra server).
-# The EMA teacher (the trainer scores the base model's context): its average must survive the kill.
-OPTIONS_ON = dict(loss=dict(ratio_type="sequence", kl_tau=0.1), advantage=dict(length_weighted_mean=True),
-                  teacher=dict(lora="ema", ema_decay=0.5))
+OPTIONS_ON = dict(loss=dict(ratio_type="sequence", kl_tau=0.1), advantage=dict(length_weighted_mean=True))
 
 
 CONFIGS = {
