@@ -47,6 +47,10 @@ VARIANTS = {
     # Two batches in flight: the server always has a queue while the trainer scores and trains.
     "async2": {"max_async_level": 2},
     "topk_async2": {"loss.topk_tau": 1.0, "max_async_level": 2},
+    # the teacher inside the train step: the divergence over the whole vocabulary; the live student as teacher
+    "fullvocab": {"loss.topk_tau": 1.0, "loss.topk": 0},
+    "live": {"loss.topk_tau": 1.0, "teacher.lora": "live"},
+    "live_fullvocab": {"loss.topk_tau": 1.0, "loss.topk": 0, "teacher.lora": "live"},
 }
 SHARED = {"rollouts_per_example": 16, "teacher.eval_baseline": False, "eval.interval": 0, "ckpt.interval": 0,
           "log.tensorboard": False, "parity.num_prompts": 4, "ckpt.overwrite": True}

@@ -40,10 +40,14 @@ def get_config() -> ml_collections.ConfigDict:
         adv_tau=1.0,
         teacher_tau=1.0,
         student_tau=1.0,
-        # Top-k distillation on the teacher's top-k log-probs (0 = off); topk is k.
+        # Top-k distillation on the teacher's top-k log-probs (0 = off); topk is k, 0 = the full vocabulary (exact:
+        # the trainer runs the teacher inside the train step; needs the trainer to score the teacher).
         topk_tau=0.0,
         topk=20,
-        topk_direction="forward",  # forward: KL(teacher || student) on the top-k support; or reverse
+        # forward: KL(teacher || student) on the top-k support; reverse: KL(student || teacher); jsd: GKD's
+        # generalised Jensen-Shannon divergence with weight jsd_beta in (0, 1) on the teacher.
+        topk_direction="forward",
+        jsd_beta=0.5,
         # Importance-ratio masks: a token outside [low, high] is dropped; geo/sequence drop the whole sample.
         token_mask_low=0.125,
         token_mask_high=8.0,
@@ -58,7 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
         kl_tau=0.0,  # weight of the trainer-vs-sampler KL penalty: each token's coefficient gets -kl_tau * log ratio
     )
     # length_weighted_mean: group baseline sum(R * L) / sum(L), L the completion lengths, instead of the plain mean.
-    c.advantage = dict(use_full_reward_baseline=True, kl_only_incorrect=False, length_weighted_mean=False)
+    # kl_normalize: 'sum' (the reference) adds each sample's summed log-probs to its reward, so every token costs KL;
+    # 'mean' divides them by its completion length (per-token rates: no reward for short answers).
+    c.advantage = dict(use_full_reward_baseline=True, kl_only_incorrect=False, length_weighted_mean=False,
+                       kl_normalize="sum")
     # skip_verification: reward 0 for every sample, verifier not run (pure distillation).
     c.buffer = dict(skip_verification=False)
 
@@ -67,7 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
     # model: the teacher's HF folder; '' = the student's base model (then one server can serve both).
     # scorer: who computes the teacher's log-probs: 'trainer' (the base model is the teacher: the trainer scores it
     # with LoRA off, no teacher server), 'vllm' (a teacher server's prompt_logprobs), 'auto' (trainer when it can).
-    c.teacher = dict(context=config_dict.placeholder(str), eval_baseline=True, model="", scorer="auto")
+    # lora (trainer-scored teacher only): 'off' = the base model; 'live' = the student's current LoRA (with the
+    # teacher's context: self-distillation); 'ema' = an exponential moving average of the student's LoRA, updated
+    # after every step with weight ema_decay on the old average (kept in checkpoints).
+    c.teacher = dict(context=config_dict.placeholder(str), eval_baseline=True, model="", scorer="auto", lora="off",
+                     ema_decay=0.99)
     # name picks the environment; env.<name> holds its keyword arguments at its own defaults (Sokoban's are the
     # reference run's puzzle and split sizes), e.g. --config.env.name=ahoy --config.env.ahoy.num_eval=32.
     c.env = env_config("sokoban")

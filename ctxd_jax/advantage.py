@@ -12,6 +12,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ctxd_jax.config import KL_NORMALIZE
+
+
+def _f32(x):
+    return None if x is None else jnp.asarray(x).astype(jnp.float32)
+
 
 def _groups(x, group_size: int, name: str):
     if x.ndim != 1:
@@ -46,11 +52,25 @@ def _baseline(reward, lengths):
     return jnp.where(total > 0, weighted, _group_mean(reward))
 
 
+def sequence_kl_terms(teacher_logprob_sums, inference_logprob_sums, completion_lengths, *, kl_normalize: str):
+    """The per-sample sums (sum lpT, sum lpS) as the sequence reward uses them: unchanged ('sum', the reference), or
+    divided by the completion length ('mean': per-token rates, so a longer answer pays no more KL than a short one
+    at the same rate; an empty completion's terms are 0)."""
+    if kl_normalize not in KL_NORMALIZE:
+        raise ValueError(f"kl_normalize: {kl_normalize!r} is not one of {KL_NORMALIZE}")
+    if kl_normalize == "sum":
+        return teacher_logprob_sums, inference_logprob_sums
+    if completion_lengths is None:
+        raise ValueError("completion_lengths: required with kl_normalize='mean'")
+    n = jnp.maximum(completion_lengths.astype(jnp.float32), 1.0)
+    return teacher_logprob_sums / n, inference_logprob_sums / n
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "use_full_reward_baseline", "kl_only_incorrect",
-                                             "length_weighted_mean"))
+                                             "length_weighted_mean", "kl_normalize"))
 def compute_advantages(task_rewards, teacher_logprob_sums, inference_logprob_sums, *, group_size: int,
                        adv_tau, teacher_tau, student_tau, use_full_reward_baseline: bool, kl_only_incorrect: bool,
-                       completion_lengths=None, length_weighted_mean: bool = False):
+                       completion_lengths=None, length_weighted_mean: bool = False, kl_normalize: str = "sum"):
     """Per-sample advantages A = R - b, no std normalisation: [B] float32.
 
     R = adv_tau*r + g*(teacher_tau*sum lpT - student_tau*sum lpS) when `use_full_reward_baseline` and a teacher
@@ -59,14 +79,17 @@ def compute_advantages(task_rewards, teacher_logprob_sums, inference_logprob_sum
     Without the full baseline the KL enters per token in the loss instead (see loss.compute_loss).
     b is the group mean of R, or with `length_weighted_mean` sum(R*L)/sum(L) over the group, L =
     `completion_lengths` [B] (then sum(L*A) is 0 within a group, not sum(A)).
+    `kl_normalize`='mean' divides both sums by L first (sequence_kl_terms).
     """
     r = _groups(task_rewards, group_size, "task_rewards")
     reward = adv_tau * r
     if use_full_reward_baseline and teacher_logprob_sums is not None:
         if inference_logprob_sums is None:
             raise ValueError("inference_logprob_sums: required with teacher_logprob_sums and the full reward baseline")
-        s_t = _groups(teacher_logprob_sums, group_size, "teacher_logprob_sums")
-        s_s = _groups(inference_logprob_sums, group_size, "inference_logprob_sums")
+        s_t, s_s = sequence_kl_terms(_f32(teacher_logprob_sums), _f32(inference_logprob_sums),
+                                     _f32(completion_lengths), kl_normalize=kl_normalize)
+        s_t = _groups(s_t, group_size, "teacher_logprob_sums")
+        s_s = _groups(s_s, group_size, "inference_logprob_sums")
         if s_t.shape != r.shape or s_s.shape != r.shape:
             raise ValueError(f"logprob sums {s_t.shape}/{s_s.shape} do not match task_rewards {r.shape}")
         gate = 1.0 - _group_mean(r) if kl_only_incorrect else 1.0

@@ -151,3 +151,41 @@ def test_property_groups_sum_to_zero_and_formula(groups, group_size, seed, taus,
     np.testing.assert_allclose((a.reshape(groups, group_size) * L).sum(1), 0, atol=5e-2)
     np.testing.assert_allclose(a, (R - (R * L).sum(1, keepdims=True) / L.sum(1, keepdims=True)).reshape(-1),
                                atol=1e-3, rtol=1e-4)
+
+
+def _numpy_mean_kl_advantages(r, s_t, s_s, lengths, group_size):
+    """Oracle: R = r + (sum lpT - sum lpS) / L per sample, minus the group mean."""
+    reward = np.asarray(r, np.float64) + (np.asarray(s_t) - np.asarray(s_s)) / np.maximum(lengths, 1)
+    grouped = reward.reshape(-1, group_size)
+    return (grouped - grouped.mean(axis=1, keepdims=True)).reshape(-1)
+
+
+def test_kl_normalize_mean_against_numpy():
+    rng = np.random.default_rng(0)
+    r = rng.integers(0, 2, 12).astype(np.float32)
+    lengths = rng.integers(0, 50, 12).astype(np.float32)
+    s_t, s_s = -rng.random(12) * lengths, -rng.random(12) * lengths
+    got = np.asarray(compute_advantages(r, s_t, s_s, group_size=4, completion_lengths=lengths, kl_normalize="mean",
+                                        use_full_reward_baseline=True, kl_only_incorrect=False, **TAUS))
+    np.testing.assert_allclose(got, _numpy_mean_kl_advantages(r, s_t, s_s, lengths, 4), rtol=1e-5, atol=1e-6)
+
+
+def test_kl_normalize_mean_does_not_reward_short_answers():
+    # the same per-token log-ratio (-0.5) at lengths 2 and 20: 'sum' favours the short one, 'mean' neither
+    r, lengths = [0, 0], [2, 20]
+    s_t, s_s = [-1.5, -15.0], [-0.5, -5.0]
+    np.testing.assert_allclose(adv(r, s_t, s_s, 2), [4.5, -4.5])
+    got = compute_advantages(jnp.asarray(r, jnp.float32), jnp.asarray(s_t), jnp.asarray(s_s), group_size=2,
+                             completion_lengths=jnp.asarray(lengths, jnp.float32), kl_normalize="mean",
+                             use_full_reward_baseline=True, kl_only_incorrect=False, **TAUS)
+    np.testing.assert_allclose(got, [0.0, 0.0], atol=1e-6)
+
+
+def test_kl_normalize_refusals():
+    with pytest.raises(ValueError, match="completion_lengths: required with kl_normalize='mean'"):
+        compute_advantages(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), group_size=2, kl_normalize="mean",
+                           use_full_reward_baseline=True, kl_only_incorrect=False, **TAUS)
+    with pytest.raises(ValueError, match="kl_normalize: 'max' is not one of"):
+        compute_advantages(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), group_size=2, kl_normalize="max",
+                           completion_lengths=jnp.ones(2), use_full_reward_baseline=True, kl_only_incorrect=False,
+                           **TAUS)

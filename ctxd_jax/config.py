@@ -28,6 +28,11 @@ TEACHER_SCORERS = ("auto", "trainer", "vllm")
 LOGPROB_SOURCES = ("vllm", "trainer")  # sampling.logprobs
 TRANSPORTS = ("uds", "tcp")
 MPS_MODES = ("auto", "on", "off")  # trainer.mps
+TOPK_DIRECTIONS = ("forward", "reverse", "jsd")  # loss.topk_direction; the divergence math reads this too
+KL_NORMALIZE = ("sum", "mean")  # advantage.kl_normalize; the advantage math reads this too
+# teacher.lora: which LoRA the trainer's teacher runs with: none (the base model), the student's current one, or an
+# exponential moving average of it.
+TEACHER_LORAS = ("off", "live", "ema")
 
 
 class ConfigError(ValueError):
@@ -70,6 +75,11 @@ def needs_teacher_scores(config: ml_collections.ConfigDict) -> bool:
     return loss.teacher_tau > 0 or loss.student_tau > 0 or loss.topk_tau > 0
 
 
+def full_vocab(config: ml_collections.ConfigDict) -> bool:
+    """Top-k distillation over the whole vocabulary (loss.topk = 0): the teacher runs inside the train step."""
+    return config.loss.topk_tau > 0 and config.loss.topk == 0
+
+
 def _teacher_model(config: ml_collections.ConfigDict) -> str:
     return config.teacher.model or config.model.path
 
@@ -99,14 +109,16 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              f"{config.sampling.max_tokens} leaves no room for the prompt in seq_len={config.seq_len}")
     _require(config.max_steps >= 0, "max_steps", f"must be >= 0, got {config.max_steps}")
     _require(config.max_async_level >= 0, "max_async_level", f"must be >= 0, got {config.max_async_level}")
-    _require(config.loss.topk_direction in ("forward", "reverse"), "loss.topk_direction",
-             f"{config.loss.topk_direction!r} is not 'forward' or 'reverse'")
+    _require(config.loss.topk_direction in TOPK_DIRECTIONS, "loss.topk_direction",
+             f"{config.loss.topk_direction!r} is not one of {TOPK_DIRECTIONS}")
+    _require(0 < config.loss.jsd_beta < 1, "loss.jsd_beta", f"must be in (0, 1), got {config.loss.jsd_beta!r}")
     _require(config.loss.ratio_type in RATIO_TYPES, "loss.ratio_type",
              f"{config.loss.ratio_type!r} is not one of {RATIO_TYPES}")
+    _require(config.advantage.kl_normalize in KL_NORMALIZE, "advantage.kl_normalize",
+             f"{config.advantage.kl_normalize!r} is not one of {KL_NORMALIZE}")
     _require(config.loss.kl_tau >= 0, "loss.kl_tau", f"must be >= 0, got {config.loss.kl_tau!r}")
     _positive(config, "loss.sequence_clip_high")
-    _require(config.loss.topk_tau == 0 or config.loss.topk > 0, "loss.topk",
-             f"must be > 0 when loss.topk_tau > 0, got {config.loss.topk}")
+    _require(config.loss.topk >= 0, "loss.topk", f"must be >= 0 (0 = the full vocabulary), got {config.loss.topk}")
     for kind in ("token", "geo", "sequence"):
         low, high = config.loss[f"{kind}_mask_low"], config.loss[f"{kind}_mask_high"]
         _require(0 <= low <= high, f"loss.{kind}_mask_low", f"need 0 <= low <= high, got [{low}, {high}]")
@@ -138,6 +150,17 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.teacher.scorer != "trainer" or _teacher_is_base(config), "teacher.scorer",
              f"'trainer' scores with the student's base model (LoRA off), but teacher.model is "
              f"{config.teacher.model!r}; use 'vllm' or 'auto'")
+    _require(config.teacher.lora in TEACHER_LORAS, "teacher.lora",
+             f"{config.teacher.lora!r} is not one of {TEACHER_LORAS}")
+    _require(0 <= config.teacher.ema_decay < 1, "teacher.ema_decay",
+             f"must be in [0, 1), got {config.teacher.ema_decay!r}")
+    if teacher_scorer(config) == "vllm":
+        _require(not full_vocab(config), "loss.topk",
+                 "0 (the full vocabulary) runs the teacher inside the train step, but a vLLM server scores it "
+                 "(teacher.scorer resolves to 'vllm'); set loss.topk > 0 or use the base model as the teacher")
+        _require(config.teacher.lora == "off", "teacher.lora",
+                 f"{config.teacher.lora!r} needs the trainer to score the teacher, but a vLLM server scores it "
+                 "(teacher.scorer resolves to 'vllm'); use 'off'")
     _require(config.inference.transport in TRANSPORTS, "inference.transport",
              f"{config.inference.transport!r} is not one of {TRANSPORTS}")
     _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
@@ -187,6 +210,10 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
         out.append("advantage.kl_only_incorrect: no effect, teacher_tau and student_tau are 0 (no KL terms to gate)")
     if config.buffer.skip_verification and loss.adv_tau > 0:
         out.append(f"buffer.skip_verification: every task reward is 0, so loss.adv_tau={loss.adv_tau} has no effect")
+    if config.advantage.kl_normalize != "sum" and not (
+            config.advantage.use_full_reward_baseline and (loss.teacher_tau > 0 or loss.student_tau > 0)):
+        out.append("advantage.kl_normalize: no effect without the sequence KL (use_full_reward_baseline with "
+                   "teacher_tau or student_tau > 0)")
     if config.buffer.skip_verification and config.advantage.kl_only_incorrect:
         out.append("advantage.kl_only_incorrect: no effect with buffer.skip_verification (rewards 0, the gate is 1)")
     if config.teacher.eval_baseline and plan.teacher is None and plan.teacher_scorer == "vllm":

@@ -170,7 +170,20 @@ def test_choices_and_bounds():
     assert _error(_config(weights__mode="full")).startswith("weights.mode: ")
     assert _error(_config(lora__targets=("q_proj", "v_proj"))).startswith("lora.targets: only LoRA on all of")
     assert _error(_config(loss__token_mask_low=9.0)).startswith("loss.token_mask_low: ")
-    assert _error(_config(loss__topk_tau=1.0, loss__topk=0)).startswith("loss.topk: ")
+    assert _error(_config(loss__topk_tau=1.0, loss__topk=-1)).startswith("loss.topk: must be >= 0")
+    assert _error(_config(loss__topk_direction="both")).startswith("loss.topk_direction: 'both' is not one of")
+    assert _error(_config(loss__jsd_beta=1.0)) == "loss.jsd_beta: must be in (0, 1), got 1.0"
+    assert _error(_config(teacher__lora="frozen")).startswith("teacher.lora: 'frozen' is not one of")
+    assert _error(_config(teacher__ema_decay=1.0)) == "teacher.ema_decay: must be in [0, 1), got 1.0"
+
+
+def test_full_vocabulary_and_teacher_lora_need_the_trainer_to_score_the_teacher():
+    validate(_config(loss__topk_tau=1.0, loss__topk=0, teacher__lora="ema"), CPU)  # the trainer scores: allowed
+    msg = _error(_config(loss__topk_tau=1.0, loss__topk=0, teacher__scorer="vllm"), THREE)
+    assert msg.startswith("loss.topk: 0 (the full vocabulary) runs the teacher inside the train step, but a vLLM")
+    for lora in ("live", "ema"):
+        msg = _error(_config(teacher__lora=lora, teacher__scorer="vllm"), THREE)
+        assert msg.startswith(f"teacher.lora: {lora!r} needs the trainer to score the teacher, but a vLLM server")
     assert _error(_config(loss__ratio_type="seq")) == "loss.ratio_type: 'seq' is not one of ('token', 'sequence')"
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
 from ctxd_jax.checkpoint import Checkpointer
-from ctxd_jax.config import needs_teacher_scores
+from ctxd_jax.config import full_vocab, needs_teacher_scores
 from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, evaluate
 from ctxd_jax import rundir
@@ -60,7 +60,9 @@ def step_config(config) -> StepConfig:
                       use_full_reward_baseline=config.advantage.use_full_reward_baseline,
                       topk_tau=loss.topk_tau, topk_direction=loss.topk_direction, ratio_type=loss.ratio_type,
                       masks=tuple((k, float(loss[k])) for k in LOSS_KEYS),
-                      micro_batch_rows=t.micro_batch_rows, chunk_size=t.chunk_size)
+                      micro_batch_rows=t.micro_batch_rows, chunk_size=t.chunk_size,
+                      full_vocab=full_vocab(config), jsd_beta=loss.jsd_beta, teacher_lora=config.teacher.lora,
+                      ema_decay=config.teacher.ema_decay)
 
 
 def run(config, plan, stop: threading.Event, lead=None) -> None:
@@ -134,7 +136,7 @@ class RunState:
         return cls(meta["step"], meta["rng"], meta.get("pending") or [])
 
 
-_TEACHER_FIELDS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+_TEACHER_FIELDS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_prompt_ids")
 
 
 @dataclass
@@ -285,7 +287,7 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     current, group = batch.rollouts, config.rollouts_per_example
     adv, gates = orch.advantages(current, group_size=group, loss=config.loss, advantage=config.advantage)
     packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=run.trainer.row_multiple,
-                         topk=run.src.topk, min_rows=run.min_rows)
+                         topk=run.src.topk, min_rows=run.min_rows, teacher_rows=run.trainer.step_config.full_vocab)
     # Without micro-batches every row count is a new compile: keep the largest seen (shapes only grow).
     run.min_rows = stats.rows if not config.trainer.micro_batch_rows else 0
     t = time.perf_counter()
@@ -326,7 +328,7 @@ async def _after_sampling(run: Run, examples, rollouts: list[Rollout], version: 
 
 def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int) -> dict:
     """Trainer-side scores of a sampled batch: behaviour log-probs under the sampling version's snapshot (a batch
-    resumed from a checkpoint already has them), teacher log-probs (and top-k) with LoRA off."""
+    resumed from a checkpoint already has them), teacher log-probs (and top-k) with the teacher's LoRA state."""
     out = {}
     if version in run.snapshots:
         trainer_lps = behaviour_logprobs(run.trainer, rollouts, run.snapshots[version])
@@ -338,7 +340,8 @@ def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int)
             r.sampling_logprobs = lp
     if run.trainer_teacher:
         src = run.src
-        score_teacher_in_trainer(run.trainer, src.tokenizer, src.env, examples, rollouts, src.context, src.topk)
+        score_teacher_in_trainer(run.trainer, src.tokenizer, src.env, examples, rollouts, src.context, src.topk,
+                                 lora=run.trainer.teacher_lora())
     return out
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ctxd_jax.config import RATIO_TYPES
+from ctxd_jax.divergence import token_divergence
 
 _NEG = -1e9  # stands in for -inf log-probs so that 0 * log 0 stays 0 (and its gradient finite)
 _SEQ_LOG_RATIO_MAX = 10.0  # a sample's summed log-ratio is capped here before exp (as the reference does): finite
@@ -53,14 +54,13 @@ def gather_topk(logits, topk_ids):
 
 
 @functools.partial(jax.jit, static_argnames=("direction",))
-def topk_kl(student_topk_logprobs, teacher_topk_logprobs, mask, *, direction: str = "forward"):
-    """Per-token KL on the teacher's top-k support, both distributions renormalised on it: [R, T] float32.
+def topk_kl(student_topk_logprobs, teacher_topk_logprobs, mask, *, direction: str = "forward", beta=0.5):
+    """Per-token divergence on the teacher's top-k support, both distributions renormalised on it: [R, T] float32.
 
-    forward = KL(teacher || student) (mode covering), reverse = KL(student || teacher). The teacher side is
-    stop-gradient. Tokens outside `mask` are 0 and their inputs may hold anything (even -inf or NaN).
+    forward = KL(teacher || student) (mode covering), reverse = KL(student || teacher), jsd = the generalised JSD
+    with weight `beta` (ctxd_jax.divergence). The teacher side is stop-gradient. Tokens outside `mask` are 0 and
+    their inputs may hold anything (even -inf or NaN).
     """
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"topk direction: expected 'forward' or 'reverse', got {direction!r}")
     if student_topk_logprobs.shape != teacher_topk_logprobs.shape:
         raise ValueError(f"student_topk_logprobs {student_topk_logprobs.shape} and teacher_topk_logprobs "
                          f"{teacher_topk_logprobs.shape} differ")
@@ -69,9 +69,7 @@ def topk_kl(student_topk_logprobs, teacher_topk_logprobs, mask, *, direction: st
     t = jnp.where(m, jnp.maximum(_f32(jax.lax.stop_gradient(teacher_topk_logprobs)), _NEG), 0.0)
     s = jax.nn.log_softmax(s, axis=-1)
     t = jax.nn.log_softmax(t, axis=-1)
-    lp, lq = (t, s) if direction == "forward" else (s, t)
-    kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-    return jnp.where(m[..., 0], kl, 0.0)
+    return jnp.where(m[..., 0], token_divergence(s, t, direction=direction, beta=beta), 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("use_full_reward_baseline", "topk_direction", "ratio_type"))
@@ -81,7 +79,8 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
                  sequence_mask_low=0.0, sequence_mask_high=100.0,
                  segment_ids=None, loss_scale=None,
                  student_topk_logprobs=None, teacher_topk_logprobs=None, topk_tau=0.0,
-                 topk_direction: str = "forward", ratio_type: str = "token", sequence_clip_high=10.0, kl_tau=0.0):
+                 topk_direction: str = "forward", ratio_type: str = "token", sequence_clip_high=10.0, kl_tau=0.0,
+                 jsd_beta=0.5, full_vocab_kl=None):
     """Loss (scalar float32) and metrics (dict of float32 scalars) for one micro-batch of [R, T] tokens.
 
     Metrics are means over this call's loss-mask tokens (or samples, for geo_seq_ratio, sequence_ratio and
@@ -101,7 +100,8 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
     token count.
     Optional top-k distillation adds topk_tau * sum over loss-mask tokens of topk_kl / loss_scale (each token's
     topk_kl over its sample's loss-token count with sequence ratios), differentiated directly through
-    student_topk_logprobs.
+    student_topk_logprobs. `full_vocab_kl` [R, T] (the divergence over the whole vocabulary per token, differentiable
+    in the student: ctxd_jax.divergence.hidden_divergence) takes the top-k divergence's place.
     """
     lp = _f32(trainer_logprobs)
     shape = lp.shape
@@ -193,8 +193,12 @@ def compute_loss(trainer_logprobs, inference_logprobs, teacher_logprobs, advanta
         diff = jnp.sum(jnp.where(m, teacher_lp - jax.lax.stop_gradient(lp), 0.0))
         metrics["teacher_kl"] = diff / denom
         metrics["teacher_seq_kl"] = diff / jnp.maximum(n_samples, 1.0)  # mean over samples of the sums
+    kl = None
     if student_topk_logprobs is not None:
-        kl = topk_kl(student_topk_logprobs, teacher_topk_logprobs, m, direction=topk_direction)
+        kl = topk_kl(student_topk_logprobs, teacher_topk_logprobs, m, direction=topk_direction, beta=jsd_beta)
+    elif full_vocab_kl is not None:
+        kl = jnp.where(m, _f32(full_vocab_kl), 0.0)
+    if kl is not None:
         loss = loss + topk_tau * jnp.sum(kl * per_token_share) / scale
         metrics["topk_kl"] = jnp.sum(kl) / denom
     return loss, metrics

@@ -119,7 +119,8 @@ def advantages(rollouts: Sequence[Rollout], *, group_size: int, loss, advantage)
                              teacher_tau=loss.teacher_tau, student_tau=loss.student_tau,
                              use_full_reward_baseline=advantage.use_full_reward_baseline,
                              kl_only_incorrect=advantage.kl_only_incorrect, completion_lengths=lengths,
-                             length_weighted_mean=advantage.length_weighted_mean)
+                             length_weighted_mean=advantage.length_weighted_mean,
+                             kl_normalize=advantage.kl_normalize)
     gates = kl_gates(rewards, group_size=group_size) if advantage.kl_only_incorrect else np.ones_like(rewards)
     return np.asarray(adv), np.asarray(gates)
 

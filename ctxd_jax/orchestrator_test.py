@@ -32,7 +32,7 @@ def test_advantages_and_metrics():
     rs = [_r(0, 1.0), _r(0, 0.0), _r(1, 0.0), _r(1, 0.0)]
     loss = ml_collections.ConfigDict(dict(adv_tau=1.0, teacher_tau=0.0, student_tau=0.0))
     adv_cfg = ml_collections.ConfigDict(dict(use_full_reward_baseline=True, kl_only_incorrect=True,
-                                             length_weighted_mean=False))
+                                             length_weighted_mean=False, kl_normalize="sum"))
     adv, gates = orch.advantages(rs, group_size=2, loss=loss, advantage=adv_cfg)
     np.testing.assert_allclose(adv, [0.5, -0.5, 0.0, 0.0])
     np.testing.assert_allclose(gates, [0.5, 0.5, 1.0, 1.0])
@@ -40,6 +40,15 @@ def test_advantages_and_metrics():
     adv_cfg.length_weighted_mean = True
     adv, _ = orch.advantages([_r(0, 1.0, n=10), _r(0, 2.0, n=30)], group_size=2, loss=loss, advantage=adv_cfg)
     np.testing.assert_allclose(adv, [-0.75, 0.25])
+    # kl_normalize='mean': the KL terms are per-token rates (teacher -2 vs student -1 a token, any length)
+    loss.teacher_tau = loss.student_tau = 1.0
+    adv_cfg.length_weighted_mean, adv_cfg.kl_normalize = False, "mean"
+    adv, _ = orch.advantages([_r(0, 0.0, n=10), _r(0, 0.0, n=30)], group_size=2, loss=loss, advantage=adv_cfg)
+    np.testing.assert_allclose(adv, [0.0, 0.0], atol=1e-6)
+    adv_cfg.kl_normalize = "sum"
+    adv, _ = orch.advantages([_r(0, 0.0, n=10), _r(0, 0.0, n=30)], group_size=2, loss=loss, advantage=adv_cfg)
+    np.testing.assert_allclose(adv, [10.0, -10.0])
+    loss.teacher_tau = loss.student_tau = 0.0
     m = orch.rollout_metrics(rs, 2)
     assert m["reward/mean"] == 0.25 and m["reward/group_any_solved"] == 0.5 and m["reward/group_all_solved"] == 0.0
     assert m["teacher_kl/seq"] == 3.0  # sum(-1) - sum(-2) over 3 tokens

@@ -21,6 +21,7 @@ from ctxd_jax.records import Rollout
 # 64 segments (relative error 0.18 at 65 segments in a 16k row, 0.55 at 300 in a 4k row; outputs stayed exact), so
 # rows of many short samples are split instead (bench/attention_check.py, BENCHMARKS.md).
 MAX_SAMPLES_PER_ROW = MIN_SEGMENT_BOUND - 1
+TEACHER_ROW_MULTIPLE = 128  # teacher rows longer than seq_len round up to this: few compiled shapes
 
 
 class TrainBatch(NamedTuple):
@@ -37,6 +38,13 @@ class TrainBatch(NamedTuple):
     teacher_logprobs: np.ndarray | None = None       # float32
     teacher_topk_ids: np.ndarray | None = None       # int32
     teacher_topk_logprobs: np.ndarray | None = None  # float32
+    # The teacher's rows (full-vocabulary KL: the trainer runs the teacher): each row holds the teacher prompt +
+    # completion of the same samples as the student's row, [rows, teacher_len]; teacher_index [rows, seq_len] is
+    # where each completion token of the student's row sits in the teacher's (0 elsewhere).
+    teacher_tokens: np.ndarray | None = None         # int32
+    teacher_positions: np.ndarray | None = None      # int32
+    teacher_segment_ids: np.ndarray | None = None    # int32
+    teacher_index: np.ndarray | None = None          # int32
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def placements(bins: Sequence[Sequence[int]], lengths: Sequence[int]):
 
 
 def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int, row_multiple: int = 1,
-         topk: int = 0, min_rows: int = 0) -> tuple[TrainBatch, PackStats]:
+         topk: int = 0, min_rows: int = 0, teacher_rows: bool = False) -> tuple[TrainBatch, PackStats]:
     """Packs `rollouts` (with their per-sample `advantages` and `kl_gates`) into a TrainBatch.
 
     Samples longer than `seq_len` keep their first `seq_len` tokens. The row count is padded up to a multiple of
@@ -94,6 +102,7 @@ def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int
     data-parallel rank runs the same number of identical-shape micro-batches.
     `min_rows` pads with filler rows up to at least that many rows (fewer distinct shapes to compile).
     `topk` > 0 packs the teacher's top-k ids/log-probs (rollouts must carry at least k of them per token).
+    `teacher_rows` packs the teacher's rows from each rollout's teacher_prompt_ids (see TrainBatch).
     """
     if not rollouts:
         raise ValueError("pack: no rollouts")
@@ -151,6 +160,33 @@ def pack(rollouts: Sequence[Rollout], advantages, kl_gates=None, *, seq_len: int
             if topk:
                 b["teacher_topk_ids"][row, cs] = np.asarray(r.teacher_topk_ids[:c], np.int32)[:, :topk]
                 b["teacher_topk_logprobs"][row, cs] = np.asarray(r.teacher_topk_logprobs[:c], np.float32)[:, :topk]
+    if teacher_rows:
+        b.update(_teacher_rows(rollouts, bins, lengths, rows, seq_len))
     stats = PackStats(samples=n, rows=rows, filler_rows=rows - len(bins), truncated=sum(f > seq_len for f in full),
                       tokens=sum(lengths), loss_tokens=int(b["loss_mask"].sum()), seq_len=seq_len)
     return TrainBatch(**b), stats
+
+
+def _teacher_rows(rollouts: Sequence[Rollout], bins, lengths, rows: int, seq_len: int) -> dict:
+    """TrainBatch's teacher_* fields: each sample's teacher prompt + its (possibly truncated) completion, laid out in
+    the same rows and order as its student sequence. The rows are seq_len long, or longer (a multiple of
+    TEACHER_ROW_MULTIPLE) where the teacher's prompts make them so."""
+    for r in rollouts:
+        if not r.teacher_prompt_ids:
+            raise ValueError(f"pack: rollout {r.example_id}/{r.group}: the teacher's rows need its teacher_prompt_ids")
+    kept = [max(0, lengths[i] - len(r.prompt_ids)) for i, r in enumerate(rollouts)]
+    t_lengths = [len(r.teacher_prompt_ids) + c for r, c in zip(rollouts, kept)]
+    need = max(sum(t_lengths[i] for i in members) for members in bins)
+    width = seq_len if need <= seq_len else -(-need // TEACHER_ROW_MULTIPLE) * TEACHER_ROW_MULTIPLE
+    out = {k: np.zeros((rows, width), np.int32) for k in ("teacher_tokens", "teacher_positions", "teacher_segment_ids")}
+    out["teacher_index"] = np.zeros((rows, seq_len), np.int32)
+    student_starts = {i: start for _, _, i, start in placements(bins, lengths)}
+    for row, seg, i, start in placements(bins, t_lengths):
+        r, tp, c = rollouts[i], len(rollouts[i].teacher_prompt_ids), kept[i]
+        sl = slice(start, start + t_lengths[i])
+        out["teacher_tokens"][row, sl] = list(r.teacher_prompt_ids) + list(r.completion_ids[:c])
+        out["teacher_positions"][row, sl] = np.arange(t_lengths[i])
+        out["teacher_segment_ids"][row, sl] = seg
+        first = student_starts[i] + len(r.prompt_ids)
+        out["teacher_index"][row, first:first + c] = np.arange(start + tp, start + tp + c)
+    return out

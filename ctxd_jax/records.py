@@ -38,3 +38,5 @@ class Rollout:
     # [n][k] lists from a vLLM teacher, [n, k] numpy arrays from the trainer's (packing takes either).
     teacher_topk_ids: list[list[int]] | np.ndarray | None = None
     teacher_topk_logprobs: list[list[float]] | np.ndarray | None = None
+    # The teacher's prompt, where the trainer runs the teacher inside the train step (full-vocabulary KL).
+    teacher_prompt_ids: list[int] | None = None

@@ -152,23 +152,31 @@ def every_position(run: Callable[[dict], Sequence]) -> Callable[[dict], list[np.
     return scored
 
 
-def score_teacher_in_trainer(trainer, tokenizer, env, examples, rollouts, context: str | None,
-                             topk: int = 0) -> None:
-    """Fills every rollout's teacher_logprobs (and teacher_topk_ids / teacher_topk_logprobs when topk > 0): the
-    base model's log-probs of its completion under the teacher prompt, at temperature 1, scored by `trainer` with
-    LoRA off. The same numbers as orchestrator.score_teacher with a vLLM server serving the base model.
-
-    `examples[r.group]` is rollout r's example (a list indexed by group, or a dict). Reads only the trainer's
-    frozen weights, never its LoRA or optimizer state, so a worker thread may call it between train steps."""
+def set_teacher_prompts(tokenizer, env, examples, rollouts, context: str | None) -> None:
+    """Sets every rollout's teacher_prompt_ids (one prompt per group). `examples[r.group]` is rollout r's example
+    (a list indexed by group, or a dict)."""
     prompts: dict[int, list[int]] = {}
     for r in rollouts:
         if r.group not in prompts:
             prompts[r.group] = teacher_prompt_ids(tokenizer, env, examples[r.group], context, r.prompt_ids)
             if not prompts[r.group]:
                 raise ValueError("teacher prompt is empty: the first completion token would have no log-prob")
-    seqs = [prompts[r.group] + list(r.completion_ids) for r in rollouts]
-    scores = trainer.score(seqs, lora=trainer.base_lora(), starts=[len(prompts[r.group]) for r in rollouts],
-                           topk=topk)
+        r.teacher_prompt_ids = prompts[r.group]
+
+
+def score_teacher_in_trainer(trainer, tokenizer, env, examples, rollouts, context: str | None,
+                             topk: int = 0, lora=None) -> None:
+    """Fills every rollout's teacher_prompt_ids, teacher_logprobs (and teacher_topk_ids / teacher_topk_logprobs when
+    topk > 0): the log-probs of its completion under the teacher prompt, at temperature 1, scored by `trainer` with
+    the LoRA state `lora` (default: LoRA off, the base model: the same numbers as orchestrator.score_teacher with a
+    vLLM server serving the base model).
+
+    `examples[r.group]` is rollout r's example (a list indexed by group, or a dict). Reads only the trainer's
+    frozen weights and `lora`, never its train state, so a worker thread may call it between train steps."""
+    set_teacher_prompts(tokenizer, env, examples, rollouts, context)
+    seqs = [r.teacher_prompt_ids + list(r.completion_ids) for r in rollouts]
+    scores = trainer.score(seqs, lora=trainer.base_lora() if lora is None else lora,
+                           starts=[len(r.teacher_prompt_ids) for r in rollouts], topk=topk)
     for r, s in zip(rollouts, scores):
         r.teacher_logprobs = s.logprobs.tolist()
         # The top-k stay numpy arrays [n, k]: as lists (k Python numbers per token) they cost seconds a batch to

@@ -27,9 +27,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ctxd_jax import distributed, sharding
+from ctxd_jax.divergence import hidden_divergence
+from ctxd_jax.ema import ema_update
 from ctxd_jax.loss import compute_loss, default_loss_scale
 from ctxd_jax.models.attention import segment_bound
-from ctxd_jax.models.logprobs import token_logprobs
+from ctxd_jax.models.logprobs import hidden_logprobs
 from ctxd_jax.packing import TrainBatch
 from ctxd_jax.scoring import ROW_KEYS, Scores, score_rows_jit, score_sequences
 
@@ -65,6 +67,12 @@ class StepConfig:
     masks: tuple[tuple[str, float], ...] = ()  # (name, value) for LOSS_KEYS
     micro_batch_rows: int = 0  # 0 = all rows at once
     chunk_size: int = 1024  # tokens per chunk of the log-prob head
+    # The divergence over the whole vocabulary (topk_direction, jsd_beta) against the teacher run inside the step on
+    # the batch's teacher rows, with LoRA teacher_lora: off | live | ema (an average with weight ema_decay).
+    full_vocab: bool = False
+    jsd_beta: float = 0.5
+    teacher_lora: str = "off"
+    ema_decay: float = 0.99
 
 
 def lr_schedule(c: OptimConfig) -> optax.Schedule:
@@ -88,21 +96,33 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
                        optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
 
 
-def micro_batch_loss(lora, rest, mb: dict, loss_scale, *, graphdef, step: StepConfig, max_segments=None):
-    """(loss, metrics) of one micro-batch (a dict of TrainBatch fields) with the model nnx.merge(graphdef, lora, rest)."""
+def micro_batch_loss(lora, rest, mb: dict, loss_scale, teacher_lora=None, *, graphdef, step: StepConfig,
+                     max_segments=None):
+    """(loss, metrics) of one micro-batch (a dict of TrainBatch fields) with the model nnx.merge(graphdef, lora, rest).
+    With step.full_vocab the teacher (the model with `teacher_lora`, stop-gradient) runs on the batch's teacher rows."""
     model = nnx.merge(graphdef, lora, rest)
     topk_ids = mb.get("teacher_topk_ids")
-    out = token_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["temperatures"],
-                         chunk_size=step.chunk_size, gather_ids=topk_ids, max_segments=max_segments)
+    hidden = model(mb["tokens"], mb["positions"], mb["segment_ids"], max_segments=max_segments)
+    out = hidden_logprobs(hidden, model.lm_head_kernel(), mb["tokens"], mb["segment_ids"], mb["temperatures"],
+                          chunk_size=step.chunk_size, gather_ids=topk_ids)
     logprobs, entropy = out[0], out[1]
     student_topk = out[2] if topk_ids is not None else None
+    full_kl = None
+    if step.full_vocab:
+        teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_lora), rest)
+        teacher_hidden = teacher(mb["teacher_tokens"], mb["teacher_positions"], mb["teacher_segment_ids"],
+                                 max_segments=max_segments)
+        full_kl = hidden_divergence(hidden, teacher_hidden, model.lm_head_kernel(), mb["temperatures"],
+                                    mb["teacher_index"], chunk_size=step.chunk_size, direction=step.topk_direction,
+                                    beta=step.jsd_beta)
     loss, metrics = compute_loss(
         logprobs, mb["sampling_logprobs"], mb.get("teacher_logprobs"), mb["advantages"], mb["kl_gates"],
         mb["loss_mask"], teacher_tau=step.teacher_tau, student_tau=step.student_tau,
         use_full_reward_baseline=step.use_full_reward_baseline, segment_ids=mb["segment_ids"],
         loss_scale=loss_scale, student_topk_logprobs=student_topk,
         teacher_topk_logprobs=mb.get("teacher_topk_logprobs") if topk_ids is not None else None,
-        topk_tau=step.topk_tau, topk_direction=step.topk_direction, ratio_type=step.ratio_type, **dict(step.masks))
+        topk_tau=step.topk_tau, topk_direction=step.topk_direction, ratio_type=step.ratio_type,
+        jsd_beta=step.jsd_beta, full_vocab_kl=full_kl, **dict(step.masks))
     mask = mb["loss_mask"] & (mb["segment_ids"] > 0)
     metrics = dict(metrics, entropy_sum=jnp.sum(jnp.where(mask, entropy, 0.0)))
     return loss, metrics
@@ -151,6 +171,8 @@ class Trainer:
         self._add = jax.jit(_accumulate, donate_argnums=0)
         self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
         self._zero_lora = None  # made on first use by base_lora()
+        # teacher.lora=ema: the average starts at the initial LoRA state (the step-0 policy)
+        self.ema = self.snapshot_lora() if step.teacher_lora == "ema" else None
 
     def _everywhere(self, tree):
         """With several processes, `tree` replicated over the whole mesh, so each process holds all of it: it writes
@@ -227,7 +249,9 @@ class Trainer:
         total, scale = None, np.float32(part.loss_scale)
         with jax.set_mesh(self.mesh):
             for mb in self._micro_batches(part):
-                (loss, metrics), grads = self._grad(self.lora, self.rest, mb, scale, max_segments=part.bound)
+                teacher = self.teacher_lora() if self.step_config.full_vocab else None
+                (loss, metrics), grads = self._grad(self.lora, self.rest, mb, scale, teacher,
+                                                    max_segments=part.bound)
                 weighted = {k: v * metrics[_WEIGHT.get(k, "num_loss_tokens")] if k not in _COUNTS else v
                             for k, v in metrics.items()}
                 item = (loss, weighted, grads)
@@ -240,7 +264,9 @@ class Trainer:
         part = self.share(batch, jax.process_index())
         mb = next(self._micro_batches(part))
         with jax.set_mesh(self.mesh):
-            grad = self._grad.lower(self.lora, self.rest, mb, np.float32(part.loss_scale), max_segments=part.bound)
+            teacher = self.teacher_lora() if self.step_config.full_vocab else None
+            grad = self._grad.lower(self.lora, self.rest, mb, np.float32(part.loss_scale), teacher,
+                                    max_segments=part.bound)
             grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated),
                                  self.lora)
             apply = self._apply.lower(self.lora, self.opt_state, grads)
@@ -252,6 +278,8 @@ class Trainer:
         loss, weighted, grads = self.grads(batch)
         self.lora, self.opt_state, grad_norm = self._apply(self.lora, self.opt_state, grads)
         self.lora = self._everywhere(self.lora)
+        if self.ema is not None:
+            self.ema = self._everywhere(ema_update(self.ema, self.lora, np.float32(self.step_config.ema_decay)))
         self.updates += 1
         weighted = {k: float(v) for k, v in jax.device_get(weighted).items()}
         out = {k: v / max(weighted[_WEIGHT.get(k, "num_loss_tokens")], 1.0)
@@ -283,14 +311,23 @@ class Trainer:
 
     def state_arrays(self) -> dict:
         """What a checkpoint holds of the trainer (restore with load_state_arrays)."""
-        return {"lora": nnx.to_pure_dict(self.lora), "opt_state": self.opt_state,
-                # A global array like the others, built locally (see _global).
-                "updates": jax.make_array_from_callback((), self._replicated, lambda _: np.int32(self.updates))}
+        out = {"lora": nnx.to_pure_dict(self.lora), "opt_state": self.opt_state,
+               # A global array like the others, built locally (see _global).
+               "updates": jax.make_array_from_callback((), self._replicated, lambda _: np.int32(self.updates))}
+        if self.ema is not None:  # the EMA teacher: a resumed run teaches with the same average
+            out["teacher_ema"] = nnx.to_pure_dict(self.ema)
+        return out
 
     def load_state_arrays(self, arrays: dict) -> None:
+        self.lora = self._from_pure(arrays["lora"])
+        self.opt_state, self.updates = arrays["opt_state"], int(arrays["updates"])
+        if self.ema is not None:
+            self.ema = self._from_pure(arrays["teacher_ema"])
+
+    def _from_pure(self, pure: dict) -> nnx.State:
         lora = jax.tree.map(lambda x: x, self.lora)
-        nnx.replace_by_pure_dict(lora, arrays["lora"])
-        self.lora, self.opt_state, self.updates = lora, arrays["opt_state"], int(arrays["updates"])
+        nnx.replace_by_pure_dict(lora, pure)
+        return lora
 
     # ---- Scoring under another LoRA state (ctxd_jax/scoring.py): the teacher with LoRA off (the base model) and
     # behaviour log-probs under a snapshot. These read only `rest` (never donated) and the LoRA state passed in, so a
@@ -306,6 +343,12 @@ class Trainer:
         if self._zero_lora is None:
             self._zero_lora = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self.lora)
         return self._zero_lora
+
+    def teacher_lora(self) -> nnx.State:
+        """The LoRA state the trainer's teacher runs with (StepConfig.teacher_lora): zeros (the base model), the
+        current one, or the EMA."""
+        mode = self.step_config.teacher_lora
+        return self.base_lora() if mode == "off" else self.lora if mode == "live" else self.ema
 
     def score(self, seqs, *, lora: nnx.State, starts=None, temperatures=None, topk: int = 0,
               batch_tokens: int = SCORE_TOKENS_PER_DEVICE) -> list[Scores]:

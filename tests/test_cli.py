@@ -210,9 +210,23 @@ def test_shared_gpu_over_its_memory_is_refused():
     (["--config.env.name=ahoy", "--config.env.ahoy.num_eval=0"], "env.ahoy.num_eval: 0 must be in [1, "),
     (["--config.env.args.seed=1"], "config.env.args.seed: unknown key 'args'"),
     (["--config.inference.transport=http"], "inference.transport: 'http' is not one of ('uds', 'tcp')"),
+    (["--config.advantage.kl_normalize=max"], "advantage.kl_normalize: 'max' is not one of ('sum', 'mean')"),
+    (["--config.loss.topk_tau=1", "--config.loss.topk=0", VLLM, *GPUS],
+     "loss.topk: 0 (the full vocabulary) runs the teacher inside the train step, but a vLLM server scores it"),
+    (["--config.teacher.lora=live", VLLM, *GPUS], "teacher.lora: 'live' needs the trainer to score the teacher"),
 ])
 def test_refusals(args, prefix):
     assert refused(*args).startswith(prefix)
+
+
+def test_dry_run_shows_the_teacher_in_the_train_step():
+    flags = ["--config.loss.topk_tau=1", "--config.loss.topk=0", "--config.loss.topk_direction=jsd",
+             "--config.loss.jsd_beta=0.3", "--config.teacher.lora=ema", "--config.teacher.ema_decay=0.9",
+             "--config.advantage.kl_normalize=mean"]
+    r = ok("--config=configs/demo.py", "--config.teacher.scorer=trainer", *flags)
+    for line in ("topk: 0", "topk_direction: jsd", "jsd_beta: 0.3", "lora: ema", "ema_decay: 0.9",
+                 "kl_normalize: mean"):
+        assert f"\n  {line}\n" in r.stdout, line
 
 
 def test_warning_for_setting_without_effect():

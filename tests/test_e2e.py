@@ -176,6 +176,11 @@ CONFIGS = {
     # the trainer scores the teacher (top-k too) and the behaviour log-probs; vLLM samples without log-probs
     "trainer_side": dict(loss=dict(adv_tau=1.0, teacher_tau=1.0, student_tau=1.0, topk_tau=1.0, topk=4),
                          teacher=dict(scorer="trainer", eval_baseline=False), sampling=dict(logprobs="trainer")),
+    # the teacher in the train step: full vocabulary (JSD) with an EMA teacher, the mean sequence KL; a live teacher
+    "full_vocab_ema": dict(loss=dict(topk_tau=1.0, topk=0, topk_direction="jsd"), advantage=dict(kl_normalize="mean"),
+                           teacher=dict(scorer="trainer", lora="ema", eval_baseline=False)),
+    "live_topk": dict(loss=dict(topk_tau=1.0, topk=4, topk_direction="reverse"),
+                      teacher=dict(scorer="trainer", lora="live", eval_baseline=False)),
 }
 
 
@@ -191,6 +196,8 @@ def test_common_configurations(name, tmp_path, student_teacher_server, tiny_mode
         assert row["reward/mean"] == 0.0
     if name == "token_kl_topk":
         assert np.isfinite(row["topk_kl"]) and row["kl_contrib_abs"] > 0
+    if name in ("full_vocab_ema", "live_topk"):
+        assert np.isfinite(row["topk_kl"]) and row["topk_kl"] > 0
     if name == "trainer_side":  # vLLM's log-probs of group 0 against the trainer's: the same model, float32
         assert np.isfinite(row["topk_kl"]) and row["topk_kl"] > 0
         assert 0 <= row["mismatch_kl/vllm"] < 1e-3 and row["mismatch_kl"] < 1e-3

@@ -34,32 +34,38 @@ def _local_rows(rows: int) -> int:
     return rows // fsdp if rows % fsdp == 0 else rows
 
 
-def _chunked_stats(h, head_kernel, targets, temps, ids, *, chunk_size: int, topk: int, entropy: bool = True):
-    """_chunk_stats of rows of positions (h [B, L, D], targets [B, L], temps [B, L], ids [B, L, k]) in chunks along
-    L: a tuple of [B, L, ...] arrays. A chunk holds the same positions of every row, about `chunk_size` tokens a
-    device; only one chunk's logits exist at a time, in the forward and the backward.
+def map_row_chunks(body, xs, *, chunk_size: int, pad_values=None):
+    """body(*chunk) over chunks along L of the arrays `xs` (each [B, L, ...]): a tuple of [B, L, ...] arrays. A chunk
+    holds the same positions of every row, about `chunk_size` tokens a device, and is rematerialised in the backward
+    pass, so only one chunk's intermediates (e.g. its logits) exist at a time, in the forward and the backward.
+    `pad_values` (one per x, default 0) fill the last chunk's padding.
 
     The rows stay a dimension of every chunk because batches shard their rows over the devices: each device then
     computes the head of its own rows. Chunks of the flattened rows would cut across devices; XLA then gathers
     every row's hidden states onto every device and each computes the head of the whole batch (work that grows
     with the device count)."""
-    b, n, d = h.shape
+    b, n = xs[0].shape[:2]
     nc = max(1, -(-n // max(1, chunk_size // _local_rows(b))))
     chunk = -(-n // nc)  # nc even chunks: less than one position a chunk of padding
     pad = nc * chunk - n
     if pad:  # along L, which no mesh axis splits
-        h, ids = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (h, ids))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        temps = jnp.pad(temps, ((0, 0), (0, pad)), constant_values=1.0)
+        pad_values = pad_values or (0,) * len(xs)
+        xs = tuple(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=v)
+                   for x, v in zip(xs, pad_values))
 
     def split(x):  # [B, nc * chunk, ...] -> [nc, B, chunk, ...]
         return jnp.moveaxis(x.reshape((b, nc, chunk) + x.shape[2:]), 1, 0)
 
     # prevent_cse=False: inside lax.map (a scan) CSE cannot merge the recomputation anyway.
-    body = jax.checkpoint(lambda xs: _chunk_stats(xs[0], head_kernel, xs[1], xs[2], xs[3], topk, entropy),
-                          prevent_cse=False)
-    out = jax.lax.map(body, tuple(split(x) for x in (h, targets, temps, ids)))
+    out = jax.lax.map(jax.checkpoint(lambda c: body(*c), prevent_cse=False), tuple(split(x) for x in xs))
     return tuple(jnp.moveaxis(x, 0, 1).reshape((b, nc * chunk) + x.shape[3:])[:, :n] for x in out)
+
+
+def _chunked_stats(h, head_kernel, targets, temps, ids, *, chunk_size: int, topk: int, entropy: bool = True):
+    """_chunk_stats of rows of positions (h [B, L, D], targets [B, L], temps [B, L], ids [B, L, k]) in chunks along
+    L (map_row_chunks): a tuple of [B, L, ...] arrays."""
+    return map_row_chunks(lambda *c: _chunk_stats(c[0], head_kernel, *c[1:], topk, entropy), (h, targets, temps, ids),
+                          chunk_size=chunk_size, pad_values=(0, 0, 1.0, 0))
 
 
 def hidden_logprobs(hidden, head_kernel, tokens, segment_ids, temperatures, *, chunk_size: int = 1024,
