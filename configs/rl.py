@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = dict(
         lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,
         schedule="constant",  # constant | linear | cosine (decay to 0 at max_steps, after warmup)
+        # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
+        max_nonfinite_steps=3,
     )
     c.lora = dict(
         rank=16, alpha=64.0,

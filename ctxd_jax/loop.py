@@ -32,6 +32,7 @@ from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.config import needs_teacher_scores
 from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, evaluate
+from ctxd_jax.finite import Streak, check_finite
 from ctxd_jax import rundir
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
 from ctxd_jax.inference import mps
@@ -154,6 +155,7 @@ class Run:
     min_rows: int = 0  # packed rows of the largest batch so far (fewer recompiles without micro-batches)
     snapshots: dict = dataclasses.field(default_factory=dict)  # version -> LoRA state (sampling.logprobs='trainer')
     timeline: Timeline = dataclasses.field(default_factory=Timeline)  # the server's and the trainer's busy periods
+    nonfinite: Streak | None = None  # train steps skipped in a row for a non-finite loss or gradient
 
     async def on_device(self, fn, *args):
         def locked():
@@ -187,7 +189,7 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer, checkpointer) -
     ckpt = checkpointer(config)  # stores the resolved config, which a resume is checked against
     trainer_teacher = deployment.teacher_scorer == "trainer" and needs_teacher_scores(config)
     return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]),
-               deployment.teacher_sampler(), trainer_teacher)
+               deployment.teacher_sampler(), trainer_teacher, nonfinite=Streak(config.optim.max_nonfinite_steps))
 
 
 def _restore(run: Run) -> RunState:
@@ -196,6 +198,7 @@ def _restore(run: Run) -> RunState:
     latest = ckpt.latest_step()
     if config.ckpt.resume and latest is not None:
         arrays, meta = ckpt.restore(run.trainer.state_arrays(), latest)
+        check_finite(arrays, f"{ckpt.directory}/{latest} cannot be resumed")
         run.trainer.load_state_arrays(arrays)
         state = RunState.from_meta(meta)
         print(f"resumed from {ckpt.directory}/{state.step} (data position {state.step * run.src.prompts_per_step})",
@@ -289,6 +292,7 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     t = time.perf_counter()
     train = await run.on_device(run.trainer.step, packed)
     t_train = time.perf_counter() - t
+    run.nonfinite.update(state.step + 1, bool(train["nonfinite_skipped"]))
     t = time.perf_counter()
     version = state.step + 1
     if run.publisher.merged:  # one version at a time on the server: older batches must be done sampling
@@ -313,6 +317,7 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
 async def _publish(run: Run, version: int) -> None:
     """The trainer's current weights become policy `version` on the student servers (and, when the trainer computes
     the behaviour log-probs, a LoRA snapshot of it)."""
+    await run.on_device(check_finite, run.trainer.lora, f"adapter version {version} not published")
     await run.publisher.publish(version)
     if run.config.sampling.logprobs == "trainer":
         run.snapshots[version] = await run.on_device(run.trainer.snapshot_lora)
@@ -355,7 +360,9 @@ async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
     state.pending = [[{k: v for k, v in dataclasses.asdict(r).items() if k not in _TEACHER_FIELDS}
                       for r in (await pipe.peek(s)).rollouts] for s in ahead]
     meta = state.meta(run.src.prompts_per_step)
-    await asyncio.to_thread(run.ckpt.save, state.step, run.trainer.state_arrays(), meta)
+    arrays = run.trainer.state_arrays()
+    await run.on_device(check_finite, arrays, f"checkpoint at step {state.step} not written")
+    await asyncio.to_thread(run.ckpt.save, state.step, arrays, meta)
 
 
 def _export_final(run: Run) -> None:

@@ -145,6 +145,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     With several processes only process 0 handles the stop signals; the others ignore them and stop when it says."""
     from ctxd_jax import loop, multihost, rundir  # JAX and vLLM load only for a real run
     from ctxd_jax.checkpoint import CheckpointError
+    from ctxd_jax.finite import NonFiniteError
     from ctxd_jax.inference.client import RequestError
     from ctxd_jax.inference.server import ServerError
 
@@ -155,7 +156,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     with stop_requests(ignore=not processes.leader) as stop:
         try:
             multihost.run(config, plan, processes, stop)  # one process: loop.run
-        except (ServerError, RequestError, CheckpointError, loop.ParityError) as e:
+        except (ServerError, RequestError, CheckpointError, loop.ParityError, NonFiniteError) as e:
             if _DEBUG.value and not several:
                 raise
             if _DEBUG.value:
