@@ -5,6 +5,7 @@ settings that are legal but have no effect come back as warnings.
 """
 
 import dataclasses
+import math
 import os
 
 import ml_collections
@@ -27,6 +28,75 @@ TEACHER_SCORERS = ("auto", "trainer", "vllm")
 LOGPROB_SOURCES = ("vllm", "trainer")  # sampling.logprobs
 TRANSPORTS = ("uds", "tcp")
 MPS_MODES = ("auto", "on", "off")  # trainer.mps
+VALID_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
+PORTS = (1, 65535)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Finite numbers from `low` to `high`; `*_open` excludes that end. str() is how an error states it."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return ((value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g} and finite"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
+# Each more async level loads one more adapter on the student server and holds one more sampled batch (also in
+# every checkpoint), sampled that many versions behind the trainer.
+MAX_ASYNC_LEVEL = 8
+# Every number of the config that has a range: field -> (range, why; '' = nothing to add). Other fields' checks
+# relate several fields or read files.
+RANGES = {
+    "optim.lr": (POSITIVE, ""),
+    "optim.max_norm": (POSITIVE, ": the global gradient-norm clip (<= 0 reverses or freezes every update)"),
+    "optim.weight_decay": (NON_NEGATIVE, ""),
+    "optim.b1": (Range(0, 1, high_open=True), ": Adam's first-moment decay"),
+    "optim.b2": (Range(0, 1, high_open=True), ": Adam's second-moment decay"),
+    "optim.warmup_steps": (NON_NEGATIVE, ""),
+    "optim.max_nonfinite_steps": (POSITIVE, ""),
+    **{f"loss.{tau}": (NON_NEGATIVE, "") for tau in (*TAU_FIELDS, "kl_tau")},
+    **{f"loss.{kind}_mask_{end}": (NON_NEGATIVE, "") for kind in ("token", "geo", "sequence")
+       for end in ("low", "high")},
+    "loss.sequence_clip_high": (POSITIVE, ""),
+    "loss.topk": (NON_NEGATIVE, ""),
+    "sampling.temperature": (POSITIVE, " (the trainer divides logits by it)"),
+    "sampling.max_tokens": (POSITIVE, ""),
+    "seq_len": (POSITIVE, ""),
+    "batch_size": (POSITIVE, ""),
+    "rollouts_per_example": (POSITIVE, ""),
+    "max_steps": (NON_NEGATIVE, ""),
+    "max_async_level": (Range(0, MAX_ASYNC_LEVEL), ": each level loads one more adapter on the server and keeps one "
+                                                   "more batch sampled ahead"),
+    "lora.rank": (Range(0, VALID_LORA_RANKS[-1], low_open=True), ": vLLM's largest --max-lora-rank"),
+    "lora.alpha": (POSITIVE, ""),
+    "trainer.tp": (POSITIVE, ""),
+    "trainer.micro_batch_rows": (NON_NEGATIVE, " (0 = all rows at once)"),
+    "trainer.chunk_size": (POSITIVE, ""),
+    "trainer.gpu_memory_fraction": (Range(0, 1, low_open=True), ""),
+    "inference.parallel.tp": (POSITIVE, ""),
+    "inference.gpu_memory_utilization": (Range(0, 1, low_open=True), ""),
+    "inference.port": (Range(PORTS[0], PORTS[1] - 1), ": a TCP port; the teacher's own server takes port + 1"),
+    "inference.kv_cache_gb": (POSITIVE, ""),
+    "parity.max_mismatch_kl": (NON_NEGATIVE, " (a NaN bound fails every gate)"),
+    "parity.num_prompts": (NON_NEGATIVE, ""),
+    "eval.interval": (NON_NEGATIVE, ""),
+    "eval.num_examples": (NON_NEGATIVE, ""),
+    "ckpt.interval": (NON_NEGATIVE, ""),
+    "ckpt.keep": (POSITIVE, ""),
+}
 
 
 class ConfigError(ValueError):
@@ -50,12 +120,6 @@ def parse_gpu_ids(field: str, text: str) -> tuple[int, ...]:
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field}: {message}")
-
-
-def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
-    for field in fields:
-        value = _get(config, field)
-        _require(value > 0, field, f"must be > 0, got {value!r}")
 
 
 def _get(config: ml_collections.ConfigDict, field: str):
@@ -84,31 +148,27 @@ def teacher_scorer(config: ml_collections.ConfigDict) -> str:
     return "trainer" if _teacher_is_base(config) else "vllm"
 
 
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    for field, (allowed, why) in RANGES.items():
+        value = _get(config, field)
+        _require(value in allowed, field, f"must be {allowed}{why}, got {value!r}")
+
+
 def _check_values(config: ml_collections.ConfigDict) -> None:
-    _positive(config, "optim.lr", "sampling.max_tokens", "lora.rank", "lora.alpha", "batch_size",
-              "rollouts_per_example", "seq_len", "inference.parallel.tp", "trainer.tp")
-    _require(config.sampling.temperature > 0, "sampling.temperature",
-             f"must be > 0 (the trainer divides logits by it), got {config.sampling.temperature!r}")
-    for name in TAU_FIELDS:
-        value = config.loss[name]
-        _require(value >= 0, f"loss.{name}", f"must be >= 0, got {value!r}")
+    _check_ranges(config)
     _require(config.batch_size % config.rollouts_per_example == 0, "batch_size",
              f"{config.batch_size} is not divisible by rollouts_per_example={config.rollouts_per_example}")
     _require(config.sampling.max_tokens < config.seq_len, "sampling.max_tokens",
              f"{config.sampling.max_tokens} leaves no room for the prompt in seq_len={config.seq_len}")
-    _require(config.max_steps >= 0, "max_steps", f"must be >= 0, got {config.max_steps}")
-    _require(config.max_async_level >= 0, "max_async_level", f"must be >= 0, got {config.max_async_level}")
     _require(config.loss.topk_direction in ("forward", "reverse"), "loss.topk_direction",
              f"{config.loss.topk_direction!r} is not 'forward' or 'reverse'")
     _require(config.loss.ratio_type in RATIO_TYPES, "loss.ratio_type",
              f"{config.loss.ratio_type!r} is not one of {RATIO_TYPES}")
-    _require(config.loss.kl_tau >= 0, "loss.kl_tau", f"must be >= 0, got {config.loss.kl_tau!r}")
-    _positive(config, "loss.sequence_clip_high")
     _require(config.loss.topk_tau == 0 or config.loss.topk > 0, "loss.topk",
              f"must be > 0 when loss.topk_tau > 0, got {config.loss.topk}")
     for kind in ("token", "geo", "sequence"):
         low, high = config.loss[f"{kind}_mask_low"], config.loss[f"{kind}_mask_high"]
-        _require(0 <= low <= high, f"loss.{kind}_mask_low", f"need 0 <= low <= high, got [{low}, {high}]")
+        _require(low <= high, f"loss.{kind}_mask_low", f"need 0 <= low <= high, got [{low}, {high}]")
     _require(config.model.dtype in DTYPES, "model.dtype", f"{config.model.dtype!r} is not one of {DTYPES}")
     _require(config.optim.schedule in SCHEDULES, "optim.schedule",
              f"{config.optim.schedule!r} is not one of {SCHEDULES}")
@@ -117,19 +177,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.weights.mode in WEIGHT_MODES, "weights.mode",
              f"{config.weights.mode!r} is not one of {WEIGHT_MODES}")
     _require(bool(config.model.path), "model.path", "is empty (set it to a local Hugging Face folder)")
-    _require(config.eval.interval >= 0 and config.eval.num_examples >= 0, "eval", "interval and num_examples >= 0")
-    _require(config.trainer.micro_batch_rows >= 0, "trainer.micro_batch_rows",
-             f"must be >= 0 (0 = all rows at once), got {config.trainer.micro_batch_rows}")
-    _positive(config, "trainer.chunk_size")
     _require(config.trainer.attn_impl in ATTN_IMPLS, "trainer.attn_impl",
              f"{config.trainer.attn_impl!r} is not one of {ATTN_IMPLS}")
     _require(config.trainer.mps in MPS_MODES, "trainer.mps", f"{config.trainer.mps!r} is not one of {MPS_MODES}")
     _require(config.trainer.remat_policy in REMAT_POLICIES, "trainer.remat_policy",
              f"{config.trainer.remat_policy!r} is not one of {REMAT_POLICIES}")
-    for field in ("inference.gpu_memory_utilization", "trainer.gpu_memory_fraction"):
-        value = _get(config, field)
-        _require(0 < value <= 1, field, f"must be in (0, 1], got {value!r}")
-    _require(config.ckpt.interval >= 0, "ckpt.interval", f"must be >= 0, got {config.ckpt.interval}")
     _require(config.sampling.logprobs in LOGPROB_SOURCES, "sampling.logprobs",
              f"{config.sampling.logprobs!r} is not one of {LOGPROB_SOURCES}")
     _require(config.teacher.scorer in TEACHER_SCORERS, "teacher.scorer",
@@ -159,6 +211,12 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
                 _require(i < len(gpus.visible), field,
                          f"GPU {i} is not one of the {len(gpus.visible)} in CUDA_VISIBLE_DEVICES="
                          f"{','.join(gpus.visible)!r} (GPU ids index into it)")
+    elif gpus.machine is not None:
+        for field, ids in (("inference_gpu_ids", gpus.inference), ("teacher_gpu_ids", gpus.teacher),
+                           ("trainer_gpu_ids", gpus.trainer)):
+            for i in ids:
+                _require(i < gpus.machine, field, f"GPU {i} does not exist: nvidia-smi -L lists {gpus.machine} "
+                                                  f"(ids 0-{gpus.machine - 1})")
     n = len(gpus.inference)
     _require(n % tp == 0, "inference.parallel.tp", f"{tp} does not divide the {n} inference GPUs")
     _require(dp is None or dp * tp == n, "inference.parallel.dp",

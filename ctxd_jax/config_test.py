@@ -143,7 +143,7 @@ def test_cpu_mode_is_one_server():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("optim__lr", 0.0), ("optim__lr", -1e-5), ("sampling__max_tokens", 0), ("lora__rank", 0), ("lora__alpha", -1.0),
+    ("optim__lr", 0.0), ("optim__lr", -1e-5), ("sampling__max_tokens", 0), ("lora__alpha", -1.0),
     ("batch_size", 0), ("seq_len", 0), ("loss__sequence_clip_high", 0.0),
 ])
 def test_non_positive(field, value):
@@ -275,3 +275,29 @@ def test_transport_and_output_dir():
     assert _error(_config(output_dir="")).startswith("output_dir: is empty")
     _, plan, _ = resolve(_config(), CPU)
     assert plan.student.port is None and "a private Unix socket" in plan.describe()
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("optim__max_norm", -1.0, "> 0"), ("optim__max_norm", 0.0, "> 0"), ("optim__lr", float("inf"), "> 0"),
+    ("optim__lr", float("nan"), "> 0"), ("optim__b1", 2.0, "in [0, 1)"), ("optim__b2", 1.0, "in [0, 1)"),
+    ("optim__weight_decay", -1.0, ">= 0"), ("optim__warmup_steps", -5, ">= 0"),
+    ("optim__max_nonfinite_steps", 0, "> 0"), ("loss__teacher_tau", float("inf"), ">= 0"),
+    ("loss__kl_tau", float("nan"), ">= 0"), ("loss__token_mask_low", -1.0, ">= 0"),
+    ("sampling__temperature", float("inf"), "> 0"), ("parity__max_mismatch_kl", float("nan"), ">= 0"),
+    ("lora__rank", 1000, "in (0, 512]"), ("inference__port", 0, "in [1, 65534]"),
+    ("inference__port", 65535, "in [1, 65534]"), ("max_async_level", 1000, "in [0, 8]"),
+    ("max_async_level", -1, "in [0, 8]"), ("inference__gpu_memory_utilization", 0.0, "in (0, 1]"),
+    ("ckpt__keep", 0, "> 0"), ("eval__interval", -1, ">= 0"),
+])
+def test_numbers_out_of_range(field, value, allowed):
+    """One line naming the field, the allowed range and the value given."""
+    message = _error(_config(**{field: value}))
+    assert message.startswith(f"{field.replace('__', '.')}: must be {allowed}") and repr(value) in message
+    assert "\n" not in message
+
+
+def test_gpu_ids_the_machine_does_not_have():
+    gpus = Gpus(inference=(0,), trainer=(2,), machine=2)
+    assert _error(_config(), gpus).startswith("trainer_gpu_ids: GPU 2 does not exist: nvidia-smi -L lists 2")
+    validate(_config(), Gpus(inference=(0,), trainer=(1,), machine=2))
+    validate(_config(), Gpus(inference=(0,), trainer=(7,)))  # machine unknown: not checked

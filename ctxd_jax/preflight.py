@@ -24,13 +24,23 @@ CHECKED_PER_SPLIT = 256
 def check(config, plan: Plan) -> None:
     """Raises ConfigError on the first problem; `config` is resolved (ctxd_jax.config.resolve)."""
     tokenizer, model_config = load_model_files("model.path", config.model.path)
+    check_positions(config.seq_len, model_config, config.model.path)
     if config.teacher.model:
-        load_model_files("teacher.model", config.teacher.model)
+        check_positions(config.seq_len, load_model_files("teacher.model", config.teacher.model)[1],
+                        config.teacher.model)
     topk = teacher_topk(config)
     vocab = model_config.get("vocab_size")
     if vocab and topk > vocab:
         raise ConfigError(f"loss.topk: {topk} is more than the model's {vocab} tokens")
     check_lengths(config, plan, tokenizer)
+
+
+def check_positions(seq_len: int, model_config: dict, path: str) -> None:
+    """A training row of seq_len tokens fits the positions the model was built for."""
+    limit = model_config.get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise ConfigError(f"seq_len: must be in [1, {limit}] (max_position_embeddings in {path}/config.json), "
+                          f"got {seq_len}")
 
 
 def load_model_files(field: str, path: str):

@@ -61,5 +61,10 @@ def test_longest_prompts_fit_the_servers(model_dir):
     # The servers hold seq_len + 2048 tokens (at most the tiny model's 4096): a long context does not fit.
     msg = _error(model_dir, **{"teacher.context": "Ahoy! " * 3000})
     assert msg.startswith("teacher.context: the longest teacher prompt (") and "max_model_len 2304" in msg
-    msg = _error(model_dir, **{"seq_len": 8192, "sampling.max_tokens": 4090})
+    msg = _error(model_dir, **{"seq_len": 4096, "sampling.max_tokens": 4090})
     assert msg.startswith("sampling.max_tokens: the longest student prompt (") and "max_model_len 4096" in msg
+
+
+def test_seq_len_within_the_models_positions(model_dir):
+    assert _error(model_dir, seq_len=4097).startswith("seq_len: must be in [1, 4096] (max_position_embeddings in ")
+    _check(model_dir, seq_len=4096)

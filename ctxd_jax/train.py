@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from ctxd_jax import config as config_lib
 from ctxd_jax import hosts
-from ctxd_jax.plan import Gpus, Plan, visible_devices
+from ctxd_jax.plan import Gpus, Plan, machine_gpu_count, visible_devices
 
 DEFAULT_CONFIG = "configs/rl.py"
 # No default here: config_flags would load it and apply --config.* overrides while this module is imported, where a
@@ -197,6 +197,7 @@ def main(argv: list[str]) -> int:
             teacher=config_lib.parse_gpu_ids("teacher_gpu_ids", _TEACHER_GPU_IDS.value),
             trainer=config_lib.parse_gpu_ids("trainer_gpu_ids", _TRAINER_GPU_IDS.value),
             visible=visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
+            machine=None if _DRY_RUN.value else machine_gpu_count(),  # a dry run may plan for another machine
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         processes = hosts.settings_from_env(os.environ)

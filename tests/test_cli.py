@@ -193,7 +193,7 @@ def test_shared_gpu_over_its_memory_is_refused():
     (["--config.optim.lr=0"], "optim.lr: must be > 0"),
     (["--config.sampling.max_tokens=0"], "sampling.max_tokens: must be > 0"),
     (["--config.sampling.temperature=-1"], "sampling.temperature: must be > 0"),
-    (["--config.lora.rank=0"], "lora.rank: must be > 0"),
+    (["--config.lora.rank=0"], "lora.rank: must be in (0, 512]"),
     (["--config.lora.alpha=0"], "lora.alpha: must be > 0"),
     (["--config.inference.parallel.dp=3", "--inference_gpu_ids=0,1", "--teacher_gpu_ids=2", "--trainer_gpu_ids=3"],
      "inference.parallel.dp: dp=3 x tp=1 != 2"),

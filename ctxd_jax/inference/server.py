@@ -29,7 +29,8 @@ from collections.abc import Iterable, Sequence
 
 import httpx
 
-VALID_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from ctxd_jax.config import VALID_LORA_RANKS
+
 LOG_TAIL_LINES = 40
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default for --max-logprobs
 SOCKET_NAME = "vllm.sock"
