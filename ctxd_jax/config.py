@@ -205,18 +205,14 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
     for field, ids in (("inference_gpu_ids", gpus.inference), ("trainer_gpu_ids", gpus.trainer)):
         _require(bool(ids), field, "empty while other GPU ids are given (give all, or none for CPU mode)")
     if gpus.visible is not None:
-        for field, ids in (("inference_gpu_ids", gpus.inference), ("teacher_gpu_ids", gpus.teacher),
-                           ("trainer_gpu_ids", gpus.trainer)):
-            for i in ids:
-                _require(i < len(gpus.visible), field,
-                         f"GPU {i} is not one of the {len(gpus.visible)} in CUDA_VISIBLE_DEVICES="
-                         f"{','.join(gpus.visible)!r} (GPU ids index into it)")
-    elif gpus.machine is not None:
-        for field, ids in (("inference_gpu_ids", gpus.inference), ("teacher_gpu_ids", gpus.teacher),
-                           ("trainer_gpu_ids", gpus.trainer)):
-            for i in ids:
-                _require(i < gpus.machine, field, f"GPU {i} does not exist: nvidia-smi -L lists {gpus.machine} "
-                                                  f"(ids 0-{gpus.machine - 1})")
+        count, where = len(gpus.visible), (f"is not one of the {len(gpus.visible)} in CUDA_VISIBLE_DEVICES="
+                                           f"{','.join(gpus.visible)!r} (GPU ids index into it)")
+    else:
+        count, where = gpus.machine, f"does not exist: nvidia-smi -L lists {gpus.machine}"
+    for field, ids in (("inference_gpu_ids", gpus.inference), ("teacher_gpu_ids", gpus.teacher),
+                       ("trainer_gpu_ids", gpus.trainer)):
+        for i in ids:
+            _require(count is None or i < count, field, f"GPU {i} {where}")
     n = len(gpus.inference)
     _require(n % tp == 0, "inference.parallel.tp", f"{tp} does not divide the {n} inference GPUs")
     _require(dp is None or dp * tp == n, "inference.parallel.dp",
