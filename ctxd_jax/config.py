@@ -191,6 +191,9 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              f"{config.teacher.model!r}; use 'vllm' or 'auto'")
     _require(config.inference.transport in TRANSPORTS, "inference.transport",
              f"{config.inference.transport!r} is not one of {TRANSPORTS}")
+    _require(config.inference.transport != "tcp" or config.weights.mode != "merged", "inference.transport",
+             "'tcp' with weights.mode='merged' opens vLLM's dev endpoints (weight reloads, /collective_rpc), which "
+             "take no key, to every local user; use transport 'uds' or weights.mode 'adapter'")
     _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
 
 
@@ -352,6 +355,18 @@ def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collectio
         raise ConfigError("weights.mode: 'merged' reloads the server's base weights, which also serve the teacher; "
                           "use 'adapter' or give the teacher its own GPUs or model")
     return resolved, plan, _warnings(resolved, gpus, plan)
+
+
+# What a printed or saved config shows for inference.api_key when one is set: the key itself is never printed or saved.
+KEY_SET = "<set, not shown>"
+
+
+def redacted(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` to print or save: inference.api_key replaced by KEY_SET where a key is set."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    if out.inference.api_key:
+        out.inference.api_key = KEY_SET
+    return out
 
 
 def validate(config: ml_collections.ConfigDict, gpus: Gpus) -> list[str]:

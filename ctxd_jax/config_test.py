@@ -1,7 +1,7 @@
 import pytest
 
 from configs import demo, rl
-from ctxd_jax.config import ConfigError, parse_gpu_ids, resolve, teacher_scorer, validate
+from ctxd_jax.config import ConfigError, parse_gpu_ids, redacted, resolve, teacher_scorer, validate
 from ctxd_jax.plan import Gpus, visible_devices
 from ctxd_jax.envs.persona import style_context
 from ctxd_jax.envs.sokoban import TEACHER_CONTEXT
@@ -301,3 +301,14 @@ def test_gpu_ids_the_machine_does_not_have():
     assert _error(_config(), gpus).startswith("trainer_gpu_ids: GPU 2 does not exist: nvidia-smi -L lists 2")
     validate(_config(), Gpus(inference=(0,), trainer=(1,), machine=2))
     validate(_config(), Gpus(inference=(0,), trainer=(7,)))  # machine unknown: not checked
+
+
+def test_tcp_with_merged_weights_is_refused():
+    message = _error(_config(inference__transport="tcp", weights__mode="merged"))
+    assert message.startswith("inference.transport: 'tcp' with weights.mode='merged' opens vLLM's dev endpoints")
+
+
+def test_redacted_keeps_a_marker_not_the_key():
+    assert redacted(_config(inference__api_key="s3cret")).inference.api_key == "<set, not shown>"
+    assert "s3cret" not in str(redacted(_config(inference__api_key="s3cret")))
+    assert redacted(_config()).inference.api_key == ""  # none set: a random one per run

@@ -29,7 +29,7 @@ import numpy as np
 from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
 from ctxd_jax.checkpoint import Checkpointer
-from ctxd_jax.config import needs_teacher_scores
+from ctxd_jax.config import needs_teacher_scores, redacted
 from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, evaluate
 from ctxd_jax.finite import Streak, check_finite
@@ -221,7 +221,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
             metrics_lib.write_json(out, "eval_baseline.json", baseline)
         logger = metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
                                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
-                                           run_config=config.to_dict())
+                                           run_config=redacted(config).to_dict())
         await _train(run, state, logger, stop)
     finally:
         if logger is not None:

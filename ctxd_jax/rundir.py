@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from ctxd_jax.config import ConfigError
+from ctxd_jax.config import ConfigError, redacted
 from ctxd_jax.hosts import PROCESS_DIR
 from ctxd_jax.metrics import PLOTS, read_jsonl
 
@@ -65,7 +65,8 @@ def checkpointer(config, make=None):
     if make is None:
         from ctxd_jax.checkpoint import Checkpointer as make
 
-    return make(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep, config=config.to_dict())
+    return make(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep,
+                config=redacted(config).to_dict())
 
 
 def prepare(config) -> RunDir:

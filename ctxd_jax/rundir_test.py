@@ -84,3 +84,16 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     assert run.resume_step is None and run.overwrite and os.path.isdir(tmp_path / "checkpoints")  # not yet
     run.clear()
     assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt", "process0x"]
+
+
+def test_checkpoints_keep_a_marker_not_the_key(tmp_path):
+    config = _config(tmp_path, **{"inference.api_key": "s3cret"})
+    _save(config, 1)
+    ckpt = Checkpointer(os.path.join(tmp_path, rundir.CHECKPOINTS))
+    saved = ckpt.meta(1)["config"]
+    ckpt.close()
+    assert saved["inference"]["api_key"] == "<set, not shown>"
+    for root, _, files in os.walk(tmp_path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert b"s3cret" not in f.read(), name

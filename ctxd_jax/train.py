@@ -130,7 +130,9 @@ def _hide_gpus(plan: Plan) -> None:
 def _resume_command(argv: list[str]) -> str:
     from ctxd_jax.rundir import RESUME_FLAG
 
-    kept = [a for a in argv[1:] if not re.match(r"^--?(no)?config\.ckpt\.(resume|overwrite)\b", a)]
+    # A key given here is left out (never printed): a resumed run works with a new random one.
+    dropped = r"^--?(no)?config\.(ckpt\.(resume|overwrite)|inference\.api_key)\b"
+    kept = [a for a in argv[1:] if not re.match(dropped, a)]
     return shlex.join([os.path.basename(sys.executable), "-m", "ctxd_jax.train", *kept, RESUME_FLAG])
 
 
@@ -207,7 +209,7 @@ def main(argv: list[str]) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if _DRY_RUN.value:
-        print(config)
+        print(config_lib.redacted(config))
         print(hosts.describe(config, plan, processes))
         return 0
     _hide_gpus(plan)

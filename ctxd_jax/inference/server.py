@@ -6,7 +6,7 @@ on Linux the API server gets SIGTERM from the kernel when the thread that starte
 a SIGKILLed orchestrator leaves no servers behind. Signals are the command line's business (ctxd_jax/train.py), not
 a side effect of starting a server.
 
-By default a server listens on a Unix socket in a folder only this user can open (0700): vLLM's `--api-key` guards
+By default a server listens on a Unix socket in a folder only this user can open (0700): vLLM's key guards
 only /v1-style paths, and the dev endpoints (/collective_rpc, /pause, ...) would answer anyone who reaches a TCP port.
 `uds=False` keeps TCP on 127.0.0.1 (for layouts where the client is on another host, see BUILD.md).
 """
@@ -94,19 +94,17 @@ def server_env(*, gpu_ids: Sequence[int | str] | None, cpu_core: int | None, kv_
     return env
 
 
-def server_args(model_dir: str, *, served_name: str, port: int | None, api_key: str | None, gpu: bool, tp: int,
+def server_args(model_dir: str, *, served_name: str, port: int | None, gpu: bool, tp: int,
                 dp: int, gpu_memory_utilization: float, dtype: str | None, max_model_len: int, lora_rank: int,
                 max_loras: int, enforce_eager: bool, uds: str | None = None, max_logprobs: int = DEFAULT_MAX_LOGPROBS,
                 extra_args: Sequence[str] = ()) -> list[str]:
-    """The server's command line. Every option is one `--flag=value` word, so no value (an API key that starts with
-    '-', a path, a name) can be read as a flag."""
+    """The server's command line (no secret: any local user reads it in `ps`; the key goes in VLLM_API_KEY). Every
+    option is one `--flag=value` word, so no value (a path or a name that starts with '-') can be read as a flag."""
     opts = {"model": model_dir, "served-model-name": served_name, "max-model-len": max_model_len,
             "dtype": dtype or ("auto" if gpu else "float32"), "max-logprobs": max(max_logprobs, DEFAULT_MAX_LOGPROBS),
             # Sampling log-probs after temperature: the trainer divides logits by the sampling temperature too.
             "logprobs-mode": "processed_logprobs"}
     opts.update({"uds": uds} if uds else {"host": "127.0.0.1", "port": port})
-    if api_key:
-        opts["api-key"] = api_key
     if gpu:
         opts.update({"tensor-parallel-size": tp, "data-parallel-size": dp,
                      "gpu-memory-utilization": gpu_memory_utilization})
@@ -167,8 +165,7 @@ class VLLMServer:
         self.gpu_ids = None if gpu_ids is None else tuple(gpu_ids)
         self.lora_rank, self.dev_mode = lora_rank, dev_mode
         self.log_path = os.path.join(log_dir or os.getcwd(), f"vllm-{name}.log")
-        self.args = server_args(self.model_dir, served_name=self.served_name, port=self.port, api_key=self.api_key,
-                                gpu=self.gpu_ids is not None, tp=tp, dp=dp,
+        self.args = server_args(self.model_dir, served_name=self.served_name, port=self.port, gpu=self.gpu_ids is not None, tp=tp, dp=dp,
                                 gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                                 max_model_len=max_model_len, lora_rank=lora_rank, max_loras=max_loras,
                                 enforce_eager=enforce_eager, uds=self.uds, max_logprobs=max_logprobs,
@@ -176,6 +173,10 @@ class VLLMServer:
         self.env = server_env(gpu_ids=self.gpu_ids, cpu_core=cpu_core, kv_cache_gib=kv_cache_gib,
                               lora=lora_rank > 0, dev_mode=dev_mode, cache_dir=cache_dir)
         self.env.update(extra_env or {})
+        # The key through the environment, which only this user can read (/proc/PID/environ is 0400).
+        self.env.pop("VLLM_API_KEY", None)
+        if self.api_key:
+            self.env["VLLM_API_KEY"] = self.api_key
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -208,9 +209,8 @@ class VLLMServer:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         if self.uds:
             os.mkdir(os.path.dirname(self.uds), mode=0o700)
-        shown = [a.replace(self.api_key, "<api-key>") if self.api_key else a for a in self.args]
         with open(self.log_path, "ab") as log, _LOCK:
-            log.write(f"$ {' '.join(shown)}\n".encode())
+            log.write(f"$ {' '.join(self.args)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
