@@ -126,6 +126,42 @@ def server_args(model_dir: str, *, served_name: str, port: int | None, gpu: bool
             + [f"--{k}={v}" for k, v in opts.items()] + [f"--{k}" for k in switches] + list(extra_args))
 
 
+SOCKET_PREFIX = "ctxd-vllm-"
+OWNER_FILE = "owner.pid"  # the pid of the process that started the server whose socket folder holds it
+
+
+def clean_stale_sockets(root: str | None = None) -> list[str]:
+    """Removes this user's socket folders under `root` (the temp folder) whose owner process is gone (a run killed
+    with SIGKILL cannot remove its own); returns them. A folder without an owner file may be one being made: kept."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        if not name.startswith(SOCKET_PREFIX) or os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        try:
+            if os.stat(folder).st_uid != os.geteuid():
+                continue
+            with open(os.path.join(folder, OWNER_FILE)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not _process_exists(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _die_with_parent():
     """preexec_fn: SIGTERM to the server when the thread that started it dies (Linux prctl PR_SET_PDEATHSIG)."""
     try:
@@ -158,7 +194,7 @@ class VLLMServer:
         self.name = name
         self.served_name = served_name or os.path.basename(self.model_dir.rstrip("/"))
         # An unguessable folder name: nobody can create it first; start() makes it with mode 0700.
-        self.uds = os.path.join(tempfile.gettempdir(), f"ctxd-vllm-{secrets.token_hex(8)}", SOCKET_NAME) if uds \
+        self.uds = os.path.join(tempfile.gettempdir(), f"{SOCKET_PREFIX}{secrets.token_hex(8)}", SOCKET_NAME) if uds \
             else None
         self.port = None if uds else (port or free_port())
         self.api_key = secrets.token_urlsafe(24) if api_key is True else (api_key or None)
@@ -208,7 +244,10 @@ class VLLMServer:
         _install_atexit()
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         if self.uds:
+            clean_stale_sockets(os.path.dirname(os.path.dirname(self.uds)))
             os.mkdir(os.path.dirname(self.uds), mode=0o700)
+            with open(os.path.join(os.path.dirname(self.uds), OWNER_FILE), "w") as f:
+                f.write(str(os.getpid()))
         with open(self.log_path, "ab") as log, _LOCK:
             log.write(f"$ {' '.join(self.args)}\n".encode())
             log.flush()
@@ -253,6 +292,7 @@ class VLLMServer:
         """SIGTERM to the whole process group, SIGKILL after `timeout`; idempotent."""
         proc = self.proc
         if proc is None:
+            self._remove_socket_folder()  # made by a start whose process did not start
             return
         _killpg(proc.pid, signal.SIGTERM)
         try:
@@ -267,6 +307,9 @@ class VLLMServer:
         if proc.poll() is None:
             proc.wait(5)
         _LIVE.discard(self)
+        self._remove_socket_folder()
+
+    def _remove_socket_folder(self) -> None:
         if self.uds:
             shutil.rmtree(os.path.dirname(self.uds), ignore_errors=True)
 
