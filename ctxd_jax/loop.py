@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import shutil
 import sys
 import threading
 import time
@@ -69,6 +68,7 @@ def run(config, plan, stop: threading.Event, lead=None) -> None:
     part of a run over several processes (ctxd_jax/multihost.py)."""
     out = rundir.run_path(config)
     os.makedirs(out, exist_ok=True)
+    rundir.mark(out)
     shared_gpu = mps.wanted(config.trainer.mps, plan)
     with mps.daemon(required=config.trainer.mps == "on") if shared_gpu else contextlib.nullcontext():
         deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
@@ -370,11 +370,7 @@ def _export_final(run: Run) -> None:
     latest = run.publisher.latest
     if latest is None:
         return
-    final, tmp = os.path.join(run.out, "final"), os.path.join(run.out, ".final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run.publisher.path(latest), tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    rundir.swap_in_final(run.out, run.publisher.path(latest))
 
 
 async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, version: int) -> float:

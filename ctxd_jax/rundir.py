@@ -19,10 +19,14 @@ from ctxd_jax.hosts import PROCESS_DIR
 from ctxd_jax.metrics import PLOTS, read_jsonl
 
 CHECKPOINTS = "checkpoints"
+# A run's own record, written into its folder at its start and into the `final/` it exports: the proof that a run of
+# this project wrote what is there, without which nothing there is deleted or replaced.
+MARKER = "ctxd-run.json"
+FINAL = "final"
 METRICS = "metrics.jsonl"
 EVAL_BASELINE = "eval_baseline.json"
 # Everything a run writes into its folder: what ckpt.overwrite deletes (and nothing else there).
-RUN_ENTRIES = (CHECKPOINTS, "weights", "logs", "tensorboard", METRICS, "samples.jsonl", EVAL_BASELINE,
+RUN_ENTRIES = (CHECKPOINTS, "weights", "logs", "tensorboard", METRICS, "samples.jsonl", EVAL_BASELINE, FINAL,
                *(name for _, _, name in PLOTS))
 # What the saved state depends on: the LoRA and optimizer arrays (model, lora), the data stream and the position in
 # it (env, seed, batch_size, rollouts_per_example) and the sampled but untrained batch (sampling).
@@ -43,16 +47,54 @@ class RunDir:
         """Nothing left to train: the latest checkpoint is at (or past) max_steps."""
         return self.resume_step is not None and self.resume_step >= self.max_steps
 
-    def clear(self) -> None:
+    def clear(self) -> list[str]:
         """Deletes what a run writes here (RUN_ENTRIES, and the folders of processes > 0 of a run over several
-        processes) and nothing else."""
-        others = [n for n in os.listdir(self.path) if PROCESS_DIR.fullmatch(n)] if os.path.isdir(self.path) else []
-        for name in (*RUN_ENTRIES, *others):
+        processes) and nothing else; returns their names. `prepare` has checked that a run wrote them."""
+        deleted = run_entries(self.path)
+        for name in deleted:
             target = os.path.join(self.path, name)
-            if os.path.isdir(target):
+            if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
-            elif os.path.lexists(target):
+            else:
                 os.remove(target)
+        return deleted
+
+
+def run_entries(path: str) -> list[str]:
+    """The names in folder `path` that a run writes (RUN_ENTRIES and the folders of processes > 0)."""
+    if not os.path.isdir(path):
+        return []
+    names = set(os.listdir(path))
+    return [n for n in RUN_ENTRIES if n in names] + sorted(n for n in names if PROCESS_DIR.fullmatch(n))
+
+
+def mark(path: str) -> None:
+    """Writes the MARKER into folder `path` (kept where there is one)."""
+    target = os.path.join(path, MARKER)
+    if not os.path.exists(target):
+        with open(target, "w") as f:
+            json.dump({"written_by": "ctxd-jax"}, f)
+
+
+def marked(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def swap_in_final(out: str, src: str) -> None:
+    """A copy of folder `src` becomes `<out>/final`: written beside the old one, marked, then swapped in (a reader
+    sees the old or the new folder, whole); a `final/` that no run wrote is never replaced."""
+    final, new, old = (os.path.join(out, name) for name in (FINAL, ".final.new", ".final.old"))
+    if os.path.lexists(final) and not marked(final):
+        raise ConfigError(f"output_dir: {final} was not written by a run (no {MARKER} in it): left as it is, the "
+                          f"last weights are in {src}")
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(src, new)
+    mark(new)
+    if os.path.lexists(final):
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_path(config) -> str:
@@ -74,7 +116,16 @@ def prepare(config) -> RunDir:
     to pass, where it may not start. With ckpt.overwrite the caller deletes the earlier run (RunDir.clear) once every
     other check has passed."""
     path = run_path(config)
+    final = os.path.join(path, FINAL)
+    if os.path.lexists(final) and not marked(final):
+        raise ConfigError(f"output_dir: {final} was not written by a run (no {MARKER} in it), and a run would replace "
+                          "it; move it or choose another output_dir")
     if config.ckpt.overwrite:
+        present = run_entries(path)
+        if present and not marked(path):
+            raise ConfigError(f"ckpt.overwrite: {path} holds {', '.join(present)} but no {MARKER} (the record a run "
+                              "writes in its folder): nothing is deleted that a run did not write; choose another "
+                              "output_dir")
         return RunDir(path, None, config.max_steps, overwrite=True)
     latest = latest_step(path)
     held = _held(path, latest)

@@ -80,10 +80,44 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     for name in ("metrics.jsonl", "samples.jsonl", "eval_baseline.json", "reward.png", "notes.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "mine").mkdir()
+    rundir.swap_in_final(str(tmp_path), str(tmp_path / "weights" / "step_000008"))
+    rundir.mark(str(tmp_path))  # as a run's start writes it
     run = rundir.prepare(config)
     assert run.resume_step is None and run.overwrite and os.path.isdir(tmp_path / "checkpoints")  # not yet
-    run.clear()
-    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt", "process0x"]
+    assert run.clear() == ["checkpoints", "weights", "logs", "tensorboard", "metrics.jsonl", "samples.jsonl",
+                           "eval_baseline.json", "final", "reward.png", "process1", "process12"]
+    assert sorted(os.listdir(tmp_path)) == [rundir.MARKER, "mine", "notes.txt", "process0x"]
+
+
+def test_overwrite_refuses_a_folder_no_run_wrote(tmp_path):
+    """Someone's folder that happens to hold names a run writes (logs/, *.jsonl): nothing is deleted."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "important.txt").write_text("x")
+    (tmp_path / "samples.jsonl").write_text("x")
+    with pytest.raises(ConfigError) as e:
+        rundir.prepare(_config(tmp_path, **{"ckpt.overwrite": True}))
+    assert str(e.value).startswith(f"ckpt.overwrite: {tmp_path} holds logs, samples.jsonl but no ctxd-run.json ")
+    assert (tmp_path / "logs" / "important.txt").exists()
+    # a folder without anything a run writes: nothing to delete, the run starts
+    assert rundir.prepare(_config(tmp_path / "empty", **{"ckpt.overwrite": True})).clear() == []
+
+
+def test_final_is_swapped_in_and_never_replaced_unless_a_run_wrote_it(tmp_path):
+    for version in ("1", "2"):
+        (tmp_path / "weights" / version).mkdir(parents=True)
+        (tmp_path / "weights" / version / "adapter.bin").write_text(version)
+    rundir.swap_in_final(str(tmp_path), str(tmp_path / "weights" / "1"))
+    rundir.swap_in_final(str(tmp_path), str(tmp_path / "weights" / "2"))
+    assert (tmp_path / "final" / "adapter.bin").read_text() == "2"
+    assert sorted(os.listdir(tmp_path)) == ["final", "weights"]  # nothing left beside it
+    theirs = tmp_path / "theirs"
+    (theirs / "final").mkdir(parents=True)
+    (theirs / "final" / "model.bin").write_text("x")
+    with pytest.raises(ConfigError, match=r"^output_dir: .*/theirs/final was not written by a run"):
+        rundir.prepare(_config(theirs, **{"ckpt.overwrite": True}))
+    with pytest.raises(ConfigError, match=r"/theirs/final was not written by a run .*: left as it is"):
+        rundir.swap_in_final(str(theirs), str(tmp_path / "weights" / "2"))
+    assert os.listdir(theirs / "final") == ["model.bin"]
 
 
 def test_checkpoints_keep_a_marker_not_the_key(tmp_path):

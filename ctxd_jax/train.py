@@ -228,7 +228,8 @@ def main(argv: list[str]) -> int:
     except CheckpointError as e:  # a checkpoint in the run folder that cannot be read
         _fail(f"output_dir: {e}")
     if run.overwrite and processes.leader:  # every process decides alike; one deletes
-        run.clear()
+        if deleted := run.clear():
+            print(f"ckpt.overwrite: deleted {', '.join(deleted)} in {run.path}", file=sys.stderr)
     if run.complete:
         if processes.leader:
             _replot(run.path)
