@@ -195,6 +195,15 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              "'tcp' with weights.mode='merged' opens vLLM's dev endpoints (weight reloads, /collective_rpc), which "
              "take no key, to every local user; use transport 'uds' or weights.mode 'adapter'")
     _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
+    _require(_utf8(config.teacher.context), "teacher.context", "is not valid UTF-8 text (the tokenizer needs it)")
+
+
+def _utf8(text: str | None) -> bool:
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:

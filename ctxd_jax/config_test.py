@@ -312,3 +312,9 @@ def test_redacted_keeps_a_marker_not_the_key():
     assert redacted(_config(inference__api_key="s3cret")).inference.api_key == "<set, not shown>"
     assert "s3cret" not in str(redacted(_config(inference__api_key="s3cret")))
     assert redacted(_config()).inference.api_key == ""  # none set: a random one per run
+
+
+def test_teacher_context_not_utf8():
+    context = b"guide \xff".decode("utf-8", "surrogateescape")  # undecodable bytes from a command line
+    assert _error(_config(teacher__context=context)) == ("teacher.context: is not valid UTF-8 text (the tokenizer "
+                                                         "needs it)")
