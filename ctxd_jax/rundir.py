@@ -116,6 +116,7 @@ def prepare(config) -> RunDir:
     to pass, where it may not start. With ckpt.overwrite the caller deletes the earlier run (RunDir.clear) once every
     other check has passed."""
     path = run_path(config)
+    check_folder(path)
     final = os.path.join(path, FINAL)
     if os.path.lexists(final) and not marked(final):
         raise ConfigError(f"output_dir: {final} was not written by a run (no {MARKER} in it), and a run would replace "
@@ -147,6 +148,25 @@ def prepare(config) -> RunDir:
         raise ConfigError(f"ckpt.resume: the checkpoint at step {latest} in {path} depends on {', '.join(changed)}; "
                           f"resume with the saved values, or start over with {OVERWRITE_FLAG} (deletes the run)")
     return RunDir(path, latest, config.max_steps)
+
+
+def check_folder(path: str) -> None:
+    """`path` can be a run folder: a folder (or one that can be made) this user can write, and not one whose other
+    files a run would mix with: the root, the home folder, or this package's own."""
+    real = os.path.realpath(path)
+    package = os.path.dirname(os.path.realpath(__file__))
+    if real in ("/", os.path.realpath(os.path.expanduser("~"))):
+        raise ConfigError(f"output_dir: {path} is {'the root' if real == '/' else 'the home'} folder; give a folder "
+                          "of its own for the run")
+    if os.path.commonpath([real, package]) == package:
+        raise ConfigError(f"output_dir: {path} is inside the package's own folder {package}; give another")
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise ConfigError(f"output_dir: {path} exists and is not a folder")
+    existing = real
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {existing} is not writable by this user")
 
 
 def latest_step(path: str) -> int | None:

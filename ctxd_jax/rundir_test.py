@@ -131,3 +131,23 @@ def test_checkpoints_keep_a_marker_not_the_key(tmp_path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 assert b"s3cret" not in f.read(), name
+
+
+def test_output_dir_must_be_a_writable_folder_of_its_own(tmp_path):
+    def error(out):
+        with pytest.raises(ConfigError) as e:
+            rundir.prepare(_config(out))
+        return str(e.value)
+
+    assert error("/") == "output_dir: / is the root folder; give a folder of its own for the run"
+    home = os.path.expanduser("~")
+    assert error(home) == f"output_dir: {home} is the home folder; give a folder of its own for the run"
+    package = os.path.dirname(os.path.realpath(rundir.__file__))
+    assert error(os.path.join(package, "runs")).startswith(f"output_dir: {package}/runs is inside the package's")
+    (tmp_path / "a-file").write_text("x")
+    assert error(tmp_path / "a-file") == f"output_dir: {tmp_path}/a-file exists and is not a folder"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        assert error(locked / "run") == f"output_dir: {locked} is not writable by this user"
+    rundir.prepare(_config(tmp_path / "new" / "run"))  # made at the start
