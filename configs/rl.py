@@ -122,7 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = dict(interval=1000, num_examples=1024)
     # A run folder (output_dir) that holds a run is never reused silently: resume=True continues it (from its latest
     # checkpoint, refusing a config that changes what the saved state depends on); overwrite=True deletes it first.
-    c.ckpt = dict(interval=50, resume=False, overwrite=False, keep=2)
+    # resume_step: resume from this checkpoint instead of the latest (one that cannot be read is refused, naming the
+    # earlier one); later checkpoints are set aside as checkpoints/unused-<step>, not deleted.
+    c.ckpt = dict(interval=50, resume=False, overwrite=False, keep=2, resume_step=config_dict.placeholder(int))
     c.log = dict(tensorboard=True, wandb="")  # wandb: project name, '' = off
 
     c.lock()

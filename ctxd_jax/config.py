@@ -195,6 +195,9 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              "'tcp' with weights.mode='merged' opens vLLM's dev endpoints (weight reloads, /collective_rpc), which "
              "take no key, to every local user; use transport 'uds' or weights.mode 'adapter'")
     _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
+    step = config.ckpt.resume_step
+    _require(step is None or (config.ckpt.resume and step >= 0), "ckpt.resume_step",
+             f"must be >= 0 and given with ckpt.resume=true, got {step!r}")
     _require(_utf8(config.teacher.context), "teacher.context", "is not valid UTF-8 text (the tokenizer needs it)")
 
 

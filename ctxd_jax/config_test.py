@@ -318,3 +318,8 @@ def test_teacher_context_not_utf8():
     context = b"guide \xff".decode("utf-8", "surrogateescape")  # undecodable bytes from a command line
     assert _error(_config(teacher__context=context)) == ("teacher.context: is not valid UTF-8 text (the tokenizer "
                                                          "needs it)")
+
+
+def test_resume_step_needs_resume():
+    assert _error(_config(ckpt__resume_step=3)).startswith("ckpt.resume_step: must be >= 0 and given with ckpt.resume")
+    validate(_config(ckpt__resume_step=3, ckpt__resume=True), CPU)

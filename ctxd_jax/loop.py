@@ -27,11 +27,11 @@ import numpy as np
 
 from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
-from ctxd_jax.checkpoint import Checkpointer
+from ctxd_jax.checkpoint import Checkpointer, CheckpointError
 from ctxd_jax.config import needs_teacher_scores, redacted
 from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, evaluate
-from ctxd_jax.finite import Streak, check_finite
+from ctxd_jax.finite import NonFiniteError, Streak, check_finite
 from ctxd_jax import rundir
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
 from ctxd_jax.inference import mps
@@ -195,10 +195,13 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer, checkpointer) -
 def _restore(run: Run) -> RunState:
     config, ckpt = run.config, run.ckpt
     state = RunState(0, np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist())
-    latest = ckpt.latest_step()
+    latest = ckpt.latest_step() if config.ckpt.resume_step is None else config.ckpt.resume_step
     if config.ckpt.resume and latest is not None:
-        arrays, meta = ckpt.restore(run.trainer.state_arrays(), latest)
-        check_finite(arrays, f"{ckpt.directory}/{latest} cannot be resumed")
+        try:
+            arrays, meta = ckpt.restore(run.trainer.state_arrays(), latest)
+            check_finite(arrays, f"{ckpt.directory}/{latest} cannot be resumed")
+        except (CheckpointError, NonFiniteError) as e:
+            raise CheckpointError(f"{e}; {rundir.fallback(ckpt.steps(), latest)}") from e
         run.trainer.load_state_arrays(arrays)
         state = RunState.from_meta(meta)
         print(f"resumed from {ckpt.directory}/{state.step} (data position {state.step * run.src.prompts_per_step})",

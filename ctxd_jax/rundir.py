@@ -41,6 +41,17 @@ class RunDir:
     resume_step: int | None  # the checkpoint this start continues from; None = a fresh run
     max_steps: int
     overwrite: bool = False  # the earlier run's files are to be deleted (clear) before the start
+    set_aside: tuple[int, ...] = ()  # checkpoints after resume_step (ckpt.resume_step): renamed, not deleted
+
+    def put_aside(self) -> list[str]:
+        """Renames the checkpoints after the one resumed to checkpoints/unused-<step> (a later save of that step
+        would otherwise be skipped as done); returns their new paths."""
+        moved = []
+        for step in self.set_aside:
+            src = os.path.join(self.path, CHECKPOINTS, str(step))
+            moved.append(os.path.join(self.path, CHECKPOINTS, f"unused-{step}"))
+            os.rename(src, moved[-1])
+        return moved
 
     @property
     def complete(self) -> bool:
@@ -137,17 +148,32 @@ def prepare(config) -> RunDir:
                           f"with {OVERWRITE_FLAG} (deletes it)")
     if latest is None:  # stopped before its first checkpoint: nothing to continue, its metrics are redone
         return RunDir(path, None, config.max_steps)
-    from ctxd_jax.checkpoint import Checkpointer
+    from ctxd_jax.checkpoint import Checkpointer, CheckpointError
 
     ckpt = Checkpointer(os.path.join(path, CHECKPOINTS))
     try:
-        saved = ckpt.meta(latest).get("config")
+        steps = ckpt.steps()
+        step = latest if config.ckpt.resume_step is None else config.ckpt.resume_step
+        if step not in steps:
+            raise ConfigError(f"ckpt.resume_step: no checkpoint at step {step} in {ckpt.directory} (there are "
+                              f"{', '.join(map(str, steps))})")
+        saved = ckpt.meta(step).get("config")
+    except CheckpointError as e:
+        raise ConfigError(f"ckpt.resume: {e}; {fallback(steps, step)}") from e
     finally:
         ckpt.close()
     if saved is not None and (changed := changed_fields(saved, config.to_dict())):
-        raise ConfigError(f"ckpt.resume: the checkpoint at step {latest} in {path} depends on {', '.join(changed)}; "
+        raise ConfigError(f"ckpt.resume: the checkpoint at step {step} in {path} depends on {', '.join(changed)}; "
                           f"resume with the saved values, or start over with {OVERWRITE_FLAG} (deletes the run)")
-    return RunDir(path, latest, config.max_steps)
+    return RunDir(path, step, config.max_steps, set_aside=tuple(s for s in steps if s > step))
+
+
+def fallback(steps: list[int], step: int) -> str:
+    """What to do when the checkpoint at `step` cannot be read: resume from the one before it, if any."""
+    earlier = [s for s in steps if s < step]
+    if not earlier:
+        return f"no earlier checkpoint to resume from; start over with {OVERWRITE_FLAG} (deletes the run)"
+    return f"resume from the checkpoint at step {earlier[-1]} with --config.ckpt.resume_step={earlier[-1]}"
 
 
 def check_folder(path: str) -> None:

@@ -151,3 +151,21 @@ def test_output_dir_must_be_a_writable_folder_of_its_own(tmp_path):
     if os.geteuid() != 0:  # root writes anywhere
         assert error(locked / "run") == f"output_dir: {locked} is not writable by this user"
     rundir.prepare(_config(tmp_path / "new" / "run"))  # made at the start
+
+
+def test_an_unreadable_latest_checkpoint_names_the_one_before(tmp_path):
+    config = _config(tmp_path)
+    for step in (4, 8):
+        _save(config, step)
+    (tmp_path / "checkpoints" / "8" / "meta" / "metadata").write_text("{truncated")
+    with pytest.raises(ConfigError) as e:
+        rundir.prepare(_config(tmp_path, **{"ckpt.resume": True}))
+    msg = str(e.value)
+    assert msg.startswith(f"ckpt.resume: {tmp_path}/checkpoints/8: cannot read its metadata (") and "\n" not in msg
+    assert msg.endswith("resume from the checkpoint at step 4 with --config.ckpt.resume_step=4")
+    run = rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "ckpt.resume_step": 4}))
+    assert (run.resume_step, run.set_aside) == (4, (8,))
+    assert run.put_aside() == [f"{tmp_path}/checkpoints/unused-8"]  # kept, not deleted
+    assert rundir.latest_step(str(tmp_path)) == 4
+    with pytest.raises(ConfigError, match=r"^ckpt.resume_step: no checkpoint at step 6 in .* \(there are 4\)"):
+        rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "ckpt.resume_step": 6}))

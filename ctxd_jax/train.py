@@ -230,6 +230,8 @@ def main(argv: list[str]) -> int:
     if run.overwrite and processes.leader:  # every process decides alike; one deletes
         if deleted := run.clear():
             print(f"ckpt.overwrite: deleted {', '.join(deleted)} in {run.path}", file=sys.stderr)
+    if run.set_aside and processes.leader:
+        print(f"ckpt.resume_step: later checkpoints set aside as {', '.join(run.put_aside())}", file=sys.stderr)
     if run.complete:
         if processes.leader:
             _replot(run.path)
