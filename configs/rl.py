@@ -89,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = dict(
         lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,
         schedule="constant",  # constant | linear | cosine (decay to 0 at max_steps, after warmup)
+        # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
+        max_nonfinite_steps=3,
     )
     c.lora = dict(
         rank=16, alpha=64.0,
@@ -134,7 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = dict(interval=1000, num_examples=1024)
     # A run folder (output_dir) that holds a run is never reused silently: resume=True continues it (from its latest
     # checkpoint, refusing a config that changes what the saved state depends on); overwrite=True deletes it first.
-    c.ckpt = dict(interval=50, resume=False, overwrite=False, keep=2)
+    # resume_step: resume from this checkpoint instead of the latest (one that cannot be read is refused, naming the
+    # earlier one); later checkpoints are set aside as checkpoints/unused-<step>, not deleted.
+    c.ckpt = dict(interval=50, resume=False, overwrite=False, keep=2, resume_step=config_dict.placeholder(int))
     # wandb: W&B project name, '' = off (pip install '.[wandb]'); wandb_entity: its team or user, '' = W&B's default;
     # run_name: the W&B run's display name, '' = W&B's random one. A resumed run continues the same W&B run.
     c.log = dict(tensorboard=True, wandb="", wandb_entity="", run_name="")

@@ -32,6 +32,11 @@ class Checkpointer:
         self._manager.reload()
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The complete checkpoints' steps, ascending."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, arrays, meta: dict) -> str:
         """Blocking save; overwrites nothing (a step already saved is skipped). Returns the step folder."""
         if step not in self._manager.all_steps():
@@ -52,7 +57,8 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract),
                                                                       meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types; name the folder and the step
-            raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from e
         return out["arrays"], out["meta"]
 
     def meta(self, step: int) -> dict:
@@ -60,10 +66,17 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises many types; name the folder and the step
-            raise CheckpointError(f"{self.directory}/{step}: cannot read its metadata ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{self.directory}/{step}: cannot read its metadata ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from e
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(error: Exception) -> str:
+    """TensorStore's errors run to dozens of lines; the first says what failed."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def _abstract(x):

@@ -5,6 +5,7 @@ settings that are legal but have no effect come back as warnings.
 """
 
 import dataclasses
+import math
 import os
 
 import ml_collections
@@ -33,6 +34,77 @@ KL_NORMALIZE = ("sum", "mean")  # advantage.kl_normalize; the advantage math rea
 # teacher.lora: which LoRA the trainer's teacher runs with: none (the base model), the student's current one, or an
 # exponential moving average of it.
 TEACHER_LORAS = ("off", "live", "ema")
+VALID_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
+PORTS = (1, 65535)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Finite numbers from `low` to `high`; `*_open` excludes that end. str() is how an error states it."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return ((value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g} and finite"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
+# Each more async level loads one more adapter on the student server and holds one more sampled batch (also in
+# every checkpoint), sampled that many versions behind the trainer.
+MAX_ASYNC_LEVEL = 8
+# Every number of the config that has a range: field -> (range, why; '' = nothing to add). Other fields' checks
+# relate several fields or read files.
+RANGES = {
+    "optim.lr": (POSITIVE, ""),
+    "optim.max_norm": (POSITIVE, ": the global gradient-norm clip (<= 0 reverses or freezes every update)"),
+    "optim.weight_decay": (NON_NEGATIVE, ""),
+    "optim.b1": (Range(0, 1, high_open=True), ": Adam's first-moment decay"),
+    "optim.b2": (Range(0, 1, high_open=True), ": Adam's second-moment decay"),
+    "optim.warmup_steps": (NON_NEGATIVE, ""),
+    "optim.max_nonfinite_steps": (POSITIVE, ""),
+    **{f"loss.{tau}": (NON_NEGATIVE, "") for tau in (*TAU_FIELDS, "kl_tau")},
+    **{f"loss.{kind}_mask_{end}": (NON_NEGATIVE, "") for kind in ("token", "geo", "sequence")
+       for end in ("low", "high")},
+    "loss.sequence_clip_high": (POSITIVE, ""),
+    "loss.topk": (NON_NEGATIVE, " (0 = the full vocabulary)"),
+    "loss.jsd_beta": (Range(0, 1, low_open=True, high_open=True), ": the teacher's weight in the JSD mixture"),
+    "teacher.ema_decay": (Range(0, 1, high_open=True), ": the old average's weight"),
+    "sampling.temperature": (POSITIVE, " (the trainer divides logits by it)"),
+    "sampling.max_tokens": (POSITIVE, ""),
+    "seq_len": (POSITIVE, ""),
+    "batch_size": (POSITIVE, ""),
+    "rollouts_per_example": (POSITIVE, ""),
+    "max_steps": (NON_NEGATIVE, ""),
+    "max_async_level": (Range(0, MAX_ASYNC_LEVEL), ": each level loads one more adapter on the server and keeps one "
+                                                   "more batch sampled ahead"),
+    "lora.rank": (Range(0, VALID_LORA_RANKS[-1], low_open=True), ": vLLM's largest --max-lora-rank"),
+    "lora.alpha": (POSITIVE, ""),
+    "trainer.tp": (POSITIVE, ""),
+    "trainer.micro_batch_rows": (NON_NEGATIVE, " (0 = all rows at once)"),
+    "trainer.chunk_size": (POSITIVE, ""),
+    "trainer.gpu_memory_fraction": (Range(0, 1, low_open=True), ""),
+    "inference.parallel.tp": (POSITIVE, ""),
+    "inference.gpu_memory_utilization": (Range(0, 1, low_open=True), ""),
+    "inference.port": (Range(PORTS[0], PORTS[1] - 1), ": a TCP port; the teacher's own server takes port + 1"),
+    "inference.kv_cache_gb": (POSITIVE, ""),
+    "parity.max_mismatch_kl": (NON_NEGATIVE, " (a NaN bound fails every gate)"),
+    "parity.num_prompts": (NON_NEGATIVE, ""),
+    "eval.interval": (NON_NEGATIVE, ""),
+    "eval.num_examples": (NON_NEGATIVE, ""),
+    "ckpt.interval": (NON_NEGATIVE, ""),
+    "ckpt.keep": (POSITIVE, ""),
+}
 
 
 class ConfigError(ValueError):
@@ -56,12 +128,6 @@ def parse_gpu_ids(field: str, text: str) -> tuple[int, ...]:
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field}: {message}")
-
-
-def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
-    for field in fields:
-        value = _get(config, field)
-        _require(value > 0, field, f"must be > 0, got {value!r}")
 
 
 def _get(config: ml_collections.ConfigDict, field: str):
@@ -95,33 +161,27 @@ def teacher_scorer(config: ml_collections.ConfigDict) -> str:
     return "trainer" if _teacher_is_base(config) else "vllm"
 
 
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    for field, (allowed, why) in RANGES.items():
+        value = _get(config, field)
+        _require(value in allowed, field, f"must be {allowed}{why}, got {value!r}")
+
+
 def _check_values(config: ml_collections.ConfigDict) -> None:
-    _positive(config, "optim.lr", "sampling.max_tokens", "lora.rank", "lora.alpha", "batch_size",
-              "rollouts_per_example", "seq_len", "inference.parallel.tp", "trainer.tp")
-    _require(config.sampling.temperature > 0, "sampling.temperature",
-             f"must be > 0 (the trainer divides logits by it), got {config.sampling.temperature!r}")
-    for name in TAU_FIELDS:
-        value = config.loss[name]
-        _require(value >= 0, f"loss.{name}", f"must be >= 0, got {value!r}")
+    _check_ranges(config)
     _require(config.batch_size % config.rollouts_per_example == 0, "batch_size",
              f"{config.batch_size} is not divisible by rollouts_per_example={config.rollouts_per_example}")
     _require(config.sampling.max_tokens < config.seq_len, "sampling.max_tokens",
              f"{config.sampling.max_tokens} leaves no room for the prompt in seq_len={config.seq_len}")
-    _require(config.max_steps >= 0, "max_steps", f"must be >= 0, got {config.max_steps}")
-    _require(config.max_async_level >= 0, "max_async_level", f"must be >= 0, got {config.max_async_level}")
     _require(config.loss.topk_direction in TOPK_DIRECTIONS, "loss.topk_direction",
              f"{config.loss.topk_direction!r} is not one of {TOPK_DIRECTIONS}")
-    _require(0 < config.loss.jsd_beta < 1, "loss.jsd_beta", f"must be in (0, 1), got {config.loss.jsd_beta!r}")
     _require(config.loss.ratio_type in RATIO_TYPES, "loss.ratio_type",
              f"{config.loss.ratio_type!r} is not one of {RATIO_TYPES}")
     _require(config.advantage.kl_normalize in KL_NORMALIZE, "advantage.kl_normalize",
              f"{config.advantage.kl_normalize!r} is not one of {KL_NORMALIZE}")
-    _require(config.loss.kl_tau >= 0, "loss.kl_tau", f"must be >= 0, got {config.loss.kl_tau!r}")
-    _positive(config, "loss.sequence_clip_high")
-    _require(config.loss.topk >= 0, "loss.topk", f"must be >= 0 (0 = the full vocabulary), got {config.loss.topk}")
     for kind in ("token", "geo", "sequence"):
         low, high = config.loss[f"{kind}_mask_low"], config.loss[f"{kind}_mask_high"]
-        _require(0 <= low <= high, f"loss.{kind}_mask_low", f"need 0 <= low <= high, got [{low}, {high}]")
+        _require(low <= high, f"loss.{kind}_mask_low", f"need 0 <= low <= high, got [{low}, {high}]")
     _require(config.model.dtype in DTYPES, "model.dtype", f"{config.model.dtype!r} is not one of {DTYPES}")
     _require(config.optim.schedule in SCHEDULES, "optim.schedule",
              f"{config.optim.schedule!r} is not one of {SCHEDULES}")
@@ -130,19 +190,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(config.weights.mode in WEIGHT_MODES, "weights.mode",
              f"{config.weights.mode!r} is not one of {WEIGHT_MODES}")
     _require(bool(config.model.path), "model.path", "is empty (set it to a local Hugging Face folder)")
-    _require(config.eval.interval >= 0 and config.eval.num_examples >= 0, "eval", "interval and num_examples >= 0")
-    _require(config.trainer.micro_batch_rows >= 0, "trainer.micro_batch_rows",
-             f"must be >= 0 (0 = all rows at once), got {config.trainer.micro_batch_rows}")
-    _positive(config, "trainer.chunk_size")
     _require(config.trainer.attn_impl in ATTN_IMPLS, "trainer.attn_impl",
              f"{config.trainer.attn_impl!r} is not one of {ATTN_IMPLS}")
     _require(config.trainer.mps in MPS_MODES, "trainer.mps", f"{config.trainer.mps!r} is not one of {MPS_MODES}")
     _require(config.trainer.remat_policy in REMAT_POLICIES, "trainer.remat_policy",
              f"{config.trainer.remat_policy!r} is not one of {REMAT_POLICIES}")
-    for field in ("inference.gpu_memory_utilization", "trainer.gpu_memory_fraction"):
-        value = _get(config, field)
-        _require(0 < value <= 1, field, f"must be in (0, 1], got {value!r}")
-    _require(config.ckpt.interval >= 0, "ckpt.interval", f"must be >= 0, got {config.ckpt.interval}")
     _require(config.sampling.logprobs in LOGPROB_SOURCES, "sampling.logprobs",
              f"{config.sampling.logprobs!r} is not one of {LOGPROB_SOURCES}")
     _require(config.teacher.scorer in TEACHER_SCORERS, "teacher.scorer",
@@ -152,8 +204,6 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              f"{config.teacher.model!r}; use 'vllm' or 'auto'")
     _require(config.teacher.lora in TEACHER_LORAS, "teacher.lora",
              f"{config.teacher.lora!r} is not one of {TEACHER_LORAS}")
-    _require(0 <= config.teacher.ema_decay < 1, "teacher.ema_decay",
-             f"must be in [0, 1), got {config.teacher.ema_decay!r}")
     if teacher_scorer(config) == "vllm":
         _require(not full_vocab(config), "loss.topk",
                  "0 (the full vocabulary) runs the teacher inside the train step, but a vLLM server scores it "
@@ -163,9 +213,24 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
                  "(teacher.scorer resolves to 'vllm'); use 'off'")
     _require(config.inference.transport in TRANSPORTS, "inference.transport",
              f"{config.inference.transport!r} is not one of {TRANSPORTS}")
+    _require(config.inference.transport != "tcp" or config.weights.mode != "merged", "inference.transport",
+             "'tcp' with weights.mode='merged' opens vLLM's dev endpoints (weight reloads, /collective_rpc), which "
+             "take no key, to every local user; use transport 'uds' or weights.mode 'adapter'")
     _require(bool(config.output_dir), "output_dir", "is empty (the run folder: checkpoints, metrics, plots)")
     _require(config.env.reward_errors in REWARD_ERRORS, "env.reward_errors",
              f"{config.env.reward_errors!r} is not one of {REWARD_ERRORS}")
+    step = config.ckpt.resume_step
+    _require(step is None or (config.ckpt.resume and step >= 0), "ckpt.resume_step",
+             f"must be >= 0 and given with ckpt.resume=true, got {step!r}")
+    _require(_utf8(config.teacher.context), "teacher.context", "is not valid UTF-8 text (the tokenizer needs it)")
+
+
+def _utf8(text: str | None) -> bool:
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
@@ -179,12 +244,14 @@ def _check_layout(config: ml_collections.ConfigDict, gpus: Gpus) -> None:
     for field, ids in (("inference_gpu_ids", gpus.inference), ("trainer_gpu_ids", gpus.trainer)):
         _require(bool(ids), field, "empty while other GPU ids are given (give all, or none for CPU mode)")
     if gpus.visible is not None:
-        for field, ids in (("inference_gpu_ids", gpus.inference), ("teacher_gpu_ids", gpus.teacher),
-                           ("trainer_gpu_ids", gpus.trainer)):
-            for i in ids:
-                _require(i < len(gpus.visible), field,
-                         f"GPU {i} is not one of the {len(gpus.visible)} in CUDA_VISIBLE_DEVICES="
-                         f"{','.join(gpus.visible)!r} (GPU ids index into it)")
+        count, where = len(gpus.visible), (f"is not one of the {len(gpus.visible)} in CUDA_VISIBLE_DEVICES="
+                                           f"{','.join(gpus.visible)!r} (GPU ids index into it)")
+    else:
+        count, where = gpus.machine, f"does not exist: nvidia-smi -L lists {gpus.machine}"
+    for field, ids in (("inference_gpu_ids", gpus.inference), ("teacher_gpu_ids", gpus.teacher),
+                       ("trainer_gpu_ids", gpus.trainer)):
+        for i in ids:
+            _require(count is None or i < count, field, f"GPU {i} {where}")
     n = len(gpus.inference)
     _require(n % tp == 0, "inference.parallel.tp", f"{tp} does not divide the {n} inference GPUs")
     _require(dp is None or dp * tp == n, "inference.parallel.dp",
@@ -341,6 +408,18 @@ def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collectio
         raise ConfigError("weights.mode: 'merged' reloads the server's base weights, which also serve the teacher; "
                           "use 'adapter' or give the teacher its own GPUs or model")
     return resolved, plan, _warnings(resolved, gpus, plan)
+
+
+# What a printed or saved config shows for inference.api_key when one is set: the key itself is never printed or saved.
+KEY_SET = "<set, not shown>"
+
+
+def redacted(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` to print or save: inference.api_key replaced by KEY_SET where a key is set."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    if out.inference.api_key:
+        out.inference.api_key = KEY_SET
+    return out
 
 
 def validate(config: ml_collections.ConfigDict, gpus: Gpus) -> list[str]:

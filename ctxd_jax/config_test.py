@@ -1,7 +1,7 @@
 import pytest
 
 from configs import demo, rl
-from ctxd_jax.config import ConfigError, parse_gpu_ids, resolve, teacher_scorer, validate
+from ctxd_jax.config import ConfigError, parse_gpu_ids, redacted, resolve, teacher_scorer, validate
 from ctxd_jax.plan import Gpus, visible_devices
 from ctxd_jax.envs.persona import style_context
 from ctxd_jax.envs.sokoban import TEACHER_CONTEXT
@@ -143,7 +143,7 @@ def test_cpu_mode_is_one_server():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("optim__lr", 0.0), ("optim__lr", -1e-5), ("sampling__max_tokens", 0), ("lora__rank", 0), ("lora__alpha", -1.0),
+    ("optim__lr", 0.0), ("optim__lr", -1e-5), ("sampling__max_tokens", 0), ("lora__alpha", -1.0),
     ("batch_size", 0), ("seq_len", 0), ("loss__sequence_clip_high", 0.0),
 ])
 def test_non_positive(field, value):
@@ -172,9 +172,9 @@ def test_choices_and_bounds():
     assert _error(_config(loss__token_mask_low=9.0)).startswith("loss.token_mask_low: ")
     assert _error(_config(loss__topk_tau=1.0, loss__topk=-1)).startswith("loss.topk: must be >= 0")
     assert _error(_config(loss__topk_direction="both")).startswith("loss.topk_direction: 'both' is not one of")
-    assert _error(_config(loss__jsd_beta=1.0)) == "loss.jsd_beta: must be in (0, 1), got 1.0"
+    assert _error(_config(loss__jsd_beta=1.0)).startswith("loss.jsd_beta: must be in (0, 1)")
     assert _error(_config(teacher__lora="frozen")).startswith("teacher.lora: 'frozen' is not one of")
-    assert _error(_config(teacher__ema_decay=1.0)) == "teacher.ema_decay: must be in [0, 1), got 1.0"
+    assert _error(_config(teacher__ema_decay=1.0)).startswith("teacher.ema_decay: must be in [0, 1)")
 
 
 def test_full_vocabulary_and_teacher_lora_need_the_trainer_to_score_the_teacher():
@@ -329,3 +329,49 @@ def test_environment_from_outside_the_package(tmp_path, monkeypatch):
     c.env.args.n = 5
     config, _, _ = resolve(c, CPU)
     assert config.env.args.n == 5 and len(envs.env_from_config(config).examples("train")) == 5
+@pytest.mark.parametrize("field,value,allowed", [
+    ("optim__max_norm", -1.0, "> 0"), ("optim__max_norm", 0.0, "> 0"), ("optim__lr", float("inf"), "> 0"),
+    ("optim__lr", float("nan"), "> 0"), ("optim__b1", 2.0, "in [0, 1)"), ("optim__b2", 1.0, "in [0, 1)"),
+    ("optim__weight_decay", -1.0, ">= 0"), ("optim__warmup_steps", -5, ">= 0"),
+    ("optim__max_nonfinite_steps", 0, "> 0"), ("loss__teacher_tau", float("inf"), ">= 0"),
+    ("loss__kl_tau", float("nan"), ">= 0"), ("loss__token_mask_low", -1.0, ">= 0"),
+    ("sampling__temperature", float("inf"), "> 0"), ("parity__max_mismatch_kl", float("nan"), ">= 0"),
+    ("lora__rank", 1000, "in (0, 512]"), ("inference__port", 0, "in [1, 65534]"),
+    ("inference__port", 65535, "in [1, 65534]"), ("max_async_level", 1000, "in [0, 8]"),
+    ("max_async_level", -1, "in [0, 8]"), ("inference__gpu_memory_utilization", 0.0, "in (0, 1]"),
+    ("ckpt__keep", 0, "> 0"), ("eval__interval", -1, ">= 0"),
+])
+def test_numbers_out_of_range(field, value, allowed):
+    """One line naming the field, the allowed range and the value given."""
+    message = _error(_config(**{field: value}))
+    assert message.startswith(f"{field.replace('__', '.')}: must be {allowed}") and repr(value) in message
+    assert "\n" not in message
+
+
+def test_gpu_ids_the_machine_does_not_have():
+    gpus = Gpus(inference=(0,), trainer=(2,), machine=2)
+    assert _error(_config(), gpus).startswith("trainer_gpu_ids: GPU 2 does not exist: nvidia-smi -L lists 2")
+    validate(_config(), Gpus(inference=(0,), trainer=(1,), machine=2))
+    validate(_config(), Gpus(inference=(0,), trainer=(7,)))  # machine unknown: not checked
+
+
+def test_tcp_with_merged_weights_is_refused():
+    message = _error(_config(inference__transport="tcp", weights__mode="merged"))
+    assert message.startswith("inference.transport: 'tcp' with weights.mode='merged' opens vLLM's dev endpoints")
+
+
+def test_redacted_keeps_a_marker_not_the_key():
+    assert redacted(_config(inference__api_key="s3cret")).inference.api_key == "<set, not shown>"
+    assert "s3cret" not in str(redacted(_config(inference__api_key="s3cret")))
+    assert redacted(_config()).inference.api_key == ""  # none set: a random one per run
+
+
+def test_teacher_context_not_utf8():
+    context = b"guide \xff".decode("utf-8", "surrogateescape")  # undecodable bytes from a command line
+    assert _error(_config(teacher__context=context)) == ("teacher.context: is not valid UTF-8 text (the tokenizer "
+                                                         "needs it)")
+
+
+def test_resume_step_needs_resume():
+    assert _error(_config(ckpt__resume_step=3)).startswith("ckpt.resume_step: must be >= 0 and given with ckpt.resume")
+    validate(_config(ckpt__resume_step=3, ckpt__resume=True), CPU)

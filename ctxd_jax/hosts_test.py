@@ -64,8 +64,9 @@ def test_each_other_process_starts_one_student_server_on_its_own_port():
 
 
 def test_merged_weights_are_refused_with_several_processes():
-    config, plan = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged"},
-                             **TCP_VLLM_TEACHER)
+    # over uds: merged weights over tcp are refused for one process too (their dev endpoints take no key)
+    config, plan = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2,)), **{"weights.mode": "merged",
+                                                                                  "teacher.scorer": "vllm"})
     hosts.check(config, plan, hosts.Settings())
     with pytest.raises(ConfigError, match="^weights.mode: 'merged' is not built for several processes"):
         hosts.check(config, plan, hosts.Settings("h:1", 2, 0))

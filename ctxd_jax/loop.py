@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import shutil
 import sys
 import threading
 import time
@@ -28,10 +27,11 @@ import numpy as np
 
 from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
-from ctxd_jax.checkpoint import Checkpointer
-from ctxd_jax.config import full_vocab, needs_teacher_scores
+from ctxd_jax.checkpoint import Checkpointer, CheckpointError
+from ctxd_jax.config import full_vocab, needs_teacher_scores, redacted
 from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, evaluate
+from ctxd_jax.finite import NonFiniteError, Streak, check_finite
 from ctxd_jax import rundir
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
 from ctxd_jax.inference import mps
@@ -70,6 +70,7 @@ def run(config, plan, stop: threading.Event, lead=None) -> None:
     part of a run over several processes (ctxd_jax/multihost.py)."""
     out = rundir.run_path(config)
     os.makedirs(out, exist_ok=True)
+    rundir.mark(out)
     shared_gpu = mps.wanted(config.trainer.mps, plan)
     with mps.daemon(required=config.trainer.mps == "on") if shared_gpu else contextlib.nullcontext():
         deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
@@ -156,6 +157,7 @@ class Run:
     min_rows: int = 0  # packed rows of the largest batch so far (fewer recompiles without micro-batches)
     snapshots: dict = dataclasses.field(default_factory=dict)  # version -> LoRA state (sampling.logprobs='trainer')
     timeline: Timeline = dataclasses.field(default_factory=Timeline)  # the server's and the trainer's busy periods
+    nonfinite: Streak | None = None  # train steps skipped in a row for a non-finite loss or gradient
 
     async def on_device(self, fn, *args):
         def locked():
@@ -190,15 +192,19 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer, checkpointer) -
     ckpt = checkpointer(config)  # stores the resolved config, which a resume is checked against
     trainer_teacher = deployment.teacher_scorer == "trainer" and needs_teacher_scores(config)
     return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]),
-               deployment.teacher_sampler(), trainer_teacher)
+               deployment.teacher_sampler(), trainer_teacher, nonfinite=Streak(config.optim.max_nonfinite_steps))
 
 
 def _restore(run: Run) -> RunState:
     config, ckpt = run.config, run.ckpt
     state = RunState(0, np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist())
-    latest = ckpt.latest_step()
+    latest = ckpt.latest_step() if config.ckpt.resume_step is None else config.ckpt.resume_step
     if config.ckpt.resume and latest is not None:
-        arrays, meta = ckpt.restore(run.trainer.state_arrays(), latest)
+        try:
+            arrays, meta = ckpt.restore(run.trainer.state_arrays(), latest)
+            check_finite(arrays, f"{ckpt.directory}/{latest} cannot be resumed")
+        except (CheckpointError, NonFiniteError) as e:
+            raise CheckpointError(f"{e}; {rundir.fallback(ckpt.steps(), latest)}") from e
         run.trainer.load_state_arrays(arrays)
         state = RunState.from_meta(meta)
         print(f"resumed from {ckpt.directory}/{state.step} (data position {state.step * run.src.prompts_per_step})",
@@ -222,7 +228,7 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         logger = metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
                                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
                                            wandb_entity=config.log.wandb_entity, run_name=config.log.run_name,
-                                           run_config=config.to_dict())
+                                           run_config=redacted(config).to_dict())
         await _train(run, state, logger, stop)
     finally:
         if logger is not None:
@@ -293,6 +299,7 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     t = time.perf_counter()
     train = await run.on_device(run.trainer.step, packed)
     t_train = time.perf_counter() - t
+    run.nonfinite.update(state.step + 1, bool(train["nonfinite_skipped"]))
     t = time.perf_counter()
     version = state.step + 1
     if run.publisher.merged:  # one version at a time on the server: older batches must be done sampling
@@ -317,6 +324,7 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
 async def _publish(run: Run, version: int) -> None:
     """The trainer's current weights become policy `version` on the student servers (and, when the trainer computes
     the behaviour log-probs, a LoRA snapshot of it)."""
+    await run.on_device(check_finite, run.trainer.lora, f"adapter version {version} not published")
     await run.publisher.publish(version)
     if run.config.sampling.logprobs == "trainer":
         run.snapshots[version] = await run.on_device(run.trainer.snapshot_lora)
@@ -361,7 +369,9 @@ async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
     state.pending = [[{k: v for k, v in dataclasses.asdict(r).items() if k not in _TEACHER_FIELDS}
                       for r in (await pipe.peek(s)).rollouts] for s in ahead]
     meta = state.meta(run.src.prompts_per_step)
-    await asyncio.to_thread(run.ckpt.save, state.step, run.trainer.state_arrays(), meta)
+    arrays = run.trainer.state_arrays()
+    await run.on_device(check_finite, arrays, f"checkpoint at step {state.step} not written")
+    await asyncio.to_thread(run.ckpt.save, state.step, arrays, meta)
 
 
 def _export_final(run: Run) -> None:
@@ -369,11 +379,7 @@ def _export_final(run: Run) -> None:
     latest = run.publisher.latest
     if latest is None:
         return
-    final, tmp = os.path.join(run.out, "final"), os.path.join(run.out, ".final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run.publisher.path(latest), tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    rundir.swap_in_final(run.out, run.publisher.path(latest))
 
 
 async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, version: int) -> float:

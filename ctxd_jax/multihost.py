@@ -143,6 +143,9 @@ class LeadCheckpointer:
     def latest_step(self) -> int | None:
         return self._inner.latest_step()
 
+    def steps(self) -> list[int]:
+        return self._inner.steps()
+
     def save(self, step: int, arrays, meta: dict) -> str:
         return self._lead.mirror("ckpt.save", lambda p: (step,), lambda: self._inner.save(step, arrays, meta))
 

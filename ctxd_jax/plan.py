@@ -4,11 +4,21 @@ Pure data; ctxd_jax/config.py validates a config and builds the Plan (`make_plan
 """
 
 import dataclasses
+import subprocess
 
 
 def visible_devices(value: str | None) -> tuple[str, ...] | None:
     """The entries of an inherited CUDA_VISIBLE_DEVICES (None when unset: GPU ids are the machine's own)."""
     return None if value is None else tuple(p for p in value.replace(" ", "").split(",") if p)
+
+
+def machine_gpu_count() -> int | None:
+    """How many GPUs `nvidia-smi -L` lists (None where it does not run: no driver, or not a machine with GPUs)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +30,7 @@ class Gpus:
     teacher: tuple[int, ...] = ()
     trainer: tuple[int, ...] = ()
     visible: tuple[str, ...] | None = None
+    machine: int | None = None  # GPUs the machine shows (machine_gpu_count); None = unknown, not checked
 
     @property
     def cpu(self) -> bool:

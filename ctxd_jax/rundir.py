@@ -14,15 +14,19 @@ import json
 import os
 import shutil
 
-from ctxd_jax.config import ConfigError
+from ctxd_jax.config import ConfigError, redacted
 from ctxd_jax.hosts import PROCESS_DIR
 from ctxd_jax.metrics import PLOTS, WANDB_ID, read_jsonl
 
 CHECKPOINTS = "checkpoints"
+# A run's own record, written into its folder at its start and into the `final/` it exports: the proof that a run of
+# this project wrote what is there, without which nothing there is deleted or replaced.
+MARKER = "ctxd-run.json"
+FINAL = "final"
 METRICS = "metrics.jsonl"
 EVAL_BASELINE = "eval_baseline.json"
 # Everything a run writes into its folder: what ckpt.overwrite deletes (and nothing else there).
-RUN_ENTRIES = (CHECKPOINTS, "weights", "logs", "tensorboard", METRICS, "samples.jsonl", EVAL_BASELINE,
+RUN_ENTRIES = (CHECKPOINTS, "weights", "logs", "tensorboard", METRICS, "samples.jsonl", EVAL_BASELINE, FINAL,
                *(name for _, _, name in PLOTS), WANDB_ID, "wandb")
 # What the saved state depends on: the LoRA and optimizer arrays (model, lora), the data stream and the position in
 # it (env, seed, batch_size, rollouts_per_example) and the sampled but untrained batch (sampling).
@@ -37,22 +41,71 @@ class RunDir:
     resume_step: int | None  # the checkpoint this start continues from; None = a fresh run
     max_steps: int
     overwrite: bool = False  # the earlier run's files are to be deleted (clear) before the start
+    set_aside: tuple[int, ...] = ()  # checkpoints after resume_step (ckpt.resume_step): renamed, not deleted
+
+    def put_aside(self) -> list[str]:
+        """Renames the checkpoints after the one resumed to checkpoints/unused-<step> (a later save of that step
+        would otherwise be skipped as done); returns their new paths."""
+        moved = []
+        for step in self.set_aside:
+            src = os.path.join(self.path, CHECKPOINTS, str(step))
+            moved.append(os.path.join(self.path, CHECKPOINTS, f"unused-{step}"))
+            os.rename(src, moved[-1])
+        return moved
 
     @property
     def complete(self) -> bool:
         """Nothing left to train: the latest checkpoint is at (or past) max_steps."""
         return self.resume_step is not None and self.resume_step >= self.max_steps
 
-    def clear(self) -> None:
+    def clear(self) -> list[str]:
         """Deletes what a run writes here (RUN_ENTRIES, and the folders of processes > 0 of a run over several
-        processes) and nothing else."""
-        others = [n for n in os.listdir(self.path) if PROCESS_DIR.fullmatch(n)] if os.path.isdir(self.path) else []
-        for name in (*RUN_ENTRIES, *others):
+        processes) and nothing else; returns their names. `prepare` has checked that a run wrote them."""
+        deleted = run_entries(self.path)
+        for name in deleted:
             target = os.path.join(self.path, name)
-            if os.path.isdir(target):
+            if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
-            elif os.path.lexists(target):
+            else:
                 os.remove(target)
+        return deleted
+
+
+def run_entries(path: str) -> list[str]:
+    """The names in folder `path` that a run writes (RUN_ENTRIES and the folders of processes > 0)."""
+    if not os.path.isdir(path):
+        return []
+    names = set(os.listdir(path))
+    return [n for n in RUN_ENTRIES if n in names] + sorted(n for n in names if PROCESS_DIR.fullmatch(n))
+
+
+def mark(path: str) -> None:
+    """Writes the MARKER into folder `path` (kept where there is one)."""
+    target = os.path.join(path, MARKER)
+    if not os.path.exists(target):
+        with open(target, "w") as f:
+            json.dump({"written_by": "ctxd-jax"}, f)
+
+
+def marked(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def swap_in_final(out: str, src: str) -> None:
+    """A copy of folder `src` becomes `<out>/final`: written beside the old one, marked, then swapped in (a reader
+    sees the old or the new folder, whole); a `final/` that no run wrote is never replaced."""
+    final, new, old = (os.path.join(out, name) for name in (FINAL, ".final.new", ".final.old"))
+    if os.path.lexists(final) and not marked(final):
+        raise ConfigError(f"output_dir: {final} was not written by a run (no {MARKER} in it): left as it is, the "
+                          f"last weights are in {src}")
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(src, new)
+    mark(new)
+    if os.path.lexists(final):
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_path(config) -> str:
@@ -65,7 +118,8 @@ def checkpointer(config, make=None):
     if make is None:
         from ctxd_jax.checkpoint import Checkpointer as make
 
-    return make(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep, config=config.to_dict())
+    return make(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep,
+                config=redacted(config).to_dict())
 
 
 def prepare(config) -> RunDir:
@@ -73,7 +127,17 @@ def prepare(config) -> RunDir:
     to pass, where it may not start. With ckpt.overwrite the caller deletes the earlier run (RunDir.clear) once every
     other check has passed."""
     path = run_path(config)
+    check_folder(path)
+    final = os.path.join(path, FINAL)
+    if os.path.lexists(final) and not marked(final):
+        raise ConfigError(f"output_dir: {final} was not written by a run (no {MARKER} in it), and a run would replace "
+                          "it; move it or choose another output_dir")
     if config.ckpt.overwrite:
+        present = run_entries(path)
+        if present and not marked(path):
+            raise ConfigError(f"ckpt.overwrite: {path} holds {', '.join(present)} but no {MARKER} (the record a run "
+                              "writes in its folder): nothing is deleted that a run did not write; choose another "
+                              "output_dir")
         return RunDir(path, None, config.max_steps, overwrite=True)
     latest = latest_step(path)
     held = _held(path, latest)
@@ -84,17 +148,51 @@ def prepare(config) -> RunDir:
                           f"with {OVERWRITE_FLAG} (deletes it)")
     if latest is None:  # stopped before its first checkpoint: nothing to continue, its metrics are redone
         return RunDir(path, None, config.max_steps)
-    from ctxd_jax.checkpoint import Checkpointer
+    from ctxd_jax.checkpoint import Checkpointer, CheckpointError
 
     ckpt = Checkpointer(os.path.join(path, CHECKPOINTS))
     try:
-        saved = ckpt.meta(latest).get("config")
+        steps = ckpt.steps()
+        step = latest if config.ckpt.resume_step is None else config.ckpt.resume_step
+        if step not in steps:
+            raise ConfigError(f"ckpt.resume_step: no checkpoint at step {step} in {ckpt.directory} (there are "
+                              f"{', '.join(map(str, steps))})")
+        saved = ckpt.meta(step).get("config")
+    except CheckpointError as e:
+        raise ConfigError(f"ckpt.resume: {e}; {fallback(steps, step)}") from e
     finally:
         ckpt.close()
     if saved is not None and (changed := changed_fields(saved, config.to_dict())):
-        raise ConfigError(f"ckpt.resume: the checkpoint at step {latest} in {path} depends on {', '.join(changed)}; "
+        raise ConfigError(f"ckpt.resume: the checkpoint at step {step} in {path} depends on {', '.join(changed)}; "
                           f"resume with the saved values, or start over with {OVERWRITE_FLAG} (deletes the run)")
-    return RunDir(path, latest, config.max_steps)
+    return RunDir(path, step, config.max_steps, set_aside=tuple(s for s in steps if s > step))
+
+
+def fallback(steps: list[int], step: int) -> str:
+    """What to do when the checkpoint at `step` cannot be read: resume from the one before it, if any."""
+    earlier = [s for s in steps if s < step]
+    if not earlier:
+        return f"no earlier checkpoint to resume from; start over with {OVERWRITE_FLAG} (deletes the run)"
+    return f"resume from the checkpoint at step {earlier[-1]} with --config.ckpt.resume_step={earlier[-1]}"
+
+
+def check_folder(path: str) -> None:
+    """`path` can be a run folder: a folder (or one that can be made) this user can write, and not one whose other
+    files a run would mix with: the root, the home folder, or this package's own."""
+    real = os.path.realpath(path)
+    package = os.path.dirname(os.path.realpath(__file__))
+    if real in ("/", os.path.realpath(os.path.expanduser("~"))):
+        raise ConfigError(f"output_dir: {path} is {'the root' if real == '/' else 'the home'} folder; give a folder "
+                          "of its own for the run")
+    if os.path.commonpath([real, package]) == package:
+        raise ConfigError(f"output_dir: {path} is inside the package's own folder {package}; give another")
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise ConfigError(f"output_dir: {path} exists and is not a folder")
+    existing = real
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {existing} is not writable by this user")
 
 
 def latest_step(path: str) -> int | None:

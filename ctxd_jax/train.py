@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from ctxd_jax import config as config_lib
 from ctxd_jax import hosts
-from ctxd_jax.plan import Gpus, Plan, visible_devices
+from ctxd_jax.plan import Gpus, Plan, machine_gpu_count, visible_devices
 
 DEFAULT_CONFIG = "configs/rl.py"
 # No default here: config_flags would load it and apply --config.* overrides while this module is imported, where a
@@ -145,7 +145,9 @@ def _hide_gpus(plan: Plan) -> None:
 def _resume_command(argv: list[str]) -> str:
     from ctxd_jax.rundir import RESUME_FLAG
 
-    kept = [a for a in argv[1:] if not re.match(r"^--?(no)?config\.ckpt\.(resume|overwrite)\b", a)]
+    # A key given here is left out (never printed): a resumed run works with a new random one.
+    dropped = r"^--?(no)?config\.(ckpt\.(resume|overwrite)|inference\.api_key)\b"
+    kept = [a for a in argv[1:] if not re.match(dropped, a)]
     return shlex.join([os.path.basename(sys.executable), "-m", "ctxd_jax.train", *kept, RESUME_FLAG])
 
 
@@ -160,6 +162,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     With several processes only process 0 handles the stop signals; the others ignore them and stop when it says."""
     from ctxd_jax import loop, multihost, rundir  # JAX and vLLM load only for a real run
     from ctxd_jax.checkpoint import CheckpointError
+    from ctxd_jax.finite import NonFiniteError
     from ctxd_jax.inference.client import RequestError
     from ctxd_jax.inference.server import ServerError
     from ctxd_jax.rewards import RewardError
@@ -171,7 +174,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     with stop_requests(ignore=not processes.leader) as stop:
         try:
             multihost.run(config, plan, processes, stop)  # one process: loop.run
-        except (ServerError, RequestError, CheckpointError, loop.ParityError, RewardError) as e:
+        except (ServerError, RequestError, CheckpointError, loop.ParityError, RewardError, NonFiniteError) as e:
             if _DEBUG.value and not several:
                 raise
             if _DEBUG.value:
@@ -212,6 +215,7 @@ def main(argv: list[str]) -> int:
             teacher=config_lib.parse_gpu_ids("teacher_gpu_ids", _TEACHER_GPU_IDS.value),
             trainer=config_lib.parse_gpu_ids("trainer_gpu_ids", _TRAINER_GPU_IDS.value),
             visible=visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
+            machine=None if _DRY_RUN.value else machine_gpu_count(),  # a dry run may plan for another machine
         )
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         processes = hosts.settings_from_env(os.environ)
@@ -221,7 +225,7 @@ def main(argv: list[str]) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if _DRY_RUN.value:
-        print(config)
+        print(config_lib.redacted(config))
         print(hosts.describe(config, plan, processes))
         from ctxd_jax import envs
 
@@ -243,7 +247,10 @@ def main(argv: list[str]) -> int:
     except CheckpointError as e:  # a checkpoint in the run folder that cannot be read
         _fail(f"output_dir: {e}")
     if run.overwrite and processes.leader:  # every process decides alike; one deletes
-        run.clear()
+        if deleted := run.clear():
+            print(f"ckpt.overwrite: deleted {', '.join(deleted)} in {run.path}", file=sys.stderr)
+    if run.set_aside and processes.leader:
+        print(f"ckpt.resume_step: later checkpoints set aside as {', '.join(run.put_aside())}", file=sys.stderr)
     if run.complete:
         if processes.leader:
             _replot(run.path)

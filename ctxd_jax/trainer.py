@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ctxd_jax import distributed, sharding
 from ctxd_jax.divergence import hidden_divergence
 from ctxd_jax.ema import ema_update
+from ctxd_jax.finite import tree_finite
 from ctxd_jax.loss import compute_loss, default_loss_scale
 from ctxd_jax.models.attention import segment_bound
 from ctxd_jax.models.logprobs import hidden_logprobs
@@ -192,10 +193,15 @@ class Trainer:
         """Rows of a packed batch must be a multiple of this."""
         return self.micro_batch_rows or self.dp
 
-    def _apply_fn(self, lora, opt_state, grads):
+    def _apply_fn(self, lora, opt_state, grads, loss):
+        """The update, or none (the old state kept: `ok` False) where the loss, the gradient or the result is not
+        finite: a NaN or infinity never reaches the weights or the optimizer's moments."""
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.optimizer.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, grad_norm
+        updates, new_opt_state = self.optimizer.update(grads, opt_state, lora)
+        new_lora = optax.apply_updates(lora, updates)
+        ok = jnp.isfinite(loss) & tree_finite(grads, new_lora, new_opt_state)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        return keep(new_lora, lora), keep(new_opt_state, opt_state), grad_norm, ok
 
     def _micro_rows(self, rows: int) -> int:
         mb = self.micro_batch_rows or rows
@@ -269,18 +275,20 @@ class Trainer:
                                     max_segments=part.bound)
             grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated),
                                  self.lora)
-            apply = self._apply.lower(self.lora, self.opt_state, grads)
+            apply = self._apply.lower(self.lora, self.opt_state, grads, np.float32(0))
             return {"grad": grad.compile(), "apply": apply.compile()}
 
     def step(self, batch: TrainBatch | Rows) -> dict[str, float]:
-        """One optimizer step on `batch`; returns float metrics (loss, grad_norm, lr, entropy, loss metrics)."""
+        """One optimizer step on `batch`; returns float metrics (loss, grad_norm, lr, entropy, loss metrics, and
+        nonfinite_skipped: 1 where a non-finite loss or gradient left the state as it was)."""
         lr = float(self.schedule(self.updates))
         loss, weighted, grads = self.grads(batch)
-        self.lora, self.opt_state, grad_norm = self._apply(self.lora, self.opt_state, grads)
+        self.lora, self.opt_state, grad_norm, ok = self._apply(self.lora, self.opt_state, grads, loss)
         self.lora = self._everywhere(self.lora)
-        if self.ema is not None:
+        ok = bool(ok)
+        if self.ema is not None and ok:
             self.ema = self._everywhere(ema_update(self.ema, self.lora, np.float32(self.step_config.ema_decay)))
-        self.updates += 1
+        self.updates += ok
         weighted = {k: float(v) for k, v in jax.device_get(weighted).items()}
         out = {k: v / max(weighted[_WEIGHT.get(k, "num_loss_tokens")], 1.0)
                for k, v in weighted.items() if k not in _COUNTS}
@@ -290,7 +298,7 @@ class Trainer:
                 out[key] = -out[key]
         n = max(weighted["num_loss_tokens"], 1.0)
         out.update(loss=float(loss), grad_norm=float(grad_norm), lr=lr, entropy=weighted["entropy_sum"] / n,
-                   loss_tokens=weighted["num_loss_tokens"])
+                   loss_tokens=weighted["num_loss_tokens"], nonfinite_skipped=float(not ok))
         return out
 
     def logprobs(self, batch: TrainBatch | Rows) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ctxd_jax.finite import nonfinite_leaves
 from ctxd_jax.loss import compute_loss
 from ctxd_jax.models.hf import load_model
 from ctxd_jax.models.logprobs import token_logprobs
@@ -113,3 +114,19 @@ def test_lr_schedules():
     assert [float(s(i)) for i in range(7)] == pytest.approx([0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
     assert float(lr_schedule(OptimConfig(lr=0.1))(100)) == pytest.approx(0.1)
     assert float(lr_schedule(OptimConfig(lr=1.0, schedule="cosine", total_steps=4))(4)) == pytest.approx(0.0)
+
+
+def test_nonfinite_advantages_skip_the_update(tiny_dir):
+    """A NaN advantage makes the loss and gradient NaN: the step keeps the LoRA and optimizer state as they were
+    and says so; the next finite batch trains as usual."""
+    trainer = Trainer(_model(tiny_dir), make_mesh(), OptimConfig(lr=1e-2, total_steps=4), STEP)
+    before = jax.tree.map(np.asarray, trainer.state_arrays())
+    poisoned = _batch(2)
+    poisoned.advantages[poisoned.loss_mask] = np.nan
+    metrics = trainer.step(poisoned)
+    assert metrics["nonfinite_skipped"] == 1.0 and not np.isfinite(metrics["loss"])
+    after = jax.tree.map(np.asarray, trainer.state_arrays())
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert trainer.updates == 0
+    assert trainer.step(_batch(1))["nonfinite_skipped"] == 0.0 and trainer.updates == 1
+    assert not nonfinite_leaves(trainer.state_arrays())

@@ -193,7 +193,7 @@ def test_shared_gpu_over_its_memory_is_refused():
     (["--config.optim.lr=0"], "optim.lr: must be > 0"),
     (["--config.sampling.max_tokens=0"], "sampling.max_tokens: must be > 0"),
     (["--config.sampling.temperature=-1"], "sampling.temperature: must be > 0"),
-    (["--config.lora.rank=0"], "lora.rank: must be > 0"),
+    (["--config.lora.rank=0"], "lora.rank: must be in (0, 512]"),
     (["--config.lora.alpha=0"], "lora.alpha: must be > 0"),
     (["--config.inference.parallel.dp=3", "--inference_gpu_ids=0,1", "--teacher_gpu_ids=2", "--trainer_gpu_ids=3"],
      "inference.parallel.dp: dp=3 x tp=1 != 2"),
@@ -296,3 +296,13 @@ def test_complete_run_only_redraws_its_plots(tiny_model_dir, tmp_path):
                                      f"max_steps {config.max_steps}); plots redrawn. Raise --config.max_steps to "
                                      "train on.")
     assert (tmp_path / "reward.png").exists() and not (tmp_path / "logs").exists()  # no server started
+
+
+def test_the_key_is_never_printed():
+    key = "k3y-" + "x" * 20
+    r = ok("--config=configs/demo.py", f"--config.inference.api_key={key}")
+    assert key not in r.stdout + r.stderr and "api_key: <set, not shown>" in r.stdout
+    from ctxd_jax.train import _resume_command
+
+    hint = _resume_command(["train", "--config=c.py", f"--config.inference.api_key={key}", "--config.seed=1"])
+    assert key not in hint and hint.endswith("ctxd_jax.train --config=c.py --config.seed=1 --config.ckpt.resume=true")

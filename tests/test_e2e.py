@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import rl
-from ctxd_jax import loop
+from ctxd_jax import loop, rundir
 from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.config import resolve
 from ctxd_jax.plan import Gpus
@@ -141,7 +141,8 @@ def test_three_steps(three_steps, student_teacher_server, tiny_model_dir):
     assert meta["step"] == 3 and meta["data_position"] == 3 * 2 and meta["pending"] is None
     # the final adapter at a stable path; of the hand-off folders only the one in use is left
     assert sorted(os.listdir(os.path.join(out, "weights"))) == ["step_000003"]
-    assert os.listdir(os.path.join(out, "final")) == os.listdir(os.path.join(out, "weights", "step_000003"))
+    assert sorted(os.listdir(os.path.join(out, "final"))) == sorted(
+        os.listdir(os.path.join(out, "weights", "step_000003")) + [rundir.MARKER])
     assert meta["rng"] == np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist()
     # adapters handed over: the server's student log-probs follow the trainer's final weights, not the base's
     from ctxd_jax.inference.client import Client

@@ -3,7 +3,9 @@ in a used run folder, a resume with a changed config, and a server killed mid-ru
 
 import os
 import re
+import secrets
 import signal
+import subprocess
 import time
 
 import pytest
@@ -36,6 +38,16 @@ def children(pid: int, marker: bytes) -> list[int]:
     return out
 
 
+def _files_holding(folder, data: bytes) -> list[str]:
+    out = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                if data in f.read():
+                    out.append(os.path.join(root, name))
+    return out
+
+
 def _refused(path, *extra) -> str:
     proc = _cli(path, *extra)
     try:
@@ -62,11 +74,15 @@ def test_preempt_refuse_resume_then_lose_the_server(cli_preempted):
 def preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir, cli_env) -> float:
     """The test's runs and checks; returns how long the run took to end after its server was killed."""
     out = str(tmp_path / "run")
-    path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_steps=50)
+    key = "-k" + secrets.token_urlsafe(16)  # set by the user: the run's servers get it, nobody else sees it
+    path = config_file(str(tmp_path / "cfg.py"), tiny_model_dir, out, max_steps=50,
+                       inference=dict(kv_cache_gb=1, api_key=key))
     proc = _cli(path, env=cli_env)
     try:
         wait_for_checkpoint(proc, out)
         servers = _servers(proc.pid)
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+        assert "vllm.entrypoints" in ps and key not in ps  # the key is in no process's command line
         os.kill(proc.pid, signal.SIGTERM)  # as `docker stop` or a scheduler does: the run's process only
         log, _ = proc.communicate(timeout=300)
     finally:
@@ -79,6 +95,7 @@ def preempt_refuse_resume_then_lose_the_server(tmp_path, tiny_model_dir, cli_env
     assert last.startswith(f"stopped by SIGTERM (checkpoint at step {step}); resume with: ")
     assert last.endswith(f"-m ctxd_jax.train --config={path} --config.ckpt.resume=true"), last
     assert len(servers) == 1 and group_members(servers[0]) == []  # the server went with the run
+    assert key not in log and not _files_holding(out, key.encode())  # never printed, logged or saved
 
     assert _refused(path) == (f"error: output_dir: {out} holds a run (a checkpoint at step {step} and metrics of "
                               f"{step} steps); continue it with --config.ckpt.resume=true or start over with "

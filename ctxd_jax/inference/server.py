@@ -6,7 +6,7 @@ on Linux the API server gets SIGTERM from the kernel when the thread that starte
 a SIGKILLed orchestrator leaves no servers behind. Signals are the command line's business (ctxd_jax/train.py), not
 a side effect of starting a server.
 
-By default a server listens on a Unix socket in a folder only this user can open (0700): vLLM's `--api-key` guards
+By default a server listens on a Unix socket in a folder only this user can open (0700): vLLM's key guards
 only /v1-style paths, and the dev endpoints (/collective_rpc, /pause, ...) would answer anyone who reaches a TCP port.
 `uds=False` keeps TCP on 127.0.0.1 (for layouts where the client is on another host, see BUILD.md).
 """
@@ -29,7 +29,8 @@ from collections.abc import Iterable, Sequence
 
 import httpx
 
-VALID_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from ctxd_jax.config import VALID_LORA_RANKS
+
 LOG_TAIL_LINES = 40
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default for --max-logprobs
 SOCKET_NAME = "vllm.sock"
@@ -93,19 +94,17 @@ def server_env(*, gpu_ids: Sequence[int | str] | None, cpu_core: int | None, kv_
     return env
 
 
-def server_args(model_dir: str, *, served_name: str, port: int | None, api_key: str | None, gpu: bool, tp: int,
+def server_args(model_dir: str, *, served_name: str, port: int | None, gpu: bool, tp: int,
                 dp: int, gpu_memory_utilization: float, dtype: str | None, max_model_len: int, lora_rank: int,
                 max_loras: int, enforce_eager: bool, uds: str | None = None, max_logprobs: int = DEFAULT_MAX_LOGPROBS,
                 extra_args: Sequence[str] = ()) -> list[str]:
-    """The server's command line. Every option is one `--flag=value` word, so no value (an API key that starts with
-    '-', a path, a name) can be read as a flag."""
+    """The server's command line (no secret: any local user reads it in `ps`; the key goes in VLLM_API_KEY). Every
+    option is one `--flag=value` word, so no value (a path or a name that starts with '-') can be read as a flag."""
     opts = {"model": model_dir, "served-model-name": served_name, "max-model-len": max_model_len,
             "dtype": dtype or ("auto" if gpu else "float32"), "max-logprobs": max(max_logprobs, DEFAULT_MAX_LOGPROBS),
             # Sampling log-probs after temperature: the trainer divides logits by the sampling temperature too.
             "logprobs-mode": "processed_logprobs"}
     opts.update({"uds": uds} if uds else {"host": "127.0.0.1", "port": port})
-    if api_key:
-        opts["api-key"] = api_key
     if gpu:
         opts.update({"tensor-parallel-size": tp, "data-parallel-size": dp,
                      "gpu-memory-utilization": gpu_memory_utilization})
@@ -125,6 +124,42 @@ def server_args(model_dir: str, *, served_name: str, port: int | None, api_key: 
         switches.append("enable-lora")
     return ([sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
             + [f"--{k}={v}" for k, v in opts.items()] + [f"--{k}" for k in switches] + list(extra_args))
+
+
+SOCKET_PREFIX = "ctxd-vllm-"
+OWNER_FILE = "owner.pid"  # the pid of the process that started the server whose socket folder holds it
+
+
+def clean_stale_sockets(root: str | None = None) -> list[str]:
+    """Removes this user's socket folders under `root` (the temp folder) whose owner process is gone (a run killed
+    with SIGKILL cannot remove its own); returns them. A folder without an owner file may be one being made: kept."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        if not name.startswith(SOCKET_PREFIX) or os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        try:
+            if os.stat(folder).st_uid != os.geteuid():
+                continue
+            with open(os.path.join(folder, OWNER_FILE)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not _process_exists(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _die_with_parent():
@@ -159,15 +194,14 @@ class VLLMServer:
         self.name = name
         self.served_name = served_name or os.path.basename(self.model_dir.rstrip("/"))
         # An unguessable folder name: nobody can create it first; start() makes it with mode 0700.
-        self.uds = os.path.join(tempfile.gettempdir(), f"ctxd-vllm-{secrets.token_hex(8)}", SOCKET_NAME) if uds \
+        self.uds = os.path.join(tempfile.gettempdir(), f"{SOCKET_PREFIX}{secrets.token_hex(8)}", SOCKET_NAME) if uds \
             else None
         self.port = None if uds else (port or free_port())
         self.api_key = secrets.token_urlsafe(24) if api_key is True else (api_key or None)
         self.gpu_ids = None if gpu_ids is None else tuple(gpu_ids)
         self.lora_rank, self.dev_mode = lora_rank, dev_mode
         self.log_path = os.path.join(log_dir or os.getcwd(), f"vllm-{name}.log")
-        self.args = server_args(self.model_dir, served_name=self.served_name, port=self.port, api_key=self.api_key,
-                                gpu=self.gpu_ids is not None, tp=tp, dp=dp,
+        self.args = server_args(self.model_dir, served_name=self.served_name, port=self.port, gpu=self.gpu_ids is not None, tp=tp, dp=dp,
                                 gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                                 max_model_len=max_model_len, lora_rank=lora_rank, max_loras=max_loras,
                                 enforce_eager=enforce_eager, uds=self.uds, max_logprobs=max_logprobs,
@@ -175,6 +209,10 @@ class VLLMServer:
         self.env = server_env(gpu_ids=self.gpu_ids, cpu_core=cpu_core, kv_cache_gib=kv_cache_gib,
                               lora=lora_rank > 0, dev_mode=dev_mode, cache_dir=cache_dir)
         self.env.update(extra_env or {})
+        # The key through the environment, which only this user can read (/proc/PID/environ is 0400).
+        self.env.pop("VLLM_API_KEY", None)
+        if self.api_key:
+            self.env["VLLM_API_KEY"] = self.api_key
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -206,10 +244,12 @@ class VLLMServer:
         _install_atexit()
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         if self.uds:
+            clean_stale_sockets(os.path.dirname(os.path.dirname(self.uds)))
             os.mkdir(os.path.dirname(self.uds), mode=0o700)
-        shown = [a.replace(self.api_key, "<api-key>") if self.api_key else a for a in self.args]
+            with open(os.path.join(os.path.dirname(self.uds), OWNER_FILE), "w") as f:
+                f.write(str(os.getpid()))
         with open(self.log_path, "ab") as log, _LOCK:
-            log.write(f"$ {' '.join(shown)}\n".encode())
+            log.write(f"$ {' '.join(self.args)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
@@ -252,6 +292,7 @@ class VLLMServer:
         """SIGTERM to the whole process group, SIGKILL after `timeout`; idempotent."""
         proc = self.proc
         if proc is None:
+            self._remove_socket_folder()  # made by a start whose process did not start
             return
         _killpg(proc.pid, signal.SIGTERM)
         try:
@@ -266,6 +307,9 @@ class VLLMServer:
         if proc.poll() is None:
             proc.wait(5)
         _LIVE.discard(self)
+        self._remove_socket_folder()
+
+    def _remove_socket_folder(self) -> None:
         if self.uds:
             shutil.rmtree(os.path.dirname(self.uds), ignore_errors=True)
 

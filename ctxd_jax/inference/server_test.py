@@ -1,10 +1,12 @@
 """Server command lines and environments, and process-group scanning (no vLLM started)."""
 
 import os
+import subprocess
 
 import pytest
 
-from ctxd_jax.inference.server import VLLMServer, group_members, server_args, server_env, vllm_lora_rank
+from ctxd_jax.inference.server import (OWNER_FILE, SOCKET_PREFIX, VLLMServer, clean_stale_sockets, group_members,
+                                       server_args, server_env, vllm_lora_rank)
 
 
 def test_vllm_lora_rank():
@@ -21,27 +23,26 @@ def _opts(args):
 
 
 def test_server_args_cpu_and_gpu():
-    common = dict(served_name="base", port=8000, api_key="k", tp=2, dp=3, gpu_memory_utilization=0.45,
+    common = dict(served_name="base", port=8000, tp=2, dp=3, gpu_memory_utilization=0.45,
                   dtype=None, max_model_len=1024, lora_rank=12, max_loras=2, enforce_eager=False)
     cpu = _opts(server_args("/m", gpu=False, **common))
     assert cpu["dtype"] == "float32" and cpu["enforce-eager"] is True
     assert "tensor-parallel-size" not in cpu and cpu["max-lora-rank"] == "16"
-    assert cpu["api-key"] == "k" and cpu["host"] == "127.0.0.1" and cpu["port"] == "8000"
+    assert cpu["host"] == "127.0.0.1" and cpu["port"] == "8000"
     assert cpu["logprobs-mode"] == "processed_logprobs" and cpu["max-logprobs"] == "20"
     gpu = _opts(server_args("/m", gpu=True, **common))
     assert gpu["tensor-parallel-size"] == "2" and gpu["data-parallel-size"] == "3"
     assert gpu["gpu-memory-utilization"] == "0.45" and "enforce-eager" not in gpu
-    no_key = _opts(server_args("/m", gpu=True, **{**common, "api_key": None, "lora_rank": 0}))
-    assert "api-key" not in no_key and "enable-lora" not in no_key
+    assert "enable-lora" not in _opts(server_args("/m", gpu=True, **{**common, "lora_rank": 0}))
 
 
 def test_values_cannot_be_read_as_flags():
-    # A random key starts with '-' one time in 64; a path or name may too. Each is glued to its flag.
-    args = server_args("-model dir", served_name="--served", port=None, api_key="-Xk_3", gpu=False, tp=1, dp=1,
+    # A path or name may start with '-'. Each is glued to its flag.
+    args = server_args("-model dir", served_name="--served", port=None, gpu=False, tp=1, dp=1,
                        gpu_memory_utilization=0.9, dtype=None, max_model_len=64, lora_rank=0, max_loras=1,
                        enforce_eager=False, uds="/tmp/-x/vllm.sock", max_logprobs=50)
     opts = _opts(args)
-    assert (opts["api-key"], opts["model"], opts["served-model-name"]) == ("-Xk_3", "-model dir", "--served")
+    assert (opts["model"], opts["served-model-name"]) == ("-model dir", "--served")
     assert opts["uds"] == "/tmp/-x/vllm.sock" and "port" not in opts and "host" not in opts
     assert opts["max-logprobs"] == "50"
 
@@ -69,3 +70,36 @@ def test_socket_in_a_private_folder_and_no_port():
 
 def test_group_members_sees_own_group():
     assert os.getpid() in group_members(os.getpgrp())
+
+
+def test_the_key_goes_in_the_environment_not_the_command_line(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "inherited")
+    keyed = VLLMServer("/m", api_key="-s3cret", uds=True)
+    assert keyed.env["VLLM_API_KEY"] == "-s3cret" and not any("s3cret" in a for a in keyed.args)
+    assert "VLLM_API_KEY" not in VLLMServer("/m", api_key=None).env  # no key: none inherited either
+
+
+def test_stale_socket_folders_of_dead_runs_are_removed(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folders = {}
+    for name, pid in (("dead", dead.pid), ("alive", os.getpid()), ("no-owner", None)):
+        folder = tmp_path / f"{SOCKET_PREFIX}{name}"
+        folder.mkdir()
+        if pid is not None:
+            (folder / OWNER_FILE).write_text(str(pid))
+        folders[name] = folder
+    (tmp_path / "other-dead").mkdir()
+    (tmp_path / "other-dead" / OWNER_FILE).write_text(str(dead.pid))
+    assert clean_stale_sockets(str(tmp_path)) == [str(folders["dead"])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctxd-vllm-alive", "ctxd-vllm-no-owner", "other-dead"]
+
+
+def test_a_server_that_never_started_leaves_no_socket_folder(tmp_path):
+    s = VLLMServer("/m", log_dir=str(tmp_path), uds=True)
+    s.args = [str(tmp_path / "no-such-program")]
+    with pytest.raises(OSError):
+        s.start()
+    assert os.path.isdir(os.path.dirname(s.uds))
+    s.stop()
+    assert not os.path.exists(os.path.dirname(s.uds))

@@ -46,7 +46,13 @@ class SafetensorsReader:
         self._handles = {}
         self.file_of = {}
         for name in files:
-            handle = safe_open(os.path.join(folder, name), framework="numpy")
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: missing (named in {INDEX})")
+            try:
+                handle = safe_open(path, framework="numpy")
+            except Exception as e:  # safetensors raises its own types for a truncated or garbage header
+                raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())})") from e
             self._handles[name] = handle
             for key in handle.keys():
                 self.file_of[key] = name
@@ -56,6 +62,9 @@ class SafetensorsReader:
 
     def where(self, key: str) -> str:
         return os.path.join(self.folder, self.file_of.get(key, "?"))
+
+    def shape(self, key: str) -> list[int]:
+        return self._handles[self.file_of[key]].get_slice(key).get_shape()
 
     def dtype(self, key: str):
         return _NP_DTYPES[self._handles[self.file_of[key]].get_slice(key).get_dtype()]
@@ -76,6 +85,32 @@ def _check_keys(reader: SafetensorsReader, entries: list[names.Entry], num_layer
     if missing or unexpected:
         raise KeyError(f"{reader.folder}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}"
                        + (" (more omitted)" if max(len(missing), len(unexpected)) > 8 else ""))
+
+
+def check_files(model_dir: str) -> ModelConfig:
+    """The folder's config and weights as loading needs them, from the safetensors headers alone (no weights read):
+    a supported model_type, every shard of the index present and readable, every tensor present with the shape the
+    config gives. Raises ValueError naming the file."""
+    cfg = ModelConfig.from_hf(model_dir)
+    try:
+        reader = SafetensorsReader(model_dir)
+    except FileNotFoundError as e:
+        raise ValueError(e.args[0]) from e
+    entries = names.base_entries(cfg)
+    try:
+        _check_keys(reader, entries, cfg.num_layers)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from e
+    leaves = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))))
+    for e in entries:
+        per_key = leaves[e.path].get_value().shape[1 if e.stacked else 0:]
+        expected = tuple(per_key[::-1] if e.transpose else per_key)
+        for key in e.hf_keys(cfg.num_layers):
+            shape = tuple(reader.shape(key))
+            if shape != expected:
+                raise ValueError(f"{reader.where(key)}: tensor {key!r} has shape {shape}, config.json gives "
+                                 f"{expected}")
+    return cfg
 
 
 def _load_entry(reader: SafetensorsReader, entry: names.Entry, abstract, num_layers: int) -> np.ndarray:
