@@ -1,0 +1,75 @@
+"""`arith`: small arithmetic whose answer is checked, a task where RL alone has a signal for a small model.
+
+"What is 47 + 38?": the reward is 1 when the last number the answer writes is the right result, so a fragment, a
+padded answer or a wrong number earns 0 (a guess has one try: the last number counts). The operands are drawn from
+[low, high] per problem (seeded, disjoint train and eval), the operator from `ops`. The teacher context is a short
+method (tens, then ones) with three worked turns; the student sees only the question.
+
+Measured with bench/context_signal.py (numbers in BENCHMARKS.md section 6, "Tasks"): SmolLM2-135M-Instruct's base
+rate is inside the 5-40 % where task RL has something to climb, and the teacher (same model, method + worked turns)
+is above it.
+"""
+
+import operator
+import random
+
+from ctxd_jax.envs.answers import last_number
+from ctxd_jax.envs.base import Environment, Example, check_split, format_context, register
+
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+RULE = ("Solve the arithmetic step by step: work out the tens, then the ones, then add them up. End with "
+        '"The answer is N."')
+DEMOS = (("What is 23 + 45?", "23 + 45: tens 20 + 40 = 60, ones 3 + 5 = 8, 60 + 8 = 68. The answer is 68."),
+         ("What is 56 + 37?", "56 + 37: tens 50 + 30 = 80, ones 6 + 7 = 13, 80 + 13 = 93. The answer is 93."),
+         ("What is 84 - 29?", "84 - 29: 84 - 20 = 64, 64 - 9 = 55. The answer is 55."))
+
+
+def solve(a: int, op: str, b: int) -> int:
+    return OPS[op](a, b)
+
+
+def problems(seed: int, n: int, low: int, high: int, ops: str) -> list[tuple[int, str, int]]:
+    """n distinct (a, op, b), drawn in a fixed order from `seed`."""
+    rng, seen = random.Random(seed), {}
+    while len(seen) < n:
+        p = (rng.randint(low, high), rng.choice(ops), rng.randint(low, high))
+        seen.setdefault(p, None)
+    return list(seen)
+
+
+@register("arith")
+class ArithEnv(Environment):
+    name = "arith"
+
+    def __init__(self, seed: int = 0, num_eval: int = 96, num_train: int = 2048, low: int = 10, high: int = 99,
+                 ops: str = "+"):
+        if not ops or set(ops) - set(OPS):
+            raise ValueError(f"env.ops: {ops!r} must be made of {''.join(OPS)}")
+        if not 0 <= low <= high:
+            raise ValueError(f"env.low: [{low}, {high}] must be a range of non-negative integers")
+        if num_eval < 1 or num_train < 1:
+            raise ValueError(f"env.num_eval: {num_eval} and env.num_train: {num_train} must be at least 1")
+        room = (high - low + 1) ** 2 * len(ops) - len(DEMOS)
+        if num_eval + num_train > room:
+            raise ValueError(f"env.num_train: {num_eval} + {num_train} problems asked, only {room} distinct ones in "
+                             f"[{low}, {high}] with {ops!r}")
+        demo_qs = {q for q, _ in DEMOS}
+        ps = [p for p in problems(seed, num_eval + num_train + len(DEMOS), low, high, ops)
+              if self.question(p) not in demo_qs][:num_eval + num_train]
+        self.default_context = format_context(RULE, DEMOS)
+        self._splits = {"eval": self._make("eval", ps[:num_eval]), "train": self._make("train", ps[num_eval:])}
+
+    @staticmethod
+    def question(p: tuple[int, str, int]) -> str:
+        return f"What is {p[0]} {p[1]} {p[2]}?"
+
+    def _make(self, split: str, ps) -> tuple[Example, ...]:
+        return tuple(Example(id=f"arith-{split}-{i}", messages=({"role": "user", "content": self.question(p)},),
+                             data={"question": self.question(p), "answer": solve(*p)}) for i, p in enumerate(ps))
+
+    def examples(self, split: str) -> tuple[Example, ...]:
+        check_split(split)
+        return self._splits[split]
+
+    def reward(self, example: Example, completion_text: str) -> float:
+        return float(last_number(completion_text) == example.data["answer"])
