@@ -46,8 +46,12 @@ def test_the_line_that_names_the_error_and_crash_log_names(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--redo=rl,bogus"], "error: --redo: unknown ['bogus'] (known: rl, distill, hybrid, hybrid_topk, "
-                          "trainer_teacher)"),
+    (["--redo=rl,bogus"], "error: --redo: unknown ['bogus'] (known: rl, distill, distill_mean, distill_topk, "
+                          "distill_full, hybrid, hybrid_topk, trainer_teacher, live)"),
+    (["--methods=rl,live"], "error: --methods: live sets teacher.lora, not a config field in this checkout (the arm "
+                            "needs the feature that adds it)"),
+    (["--tasks=ahoy", "--methods=rl", "--eval_examples=90"], "error: --eval_examples: ahoy has 96 eval prompts; the "
+     "last 16 are the held-out ones (forgetting, fidelity), so at most 80 evaluate"),
     (["--methods=rl,distill", "--redo=hybrid"], "error: --redo: ['hybrid'] not in --methods (their runs would be "
                                                 "dropped and not run again)")])
 def test_redo_of_an_unknown_or_unrun_method_is_refused(tmp_path, flags, message):
