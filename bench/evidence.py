@@ -356,7 +356,8 @@ def finish(a, store: Store, workers: int) -> None:
     with open(os.path.join(a.out, "evidence_report.md"), "w") as f:
         f.write(text + "\n")
     pngs = [os.path.join(a.out, f"evidence_{t}.png") for t in store.read()["tasks"]]
-    store.export(logs, os.path.join(a.out, "evidence_report.md"), *[p for p in pngs if os.path.exists(p)])
+    store.export(logs, os.path.join(a.out, "evidence_report.md"), os.path.join(a.out, "evidence_samples.md"),
+                 *[p for p in pngs if os.path.exists(p)])
 
 
 def parse(argv):
