@@ -80,8 +80,8 @@ TASKS = {
 SHARED = {"teacher.eval_baseline": False, "ckpt.interval": 0, "ckpt.resume": False, "log.tensorboard": False,
           "parity.num_prompts": 2}
 # Sizes by machine (a flag given on the command line wins): CPU keeps the demo's step (~16 s on 2 idle cores).
-SIZES = {"cpu": dict(seeds=1, steps=6, prompts=4, max_tokens=16, eval_every=1, eval_examples=24),
-         "gpu": dict(seeds=3, steps=20, prompts=16, max_tokens=96, eval_every=2, eval_examples=80)}
+SIZES = {"cpu": dict(seeds=1, steps=6, prompts=4, max_tokens=16, eval_every=1, eval_examples=24, eval_samples=4),
+         "gpu": dict(seeds=3, steps=20, prompts=16, max_tokens=96, eval_every=2, eval_examples=80, eval_samples=4)}
 # The eval split's last prompts: answers for forgetting / fidelity, disjoint from train and from the eval prompts (the
 # first eval_examples; `check` keeps them apart).
 HELD = 16
@@ -128,7 +128,8 @@ def make_config(a, task: str, method: str, seed: int):
 
     c = (demo_gpu if a.gpus else demo).get_config()
     sizes = {"max_steps": a.steps, "seed": seed, **TASKS.get(task, {"env.name": task}), "eval.interval": a.eval_every,
-             "eval.num_examples": a.eval_examples, "batch_size": a.prompts * c.rollouts_per_example,
+             "eval.num_examples": a.eval_examples, "eval.samples": a.eval_samples,
+             "batch_size": a.prompts * c.rollouts_per_example,
              "sampling.max_tokens": a.max_tokens,
              "output_dir": os.path.join(a.out, folder(task), method, f"seed{seed}")}
     if a.gpus:
@@ -145,7 +146,8 @@ async def reference_answers(env, tokenizer, client, model: str, config) -> dict:
     from ctxd_jax.evaluate import evaluate
     from ctxd_jax.inference.teacher import render_prompt
 
-    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed)
+    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed,
+              samples=config.eval.samples)
     examples = list(env.examples("eval")[:config.eval.num_examples])
     held = list(env.examples("eval")[HELD_OUT])
     out = {"student": await evaluate(env, tokenizer, examples, client, model=model, **kw),
@@ -370,6 +372,7 @@ def parse(argv):
     p.add_argument("--max_tokens", type=int)
     p.add_argument("--eval_every", type=int)
     p.add_argument("--eval_examples", type=int)
+    p.add_argument("--eval_samples", type=int, help="samples a prompt at each eval")
     p.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: configs/demo_gpu.py on each (default: CPU, configs/demo.py)")
     p.add_argument("--workers", type=int, default=1, help="workers a GPU (with --gpus), else on the CPU")
     p.add_argument("--out", default="/tmp/evidence", help="results.json (resumed when present), run folders, caches")

@@ -118,6 +118,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
              f"{config.weights.mode!r} is not one of {WEIGHT_MODES}")
     _require(bool(config.model.path), "model.path", "is empty (set it to a local Hugging Face folder)")
     _require(config.eval.interval >= 0 and config.eval.num_examples >= 0, "eval", "interval and num_examples >= 0")
+    _require(config.eval.samples >= 1, "eval.samples", f"{config.eval.samples} must be at least 1")
     _require(config.trainer.micro_batch_rows >= 0, "trainer.micro_batch_rows",
              f"must be >= 0 (0 = all rows at once), got {config.trainer.micro_batch_rows}")
     _positive(config, "trainer.chunk_size")
