@@ -403,8 +403,17 @@ def parse(argv):
     a.model = os.path.abspath(os.path.expanduser(a.model))  # as results.json records it
     a.export = [os.path.abspath(e) for e in a.export]
     a.lr = {m: float(v) for m, v in (kv.split("=", 1) for kv in a.lr.split(",") if kv)}
-    a.set = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    a.set = {k: value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     return a
+
+
+def value(text: str):
+    """A --set value as the command line's --config flags read it: a number where it is one (YAML alone reads "1e-4"
+    as a string), else YAML (true, a list, a string)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 def check(a) -> None:
