@@ -29,6 +29,11 @@ one command's table, not against other machines or other worker counts. Each row
     python bench/evidence.py --gpus=0,1,2,3 --workers=2 --tasks=tutor,ahoy,cheers,caps --out=ev --export=$OUT \
         --time_limit=540
     python bench/evidence_report.py ev ev/results.json  # the table and plots again
+    # Each arm at its own learning rate: a sweep on a tuning seed (one --out per lr), then the chosen lrs
+    python bench/evidence.py --first_seed=7 --seeds=1 --set=optim.lr=1e-3 --out=sweep/lr1e-3 ...
+    python bench/evidence_sweep.py sweep/lr*/results.json   # prints --lr=rl=...,distill=...
+    # Any task the command line takes: --tasks=NAME (built-in, dataset, module:Class, verifiers:ID), --set its fields
+    python bench/evidence.py --tasks=dataset --set=env.dataset.path=my.jsonl --methods=rl,distill_topk
 BENCHMARKS.md section 6 gives the device commands in full.
 """
 
