@@ -2,8 +2,8 @@
 
 "What is 47 + 38?": the reward is 1 when the last number the answer writes is the right result, so a fragment, a
 padded answer or a wrong number earns 0 (a guess has one try: the last number counts). The operands are drawn from
-[low, high] per problem (seeded, disjoint train and eval), the operator from `ops`. The teacher context is a short
-method (tens, then ones) with three worked turns; the student sees only the question.
+[low, high] per problem (seeded, disjoint train and eval), the operator from `ops`. The teacher context is the
+answer's form with three worked turns; the student sees only the question.
 
 Measured with bench/context_signal.py (numbers in BENCHMARKS.md section 6, "Tasks"): SmolLM2-135M-Instruct's base
 rate is inside the 5-40 % where task RL has something to climb, and the teacher (same model, method + worked turns)
@@ -17,11 +17,12 @@ from ctxd_jax.envs.answers import last_number
 from ctxd_jax.envs.base import Environment, Example, check_split, format_context, register
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
-RULE = ("Solve the arithmetic step by step: work out the tens, then the ones, then add them up. End with "
-        '"The answer is N."')
-DEMOS = (("What is 23 + 45?", "23 + 45: tens 20 + 40 = 60, ones 3 + 5 = 8, 60 + 8 = 68. The answer is 68."),
-         ("What is 56 + 37?", "56 + 37: tens 50 + 30 = 80, ones 6 + 7 = 13, 80 + 13 = 93. The answer is 93."),
-         ("What is 84 - 29?", "84 - 29: 84 - 20 = 64, 64 - 9 = 55. The answer is 55."))
+# A method in tens and ones confused the 135M model on small sums (teacher 0.11 against the student's 0.13 on 1-9):
+# the demos show the form of a short, right answer instead.
+RULE = 'Work out the arithmetic and answer with the result, ending with "The answer is N."'
+DEMOS = (("What is 23 + 45?", "23 + 45 = 68. The answer is 68."),
+         ("What is 6 + 8?", "6 + 8 = 14. The answer is 14."),
+         ("What is 14 + 9?", "14 + 9 = 23. The answer is 23."))
 
 
 def solve(a: int, op: str, b: int) -> int:
@@ -41,7 +42,7 @@ def problems(seed: int, n: int, low: int, high: int, ops: str) -> list[tuple[int
 class ArithEnv(Environment):
     name = "arith"
 
-    def __init__(self, seed: int = 0, num_eval: int = 96, num_train: int = 2048, low: int = 10, high: int = 99,
+    def __init__(self, seed: int = 0, num_eval: int = 96, num_train: int = 256, low: int = 1, high: int = 19,
                  ops: str = "+"):
         if not ops or set(ops) - set(OPS):
             raise ValueError(f"env.ops: {ops!r} must be made of {''.join(OPS)}")

@@ -18,12 +18,12 @@ def test_the_result_is_checked_and_degenerate_answers_fail():
 
 
 def test_splits_are_disjoint_seeded_and_avoid_the_demos():
-    env = get_env("arith", num_eval=50, num_train=500)
+    env = get_env("arith", num_eval=50, num_train=200)
     ev, train = env.examples("eval"), env.examples("train")
-    assert len(ev) == 50 and len(train) == 500
+    assert len(ev) == 50 and len(train) == 200
     qs = [e.data["question"] for e in ev + train]
     assert len(set(qs)) == len(qs) and not set(qs) & {q for q, _ in DEMOS}
-    assert get_env("arith", num_eval=50, num_train=500).examples("eval") == ev
+    assert get_env("arith", num_eval=50, num_train=200).examples("eval") == ev
     assert get_env("arith", seed=1).examples("eval") != get_env("arith").examples("eval")
     mixed = get_env("arith", ops="+-*", num_train=300)
     assert {e.data["question"].split()[3] for e in mixed.examples("train")} == {"+", "-", "*"}
