@@ -408,11 +408,11 @@ def parse(argv):
     a.model = os.path.abspath(os.path.expanduser(a.model))  # as results.json records it
     a.export = [os.path.abspath(e) for e in a.export]
     a.lr = {m: float(v) for m, v in (kv.split("=", 1) for kv in a.lr.split(",") if kv)}
-    a.set = {k: value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    a.set = {k: set_value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     return a
 
 
-def value(text: str):
+def set_value(text: str):
     """A --set value as the command line's --config flags read it: a number where it is one (YAML alone reads "1e-4"
     as a string), else YAML (true, a list, a string)."""
     try:
@@ -441,8 +441,10 @@ def check(a) -> None:
     from configs import demo
 
     base = (demo_gpu if a.gpus else demo).get_config()
+    if missing_fields(base, a.set):
+        sys.exit(f"error: --set: {', '.join(missing_fields(base, a.set))}: not a config field")
     for m in a.methods.split(","):
-        missing = missing_fields(base, {**METHODS[m], **a.set})
+        missing = missing_fields(base, METHODS[m])
         if missing:
             sys.exit(f"error: --methods: {m} sets {', '.join(missing)}, not a config field in this checkout (the arm "
                      "needs the feature that adds it)")

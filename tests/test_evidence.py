@@ -31,6 +31,16 @@ frame #0: c10::Error::Error(c10::SourceLocation, std::__cxx11::basic_string<char
 """
 
 
+def test_an_arm_whose_fields_this_checkout_lacks_is_named():
+    from bench.evidence import METHODS, missing_fields
+    from configs import demo_gpu
+
+    c = demo_gpu.get_config()
+    assert missing_fields(c, {"loss.topk": 0, "loss.nope": 1, "nope.x": 2, "loss.topk.x": 3}) == [
+        "loss.nope", "nope.x", "loss.topk.x"]
+    assert missing_fields(c, METHODS["rl"]) == []
+
+
 def _evidence(*args, env=None, **kw):
     return subprocess.Popen([sys.executable, "bench/evidence.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, **kw)
@@ -49,8 +59,8 @@ def test_the_line_that_names_the_error_and_crash_log_names(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--redo=rl,bogus"], "error: --redo: unknown ['bogus'] (known: rl, distill, distill_mean, distill_topk, "
                           "distill_full, hybrid, hybrid_topk, trainer_teacher, live)"),
-    (["--methods=rl,live"], "error: --methods: live sets teacher.lora, not a config field in this checkout (the arm "
-                            "needs the feature that adds it)"),
+    (["--methods=rl", "--set=optim.lr=1e-3", "--set=loss.no_such=1"], "error: --set: loss.no_such: not a config "
+                                                                       "field"),
     (["--tasks=ahoy", "--methods=rl", "--eval_examples=90"], "error: --eval_examples: ahoy has 96 eval prompts; the "
      "last 16 are the held-out ones (forgetting, fidelity), so at most 80 evaluate"),
     (["--methods=rl,distill", "--redo=hybrid"], "error: --redo: ['hybrid'] not in --methods (their runs would be "
