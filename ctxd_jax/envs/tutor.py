@@ -12,6 +12,8 @@ such as "Spain." or "Capital.", not padding such as "Spain is nice." and 80 x "b
 known answer (`FACTS`: capitals, counts, record holders) the answer must name it, so "What is the capital of Spain?"
 is answered by an answer with "Madrid" in it. The other questions are open: there only the guide and the answer
 check apply.
+Measured again with these checks (2026-12-06, the same settings, 48 eval prompts x 4 samples): student 0.177,
+teacher 0.411.
 """
 
 import re
