@@ -18,7 +18,8 @@ import shutil
 
 RESULTS = "results.json"
 # The arguments a resumed results.json must share with the command (they decide what a run measures).
-SETTINGS = ("steps", "prompts", "max_tokens", "eval_every", "eval_examples", "gpu", "model")
+SETTINGS = ("steps", "prompts", "max_tokens", "eval_every", "eval_examples", "eval_samples", "gpu", "model", "lr",
+            "set", "first_seed")
 
 
 def run_key(task: str, method: str, seed: int) -> str:

@@ -133,7 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Startup gate: stop before training if vLLM's and the trainer's log-probs of the same samples disagree.
     c.parity = dict(max_mismatch_kl=1e-2, num_prompts=4)
 
-    c.eval = dict(interval=1000, num_examples=1024)
+    # samples: samples a prompt at each eval (more = a less noisy reading of the same prompts)
+    c.eval = dict(interval=1000, num_examples=1024, samples=1)
     # A run folder (output_dir) that holds a run is never reused silently: resume=True continues it (from its latest
     # checkpoint, refusing a config that changes what the saved state depends on); overwrite=True deletes it first.
     # resume_step: resume from this checkpoint instead of the latest (one that cannot be read is refused, naming the

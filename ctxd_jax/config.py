@@ -102,6 +102,7 @@ RANGES = {
     "parity.num_prompts": (NON_NEGATIVE, ""),
     "eval.interval": (NON_NEGATIVE, ""),
     "eval.num_examples": (NON_NEGATIVE, ""),
+    "eval.samples": (Range(1), ": samples per eval example"),
     "ckpt.interval": (NON_NEGATIVE, ""),
     "ckpt.keep": (POSITIVE, ""),
 }

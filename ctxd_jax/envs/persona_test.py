@@ -6,7 +6,7 @@ def test_verifiers():
     ahoy, cheers, caps = (get_env(n) for n in ("ahoy", "cheers", "caps"))
     ex = ahoy.examples("eval")[0]
     assert ahoy.reward(ex, "  Ahoy! The capital is Paris.") == 1.0
-    assert ahoy.reward(ex, "ahoy there") == 1.0
+    assert ahoy.reward(ex, "ahoy there, the capital is Paris") == 1.0
     assert ahoy.reward(ex, "Well, ahoy!") == 0.0
     assert ahoy.reward(ex, "") == 0.0
     assert cheers.reward(ex, "It is Paris. Cheers!\n") == 1.0
@@ -42,3 +42,17 @@ def test_teacher_context_has_rule_and_three_demos_that_pass_the_verifier():
         assert msgs[-1] == ex.messages[0]
         assert all(env.reward(ex, m["content"]) == 1.0 for m in msgs if m["role"] == "assistant")
         assert parse_context(env.default_context) == msgs[:-1]
+
+
+def test_degenerate_answers_earn_nothing_in_any_style():
+    """A fragment or padding in the task's form: the persona verifiers check form, so content cannot be checked, but
+    a completion that is no answer gets 0."""
+    ex = get_env("ahoy").examples("eval")[0]
+    padding = "Spain is nice. " + "blah " * 80
+    for name, answers in {"ahoy": ("Ahoy! Spain.", "Ahoy! Capital.", "Ahoy! " + padding),
+                          "cheers": ("Spain. Cheers!", "Capital. Cheers!", padding + "Cheers!"),
+                          "caps": ("SPAIN.", "CAPITAL CITY.", padding.upper())}.items():
+        env = get_env(name)
+        for answer in answers:
+            assert env.reward(ex, answer) == 0.0, (name, answer)
+    assert get_env("caps").reward(ex, "THE CAPITAL OF SPAIN IS MADRID.") == 1.0

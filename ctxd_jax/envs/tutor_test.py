@@ -31,3 +31,29 @@ def test_teacher_context_is_the_guide_with_demos_that_follow_it():
     assert env.reward(ex, "") == 0.0
     # The persona tasks' questions and splits: the same held-out prompts.
     assert [e.messages for e in env.examples("eval")] == [e.messages for e in get_env("ahoy").examples("eval")]
+
+
+# The degenerate answers that passed the form-only guide, and answers that are right.
+DEGENERATE = ("Spain.", "Capital.", "Spain is nice. " + "blah " * 80, "Spain is nice. " + "blah " * 80 + "Madrid.",
+              "Madrid.", "The capital is Barcelona.")
+
+
+def test_degenerate_or_wrong_answers_earn_nothing():
+    env = get_env("tutor")
+    ex = next(e for e in env.examples("train") + env.examples("eval")
+              if e.data["question"] == "What is the capital of Spain?")
+    for answer in DEGENERATE:
+        assert env.reward(ex, answer) == 0.0, answer
+    assert env.reward(ex, "The capital of Spain is Madrid.") == 1.0
+    assert env.reward(ex, "Spain has Madrid as its capital. It is a big city.") == 1.0
+    assert follows_guide("How many continents are there?", "There are seven continents on Earth.")
+    assert not follows_guide("How many continents are there?", "There are six continents on Earth.")
+    assert follows_guide("What is the capital of Argentina?", "The capital is Buenos Aires.")
+    assert not follows_guide("What is the capital of Argentina?", "The capital is Buenos Dias.")
+
+
+def test_every_fact_is_a_question_of_the_task():
+    from ctxd_jax.envs.questions import all_questions
+    from ctxd_jax.envs.tutor import FACTS
+
+    assert set(FACTS) <= set(all_questions())
