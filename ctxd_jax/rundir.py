@@ -29,8 +29,9 @@ EVAL_BASELINE = "eval_baseline.json"
 RUN_ENTRIES = (CHECKPOINTS, "weights", "logs", "tensorboard", METRICS, "samples.jsonl", EVAL_BASELINE, FINAL,
                *(name for _, _, name in PLOTS), WANDB_ID, "wandb")
 # What the saved state depends on: the LoRA and optimizer arrays (model, lora), the data stream and the position in
-# it (env, seed, batch_size, rollouts_per_example) and the sampled but untrained batch (sampling).
-STATE_FIELDS = ("model", "lora", "seed", "env", "batch_size", "rollouts_per_example", "sampling")
+# it (env, seed, batch_size, rollouts_per_example), the sampled but untrained batch (sampling) and whether it holds an
+# EMA teacher (teacher.lora). A section name covers all its fields.
+STATE_FIELDS = ("model", "lora", "seed", "env", "batch_size", "rollouts_per_example", "sampling", "teacher.lora")
 RESUME_FLAG = "--config.ckpt.resume=true"
 OVERWRITE_FLAG = "--config.ckpt.overwrite=true"
 
@@ -220,8 +221,14 @@ def _held(path: str, latest: int | None) -> str:
 def changed_fields(saved: dict, now: dict) -> list[str]:
     """'field (saved X, now Y)' for each leaf under STATE_FIELDS that differs (compared as JSON: tuples = lists)."""
     saved, now = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
-    keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] in STATE_FIELDS)
+    # A state field the saved config lacks came after that checkpoint, which was saved with its default: compared
+    # only when saved. A whole section's new leaves are compared (an environment argument added since).
+    keys = sorted(k for k in saved.keys() | {k for k in now if k.split(".")[0] in STATE_FIELDS} if _depends(k))
     return [f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _depends(key: str) -> bool:
+    return any(key == field or key.startswith(f"{field}.") for field in STATE_FIELDS)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -52,10 +52,12 @@ def test_resume_with_a_changed_state_field_is_refused(tmp_path):
     _save(_config(tmp_path), 8)
     with pytest.raises(ConfigError) as e:
         rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "batch_size": 8, "lora.rank": 16,
-                                            "env.name": "cheers"}))
+                                            "env.name": "cheers", "teacher.scorer": "trainer",
+                                            "teacher.lora": "ema"}))
     msg = str(e.value)
     assert msg.startswith(f"ckpt.resume: the checkpoint at step 8 in {tmp_path} depends on batch_size (saved 16, "
-                          "now 8), env.name (saved 'ahoy', now 'cheers'), lora.rank (saved 8, now 16); ")
+                          "now 8), env.name (saved 'ahoy', now 'cheers'), lora.rank (saved 8, now 16), "
+                          "teacher.lora (saved 'off', now 'ema'); ")
     assert msg.endswith("start over with --config.ckpt.overwrite=true (deletes the run)")
 
 
