@@ -226,10 +226,10 @@ def main(argv: list[str]) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if _DRY_RUN.value:
         print(config_lib.redacted(config))
-        print(hosts.describe(config, plan, processes))
         from ctxd_jax import envs
 
         print(envs.describe(envs.env_from_config(config), config.teacher.context))
+        print(hosts.describe(config, plan, processes))  # last: what starts where
         return 0
     _hide_gpus(plan)
     if processes.several:  # first: reading the run folder's checkpoints below starts JAX's backend
