@@ -47,6 +47,15 @@ def _echo_module(tmp_path):
     return str(tmp_path)
 
 
+def _verifiers_module(tmp_path):
+    """A verifiers single-turn environment module in tmp_path: its folder and the library's (skips without it)."""
+    from ctxd_jax.envs.verifiers_env_test import HALVES, classic_verifiers
+
+    library = classic_verifiers()
+    (tmp_path / "halves_env.py").write_text(HALVES)
+    return os.pathsep.join([str(tmp_path), library])
+
+
 def test_dry_run_shows_the_task(tmp_path):
     args = ["--config=configs/demo.py", "--config.env.name=dataset", f"--config.env.dataset.path={_jsonl(tmp_path)}",
             "--config.env.dataset.context_key=solution", "--config.env.dataset.eval_fraction=0.2"]
@@ -93,6 +102,9 @@ TRAINS = {
         "--config.env.dataset.prompt_key=question", "--config.env.dataset.verifier=math"], None),
     "class-outside": lambda tmp: (["--config.env.name=my_tasks:Echo", "--config.env.args.word=apple"],
                                   _echo_module(tmp)),
+    "verifiers-single-turn": lambda tmp: ([
+        "--config.env.name=verifiers:halves-env", "--config.env.verifiers.context_key=info.hint",
+        "--config.teacher.context=Hint: {context}"], _verifiers_module(tmp)),
 }
 
 
@@ -101,7 +113,8 @@ TRAINS = {
 @pytest.mark.parametrize("case", sorted(TRAINS))
 def test_task_from_the_command_line_trains(case, tmp_path, tiny_model_dir, cli_env):
     """Two steps on the tiny model of each task a new user brings: a JSONL with per-example solution context and the
-    exact verifier, a CSV with the math verifier, an environment class in a folder outside the repository."""
+    exact verifier, a CSV with the math verifier, an environment class in a folder outside the repository, a verifiers
+    single-turn environment module there (where the library is installed)."""
     task, outside = TRAINS[case](tmp_path)
     env = dict(cli_env, PYTHONPATH=os.pathsep.join([ROOT] + ([outside] if outside else [])))
     out = tmp_path / "run"

@@ -7,10 +7,6 @@ import pytest
 from ctxd_jax.envs import check_context, default_args, get_env
 from ctxd_jax.rewards import RewardError, score
 
-vf = pytest.importorskip("verifiers")
-if not hasattr(vf, "SingleTurnEnv"):
-    pytest.skip("verifiers without its classic API (SingleTurnEnv)", allow_module_level=True)
-
 # A verifiers environment module as its author writes it, outside the repository: its own dataset built in code, a sync
 # and an async reward function (tests/test_tasks.py runs it from the command line).
 HALVES = '''import asyncio
@@ -51,8 +47,17 @@ def load_environment():
 '''
 
 
+def classic_verifiers() -> str:
+    """The folder that holds the `verifiers` library (for a subprocess's PYTHONPATH); skips the test without it."""
+    vf = pytest.importorskip("verifiers")
+    if not hasattr(vf, "SingleTurnEnv"):
+        pytest.skip(f"verifiers {vf.__version__} has no classic API (SingleTurnEnv)")
+    return os.path.dirname(os.path.dirname(vf.__file__))
+
+
 @pytest.fixture
 def modules(tmp_path, monkeypatch):
+    classic_verifiers()
     (tmp_path / "halves_env.py").write_text(HALVES)
     (tmp_path / "chat_env.py").write_text(CHAT)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -95,16 +100,14 @@ def test_a_reward_function_that_raises_is_not_a_silent_zero(modules):
         score(env, ex, "0")
 
 
-def test_a_missing_module_is_named():
+def test_a_missing_module_is_named(modules):
     with pytest.raises(ValueError, match=r"^env.name: cannot import 'no_such_env' for verifiers:no-such-env"):
         default_args("verifiers:no-such-env")
 
 
-def test_dry_run_and_refusal_from_the_command_line(tmp_path):
-    (tmp_path / "halves_env.py").write_text(HALVES)
-    (tmp_path / "chat_env.py").write_text(CHAT)
+def test_dry_run_and_refusal_from_the_command_line(tmp_path, modules):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(tmp_path), *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(tmp_path), classic_verifiers()]))
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "ctxd_jax.train", "--config=configs/demo.py", *args, "--dry_run"],
