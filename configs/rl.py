@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A reward function that raises or returns no finite number: 'stop' the run (one line naming the example; the
     # checkpoints are kept) or score it 'zero' and count it in the reward/errors metric (ctxd_jax/rewards.py).
     c.env.reward_errors = "stop"
+    # env.name=verifiers:ENV_ID (a `verifiers` library environment; its load_environment arguments are env.args.*):
+    # the dataset column, or info.FIELD, that is each example's own teacher context ('' = none).
+    c.env.verifiers = dict(context_key="")
 
     c.optim = dict(
         lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,

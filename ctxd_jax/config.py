@@ -371,15 +371,19 @@ def _resolve_env(config: ml_collections.ConfigDict) -> tuple[dict, envs.Environm
              "missing from the config (build config.env with env_config)")
     # an outside environment named in a config file (not on the command line) runs with its defaults
     args = config.env[key].to_dict() if key in config.env else {k: d for k, (d, _) in defaults.items()}
+    extra = envs.settings(name, config.env)
     try:
-        env = envs.get_env(name, **args)
+        env = envs.get_env(name, **args, **extra)
     except TypeError as e:
         raise ConfigError(f"env.{key}: {e}") from e
     except ValueError as e:  # an environment names its argument 'env.ARG'
         message = str(e)
+        if message.startswith(("env.name:", "env.verifiers.")):  # names its field in full
+            raise ConfigError(message) from e
         raise ConfigError(f"env.{key}.{message[4:]}" if message.startswith("env.") else f"env.{key}: {message}") \
             from e
-    return {"name": name, "args": args, "reward_errors": config.env.reward_errors}, env
+    return {"name": name, "args": args, "reward_errors": config.env.reward_errors,
+            **({"verifiers": config.env.verifiers.to_dict()} if extra else {})}, env
 
 
 def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collections.ConfigDict, Plan, list[str]]:

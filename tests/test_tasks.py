@@ -36,6 +36,26 @@ def _jsonl(tmp_path):
     return str(path)
 
 
+def _csv(tmp_path):
+    path = tmp_path / "halves.csv"
+    path.write_text("question,answer\n" + "".join(f'"What is {i}/2?",{i / 2}\n' for i in range(10)))
+    return str(path)
+
+
+def _echo_module(tmp_path):
+    (tmp_path / "my_tasks.py").write_text(ECHO)
+    return str(tmp_path)
+
+
+def _verifiers_module(tmp_path):
+    """A verifiers single-turn environment module in tmp_path: its folder and the library's (skips without it)."""
+    from ctxd_jax.envs.verifiers_env_test import HALVES, classic_verifiers
+
+    library = classic_verifiers()
+    (tmp_path / "halves_env.py").write_text(HALVES)
+    return os.pathsep.join([str(tmp_path), library])
+
+
 def test_dry_run_shows_the_task(tmp_path):
     args = ["--config=configs/demo.py", "--config.env.name=dataset", f"--config.env.dataset.path={_jsonl(tmp_path)}",
             "--config.env.dataset.context_key=solution", "--config.env.dataset.eval_fraction=0.2"]
@@ -44,10 +64,9 @@ def test_dry_run_shows_the_task(tmp_path):
     student, teacher = out.split("student prompt of example ")[1].split("teacher prompt of example ")
     assert "[user] What is" in student and "solution" not in student.lower()
     assert "[system] Reference solution:\n  [system] " in teacher and " = " in teacher
-    (tmp_path / "m.csv").write_text("question,answer\n" + "".join(f'"What is {i}/2?",{i / 2}\n' for i in range(5)))
-    out = ok("--config=configs/demo.py", "--config.env.name=dataset", f"--config.env.dataset.path={tmp_path}/m.csv",
+    out = ok("--config=configs/demo.py", "--config.env.name=dataset", f"--config.env.dataset.path={_csv(tmp_path)}",
              "--config.env.dataset.prompt_key=question", "--config.env.dataset.verifier=math").stdout
-    assert "task: 4 train and 1 eval examples; verifier: math" in out
+    assert "task: 9 train and 1 eval examples; verifier: math" in out
 
 
 def test_bad_data_is_refused_in_one_line(tmp_path):
@@ -64,8 +83,7 @@ def test_bad_data_is_refused_in_one_line(tmp_path):
 
 
 def test_environment_class_outside_the_repository(tmp_path):
-    (tmp_path / "my_tasks.py").write_text(ECHO)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{_echo_module(tmp_path)}")
     out = ok("--config=configs/demo.py", "--config.env.name=my_tasks:Echo", "--config.env.args.word=apple",
              "--config.env.args.num_train=5", env=env).stdout
     assert "word: apple" in out and "task: 5 train and 2 eval examples; verifier: my_tasks.Echo.reward" in out
@@ -74,18 +92,38 @@ def test_environment_class_outside_the_repository(tmp_path):
         "env.name: 'my_tasks:Nope' is not a subclass of ctxd_jax.envs.Environment")
 
 
+# Each case: (the task's flags, a folder for PYTHONPATH or None) from tmp_path.
+TRAINS = {
+    "jsonl-solution-exact": lambda tmp: ([
+        "--config.env.name=dataset", f"--config.env.dataset.path={_jsonl(tmp)}",
+        "--config.env.dataset.context_key=solution", "--config.teacher.context=Solution: {solution}"], None),
+    "csv-math": lambda tmp: ([
+        "--config.env.name=dataset", f"--config.env.dataset.path={_csv(tmp)}",
+        "--config.env.dataset.prompt_key=question", "--config.env.dataset.verifier=math"], None),
+    "class-outside": lambda tmp: (["--config.env.name=my_tasks:Echo", "--config.env.args.word=apple"],
+                                  _echo_module(tmp)),
+    "verifiers-single-turn": lambda tmp: ([
+        "--config.env.name=verifiers:halves-env", "--config.env.verifiers.context_key=info.hint",
+        "--config.teacher.context=Hint: {context}"], _verifiers_module(tmp)),
+}
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_jsonl_with_solution_context_trains(tmp_path, tiny_model_dir, cli_env):
-    """A few steps on the tiny model: JSONL, per-example solution in the teacher's context, the exact verifier."""
+@pytest.mark.parametrize("case", sorted(TRAINS))
+def test_task_from_the_command_line_trains(case, tmp_path, tiny_model_dir, cli_env):
+    """Two steps on the tiny model of each task a new user brings: a JSONL with per-example solution context and the
+    exact verifier, a CSV with the math verifier, an environment class in a folder outside the repository, a verifiers
+    single-turn environment module there (where the library is installed)."""
+    task, outside = TRAINS[case](tmp_path)
+    env = dict(cli_env, PYTHONPATH=os.pathsep.join([ROOT] + ([outside] if outside else [])))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ctxd_jax.train", "--config=configs/demo.py", f"--config.model.path={tiny_model_dir}",
-           f"--config.output_dir={out}", "--config.env.name=dataset", f"--config.env.dataset.path={_jsonl(tmp_path)}",
-           "--config.env.dataset.context_key=solution", "--config.teacher.context=Solution: {solution}",
+           f"--config.output_dir={out}", *task,
            "--config.max_steps=2", "--config.seq_len=192", "--config.batch_size=4", "--config.rollouts_per_example=2",
            "--config.sampling.max_tokens=8", "--config.eval.interval=0", "--config.ckpt.interval=0",
            "--config.parity.num_prompts=0", "--config.trainer.micro_batch_rows=0"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=cli_env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, "\n".join(line for line in r.stderr.splitlines() if "rror" in line)[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and all(row["reward/errors"] == 0 for row in rows)

@@ -159,7 +159,8 @@ def check_split(split: str) -> None:
 
 
 _REGISTRY: dict[str, Callable[..., Environment]] = {}
-RESERVED_NAMES = ("name", "args", "reward_errors")  # keys of config.env that are not environments
+RESERVED_NAMES = ("name", "args", "reward_errors", "verifiers")  # keys of config.env that are not environments
+VERIFIERS = "verifiers:"  # env.name of an environment of the `verifiers` library: verifiers:ENV_ID (verifiers_env.py)
 
 
 def register(name: str):
@@ -194,7 +195,12 @@ def section(name: str) -> str:
 
 
 def _load_outside(name: str) -> None:
-    """Registers the Environment subclass `pkg.module:Class` under its own name."""
+    """Registers the Environment subclass `pkg.module:Class`, or the adapter of `verifiers:ENV_ID`, under its own name."""
+    if name.startswith(VERIFIERS):
+        from ctxd_jax.envs.verifiers_env import environment_class
+
+        _REGISTRY[name] = environment_class(name)
+        return
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -222,11 +228,20 @@ def get_env(name: str, **kwargs) -> Environment:
     return _cls(name)(**kwargs)
 
 
+def settings(name: str, env_section) -> dict:
+    """Keyword arguments of environment `name` from config.env besides its own section: a `verifiers` environment's
+    context_key (config.env.verifiers)."""
+    if name.startswith(VERIFIERS) and "verifiers" in env_section:
+        return {"context_key": env_section.verifiers.context_key}
+    return {}
+
+
 def env_from_config(config) -> Environment:
     """The run's environment: config.env.name with config.env.args (validation fills them in; a bench's config may
     have none, which means the defaults)."""
     args = config.env.get("args")
-    return get_env(config.env.name, **(args.to_dict() if args is not None else {}))
+    return get_env(config.env.name, **(args.to_dict() if args is not None else {}), **settings(config.env.name,
+                                                                                                config.env))
 
 
 def default_args(name: str) -> dict[str, tuple[object, type]]:
