@@ -74,9 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
     # model: the teacher's HF folder; '' = the student's base model (then one server can serve both).
     # scorer: who computes the teacher's log-probs: 'trainer' (the base model is the teacher: the trainer scores it
     # with LoRA off, no teacher server), 'vllm' (a teacher server's prompt_logprobs), 'auto' (trainer when it can).
-    # lora (trainer-scored teacher only): 'off' = the base model; 'live' = the student's current LoRA (with the
-    # teacher's context: self-distillation); 'ema' = an exponential moving average of the student's LoRA, updated
-    # after every step with weight ema_decay on the old average (kept in checkpoints).
+    # lora (trainer-scored teacher only): 'off' = the base model; 'live' = the student's LoRA (with the teacher's
+    # context: self-distillation); 'ema' = an exponential moving average of the student's LoRA, updated after every
+    # step with weight ema_decay on the old average (kept in checkpoints). Either scores a batch when it is trained,
+    # with the LoRA being trained (not while the batch is sampled, as the fixed base model can).
     c.teacher = dict(context=config_dict.placeholder(str), eval_baseline=True, model="", scorer="auto", lora="off",
                      ema_decay=0.99)
     # name picks the environment; env.<name> holds its keyword arguments at its own defaults (Sokoban's are the

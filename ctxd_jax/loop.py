@@ -38,7 +38,8 @@ from ctxd_jax.inference import mps
 from ctxd_jax.inference.handoff import Publisher
 from ctxd_jax.packing import pack
 from ctxd_jax.pipeline import RolloutPipeline
-from ctxd_jax.scoring import behaviour_logprobs, score_teacher_in_trainer
+from ctxd_jax.scoring import (behaviour_logprobs, score_teacher_in_trainer, score_teacher_prompts,
+                              set_teacher_prompts)
 from ctxd_jax.records import Rollout
 from ctxd_jax.timeline import Timeline
 from ctxd_jax.trainer import LOSS_KEYS, OptimConfig, StepConfig, Trainer, mismatch_kl
@@ -291,6 +292,11 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     batch = await pipe.take(state.step)
     t_wait = time.perf_counter() - t0
     current, group = batch.rollouts, config.rollouts_per_example
+    if run.trainer_teacher and config.teacher.lora != "off":
+        # The live or EMA teacher of the version being trained, whenever the batch was sampled: the run (and a resume
+        # of it) does not depend on how sampling and training interleave.
+        trainer = run.trainer
+        await run.on_device(lambda: score_teacher_prompts(trainer, current, run.src.topk, trainer.teacher_lora()))
     adv, gates = orch.advantages(current, group_size=group, loss=config.loss, advantage=config.advantage)
     packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=run.trainer.row_multiple,
                          topk=run.src.topk, min_rows=run.min_rows, teacher_rows=run.trainer.step_config.full_vocab)
@@ -346,10 +352,11 @@ def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int)
             out["mismatch_kl/vllm"] = mismatch_kl(mine, vllm, np.ones(vllm.shape, bool))
         for r, lp in zip(rollouts, trainer_lps):
             r.sampling_logprobs = lp
-    if run.trainer_teacher:
-        src = run.src
-        score_teacher_in_trainer(run.trainer, src.tokenizer, src.env, examples, rollouts, src.context, src.topk,
-                                 lora=run.trainer.teacher_lora())
+    src = run.src
+    if run.trainer_teacher and run.config.teacher.lora == "off":
+        score_teacher_in_trainer(run.trainer, src.tokenizer, src.env, examples, rollouts, src.context, src.topk)
+    elif run.trainer_teacher:  # a teacher that learns scores the batch when it is trained (_step)
+        set_teacher_prompts(src.tokenizer, src.env, examples, rollouts, src.context)
     return out
 
 

@@ -174,6 +174,11 @@ def score_teacher_in_trainer(trainer, tokenizer, env, examples, rollouts, contex
     `examples[r.group]` is rollout r's example (a list indexed by group, or a dict). Reads only the trainer's
     frozen weights and `lora`, never its train state, so a worker thread may call it between train steps."""
     set_teacher_prompts(tokenizer, env, examples, rollouts, context)
+    score_teacher_prompts(trainer, rollouts, topk, lora)
+
+
+def score_teacher_prompts(trainer, rollouts, topk: int = 0, lora=None) -> None:
+    """score_teacher_in_trainer for rollouts whose teacher_prompt_ids are set already."""
     seqs = [r.teacher_prompt_ids + list(r.completion_ids) for r in rollouts]
     scores = trainer.score(seqs, lora=trainer.base_lora() if lora is None else lora,
                            starts=[len(r.teacher_prompt_ids) for r in rollouts], topk=topk)

@@ -162,8 +162,10 @@ def test_three_steps(three_steps, student_teacher_server, tiny_model_dir):
     print(f"3-step in-process run: {seconds:.1f} s")
 
 
-# The loss and advantage options that are off by default, all on in the kill/resume CLI runs (no extra server).
-OPTIONS_ON = dict(loss=dict(ratio_type="sequence", kl_tau=0.1), advantage=dict(length_weighted_mean=True))
+# The loss, advantage and teacher options that are off by default, all on in the kill/resume CLI runs (no extra
+# server): the EMA teacher is state a resume must restore exactly.
+OPTIONS_ON = dict(loss=dict(ratio_type="sequence", kl_tau=0.1), advantage=dict(length_weighted_mean=True),
+                  teacher=dict(scorer="trainer", lora="ema", ema_decay=0.5))
 
 
 CONFIGS = {
