@@ -37,6 +37,12 @@ PROBE_TIMEOUT_S = 10.0
 UNHEALTHY_AFTER_S = 45.0
 
 
+class _Overdue(Exception):
+    def __init__(self, limit: float):
+        super().__init__(limit)
+        self.limit = limit
+
+
 class ScoringGate:
     """Requests side by side, except scoring requests, which each wait for the others to finish and run alone; a
     waiting score holds back new requests so it is not starved."""
@@ -187,6 +193,25 @@ class Client:
                                                   "(hung)"))
                     return
 
+    async def _within(self, call, timeout: float | None):
+        """Awaits `call` (as _unless_down) within its bound: the client's floor (or `timeout`, if larger) plus the
+        most work in flight on this client since it was sent, as requests sent after it share the server's batches
+        and slow it too; past the bound, _Overdue."""
+        task = asyncio.ensure_future(self._unless_down(call))
+        start, peak = time.monotonic(), self._work_in_flight
+        try:
+            while True:
+                peak = max(peak, self._work_in_flight)
+                limit = max(timeout or 0.0, self.timeout + peak)
+                left = start + limit - time.monotonic()
+                if left <= 0:
+                    raise _Overdue(limit)
+                done, _ = await asyncio.wait({task}, timeout=min(left, 1.0))
+                if done:
+                    return task.result()
+        finally:
+            task.cancel()  # nothing when done
+
     async def _unless_down(self, call):
         """Awaits `call`, unless the watchdog finds the server down first: then that error."""
         task = asyncio.ensure_future(call)
@@ -235,13 +260,12 @@ class Client:
                 async with self._gate.enter(alone) if self._gate else contextlib.nullcontext(), sem:
                     self._work_in_flight += work
                     try:
-                        limit = max(timeout or 0.0, self.timeout + self._work_in_flight)
-                        r = await self._unless_down(http.request(method, path, json=json, params=params,
-                                                                 timeout=httpx.Timeout(limit, connect=10.0)))
+                        r = await self._within(http.request(method, path, json=json, params=params,
+                                                            timeout=httpx.Timeout(None, connect=10.0)), timeout)
                     finally:
                         self._work_in_flight -= work
-            except httpx.ReadTimeout:  # the work would be done again: no retry
-                raise self._failure(f"did not answer {method} {path} within {limit:.0f} s") from None
+            except _Overdue as e:  # the work would be done again: no retry
+                raise self._failure(f"did not answer {method} {path} within {e.limit:.0f} s") from None
             except TRANSIENT as e:
                 last = f"{type(e).__name__}: {e}"
             else:

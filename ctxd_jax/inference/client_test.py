@@ -1,8 +1,10 @@
-"""Parsing vLLM completion and prompt-log-prob responses."""
+"""Parsing vLLM completion and prompt-log-prob responses; a request's time bound."""
+
+import asyncio
 
 import pytest
 
-from ctxd_jax.inference.client import RequestError, parse_completions, parse_prompt_logprobs
+from ctxd_jax.inference.client import Client, RequestError, parse_completions, parse_prompt_logprobs
 
 
 def test_parse_completions():
@@ -68,3 +70,42 @@ def test_scores_alone_on_every_lora_server(gpu_ids):
         return Client.for_server(VLLMServer("/nonexistent", gpu_ids=gpu_ids, lora_rank=lora_rank))
 
     assert client(8).serial_scoring and not client(0).serial_scoring
+
+
+async def _silent_server():
+    """An HTTP server that answers GET /health and never answers anything else (a server stuck on a request)."""
+
+    async def handle(reader, writer):
+        line = await reader.readline()
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        if line.startswith(b"GET /health"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+        else:
+            await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def test_a_request_waits_for_the_work_sent_after_it():
+    """A request's bound grows with the work sent after it (the server batches it all), not only what came before."""
+
+    async def main():
+        server, url = await _silent_server()
+        client = Client(url, timeout=1.0, retries=0)
+        try:
+            first = asyncio.create_task(client.request("POST", "/v1/completions", json={}))
+            await asyncio.sleep(0.2)
+            later = asyncio.create_task(client.request("POST", "/v1/completions", json={}, work=2.0))
+            errors = await asyncio.gather(first, later, return_exceptions=True)
+        finally:
+            await client.aclose()
+            server.close()
+        return [str(e) for e in errors]
+
+    first, later = asyncio.run(main())
+    assert first.endswith("did not answer POST /v1/completions within 3 s"), first
+    assert later.endswith("did not answer POST /v1/completions within 3 s"), later
