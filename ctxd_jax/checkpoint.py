@@ -8,8 +8,10 @@ latest COMPLETE checkpoint; a run killed mid-save leaves only a temporary folder
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -69,6 +71,18 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}/{step}: cannot read its metadata ({type(e).__name__}: "
                                   f"{_first_line(e)})") from e
 
+    def check_arrays(self, step: int) -> None:
+        """Reads every array of `step` as numpy (no target: no devices, no shardings); CheckpointError naming it
+        when one cannot be read or holds a non-finite number."""
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
+        except Exception as e:  # orbax raises many types; name the folder and the step
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from e
+        leaves = jax.tree_util.tree_leaves_with_path(out["arrays"])
+        if bad := [jax.tree_util.keystr(k) for k, x in leaves if not np.isfinite(np.asarray(x, np.float64)).all()]:
+            raise CheckpointError(f"{self.directory}/{step}: not finite in {', '.join(bad[:3])}")
+
     def close(self) -> None:
         self._manager.close()
 
@@ -84,3 +98,13 @@ def _abstract(x):
         return x
     sharding = getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+if __name__ == "__main__":  # python -m ctxd_jax.checkpoint DIR STEP: check_arrays, in a process of its own
+    ckpt = Checkpointer(sys.argv[1])
+    try:
+        ckpt.check_arrays(int(sys.argv[2]))
+    except CheckpointError as e:
+        sys.exit(str(e))
+    finally:
+        ckpt.close()

@@ -13,6 +13,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 from ctxd_jax.config import ConfigError, redacted
 from ctxd_jax.hosts import PROCESS_DIR
@@ -163,10 +165,22 @@ def prepare(config) -> RunDir:
         raise ConfigError(f"ckpt.resume: {e}; {fallback(steps, step)}") from e
     finally:
         ckpt.close()
+    _check_arrays(ckpt.directory, step, steps)
     if saved is not None and (changed := changed_fields(saved, config.to_dict())):
         raise ConfigError(f"ckpt.resume: the checkpoint at step {step} in {path} depends on {', '.join(changed)}; "
                           f"resume with the saved values, or start over with {OVERWRITE_FLAG} (deletes the run)")
     return RunDir(path, step, config.max_steps, set_aside=tuple(s for s in steps if s > step))
+
+
+def _check_arrays(directory: str, step: int, steps: list[int]) -> None:
+    """The checkpoint to resume is read whole before any process starts, in a process that sees no GPU (JAX here
+    would claim the GPUs the servers are about to get)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "ctxd_jax.checkpoint", directory, str(step)], env=env,
+                       capture_output=True, text=True)
+    if r.returncode:
+        last = (r.stderr.strip().splitlines() or [f"{directory}/{step}: exit status {r.returncode}"])[-1]
+        raise ConfigError(f"ckpt.resume: {last}; {fallback(steps, step)}")
 
 
 def fallback(steps: list[int], step: int) -> str:

@@ -171,3 +171,23 @@ def test_an_unreadable_latest_checkpoint_names_the_one_before(tmp_path):
     assert rundir.latest_step(str(tmp_path)) == 4
     with pytest.raises(ConfigError, match=r"^ckpt.resume_step: no checkpoint at step 6 in .* \(there are 4\)"):
         rundir.prepare(_config(tmp_path, **{"ckpt.resume": True, "ckpt.resume_step": 6}))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_a_latest_checkpoint_whose_arrays_cannot_be_used_is_refused_before_start(tmp_path, damage):
+    config = _config(tmp_path)
+    _save(config, 4)
+    if damage == "nan":
+        ckpt = rundir.checkpointer(config)
+        ckpt.save(8, {"w": np.full((2, 3), np.nan, np.float32)}, {"data_position": 8})
+        ckpt.close()
+    else:
+        _save(config, 8)
+        for f in (tmp_path / "checkpoints" / "8" / "arrays").glob("**/d/*"):  # the array data, not its metadata
+            f.write_bytes(f.read_bytes()[:8])
+    with pytest.raises(ConfigError) as e:
+        rundir.prepare(_config(tmp_path, **{"ckpt.resume": True}))
+    msg = str(e.value)
+    what = "not finite in ['w']" if damage == "nan" else "cannot restore ("
+    assert msg.startswith(f"ckpt.resume: {tmp_path}/checkpoints/8: {what}") and "\n" not in msg, msg
+    assert msg.endswith("resume from the checkpoint at step 4 with --config.ckpt.resume_step=4")
