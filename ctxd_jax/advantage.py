@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ctxd_jax.config import KL_NORMALIZE
+from ctxd_jax.allowed import KL_NORMALIZE
 
 
 def _f32(x):

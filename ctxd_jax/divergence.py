@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ctxd_jax.config import TOPK_DIRECTIONS
+from ctxd_jax.allowed import TOPK_DIRECTIONS
 from ctxd_jax.models.logprobs import map_row_chunks
 
 

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ctxd_jax.config import RATIO_TYPES
+from ctxd_jax.allowed import RATIO_TYPES
 from ctxd_jax.divergence import token_divergence
 
 _NEG = -1e9  # stands in for -inf log-probs so that 0 * log 0 stays 0 (and its gradient finite)

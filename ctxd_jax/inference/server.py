@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import httpx
 
-from ctxd_jax.config import VALID_LORA_RANKS
+from ctxd_jax.allowed import VALID_LORA_RANKS
 
 LOG_TAIL_LINES = 40
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default for --max-logprobs
