@@ -15,6 +15,7 @@ or SLURM's task variables (ctxd_jax/hosts.py).
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 
 import jax
@@ -22,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ctxd_jax import hosts
+from ctxd_jax.config import ConfigError
 from ctxd_jax.hosts import Settings  # the variables and their parsed form live in hosts.py
 
 # A process that stops answering is noticed by the others within this (then JAX's coordination service ends them).
@@ -91,3 +93,28 @@ def reduce(values: dict[str, float], maxima: tuple[str, ...] = ()) -> dict[str, 
     keys = sorted(values)
     every = gather(np.asarray([values[k] for k in keys], np.float64))
     return {k: float(every[:, i].max() if k in maxima else every[:, i].sum()) for i, k in enumerate(keys)}
+
+
+def check_shared(folder: str) -> None:
+    """Raises ConfigError in every process unless each sees the file that process 0 writes into `folder` (the run
+    folder, where every process writes its part of the checkpoints)."""
+    if jax.process_count() == 1:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    path = os.path.join(folder, f".shared-{token}")
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            f.write(str(token))
+    multihost_utils.sync_global_devices("run folder marked")
+    try:
+        with open(path) as f:
+            sees = f.read() == str(token)
+    except OSError:
+        sees = False
+    blind = np.flatnonzero(~gather(sees).astype(bool)).tolist()
+    if jax.process_index() == 0:
+        os.remove(path)
+    if blind:
+        raise ConfigError(f"output_dir: {folder} is not shared by every host (process {blind[0]} does not see "
+                          "process 0's files there); several processes need a run folder every host sees "
+                          "(checkpoints are written by all)")

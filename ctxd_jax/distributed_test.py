@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from ctxd_jax import distributed, hosts, sharding
+from ctxd_jax.config import ConfigError
 from ctxd_jax.models.hf import load_model
 from ctxd_jax.tiny import write_tiny_checkpoint
 from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
@@ -74,6 +75,16 @@ def _run(tiny_dir: str, out: str) -> None:
     for name, lora in (("snapshot", trainer.snapshot_lora()), ("base", trainer.base_lora())):
         for i, s in enumerate(trainer.score(seqs, lora=lora, topk=2)):
             arrays[f"score/{name}/{i}"], arrays[f"score/{name}/{i}/topk"] = s.logprobs, s.topk_logprobs
+    # The run folder: one every process sees passes; a folder of each process's own is refused in every process.
+    distributed.check_shared(os.path.dirname(out))
+    own = f"{out}.folder{jax.process_index()}"
+    os.makedirs(own)
+    try:
+        distributed.check_shared(own)
+        refused = ""
+    except ConfigError as e:
+        refused = str(e)
+    assert ("process 1 does not see" in refused) == (jax.process_count() > 1), refused
     trainer.step(batch)
     arrays["loss_after_step"] = np.float32(trainer.step(batch)["loss"])
     if jax.process_index() == 0:

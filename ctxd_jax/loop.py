@@ -78,6 +78,7 @@ def run(config, plan, stop: threading.Event) -> None:
     processes (joined by `distributed.initialize`) every one runs this, with its own servers."""
     out, p = rundir.run_path(config), jax.process_index()
     os.makedirs(hosts.process_dir(out, p), exist_ok=True)
+    distributed.check_shared(out)
     if p == 0:
         rundir.mark(out)
     plan = hosts.local_plan(config, plan, p)
