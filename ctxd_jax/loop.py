@@ -279,8 +279,7 @@ async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> No
                     for s in range(state.step, min(state.step + k + 1, config.max_steps)):
                         pipe.start(s)
                     m = await _step(run, pipe, state)
-                    if (config.eval.interval and state.step % config.eval.interval == 0 and run.eval_examples
-                            and logger is not None):
+                    if config.eval.interval and state.step % config.eval.interval == 0 and run.eval_examples:
                         m.update(await _evaluate(run, state.step))
                     t0 = m.pop("_t0")
                     m["time/step"] = time.perf_counter() - t0
@@ -390,12 +389,19 @@ def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int)
 
 
 async def _evaluate(run: Run, step: int) -> dict:
+    """Several processes: each evaluates its block of the examples on its own server, with the seeds one process
+    gives them; the means are of all."""
     config, t = run.config, time.perf_counter()
-    r = await evaluate(run.src.env, run.src.tokenizer, run.eval_examples, run.src.student,
-                       model=run.publisher.model(step), max_tokens=config.sampling.max_tokens,
-                       temperature=config.sampling.temperature, seed=config.seed, samples=config.eval.samples,
-                       reward_errors=run.src.reward_errors)
-    return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
+    size = -(-len(run.eval_examples) // jax.process_count())
+    first = jax.process_index() * size
+    mine = run.eval_examples[first:first + size]
+    r = {"reward": 0.0, "completion_len": 0.0} if not mine else await evaluate(
+        run.src.env, run.src.tokenizer, mine, run.src.student, model=run.publisher.model(step),
+        max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed + first,
+        samples=config.eval.samples, reward_errors=run.src.reward_errors)
+    n = len(mine)
+    total = await run.on_device(distributed.reduce, {"reward": r["reward"] * n, "len": r["completion_len"] * n, "n": n})
+    return {"eval/reward": total["reward"] / total["n"], "eval/completion_len": total["len"] / total["n"],
             "time/eval": time.perf_counter() - t}
 
 

@@ -107,7 +107,7 @@ def test_dry_run_shows_every_process_and_refuses_bad_variables():
 # The teacher is scored by the trainer and the behaviour log-probs under each version's snapshot, on the whole mesh,
 # while the next batch is sampled (max_async_level 1): process 1 runs those calls as process 0 orders them.
 SETTINGS = dict(max_steps=STEPS, max_async_level=1, batch_size=4, rollouts_per_example=2,
-                teacher=dict(eval_baseline=False), eval=dict(interval=0),
+                teacher=dict(eval_baseline=False), eval=dict(interval=2),
                 parity=dict(num_prompts=1, max_mismatch_kl=1e-3), log=dict(tensorboard=False))
 
 
@@ -172,7 +172,8 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model
     rows, ref_rows = read_jsonl(os.path.join(out, "metrics.jsonl")), read_jsonl(os.path.join(ref_out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r, q in zip(rows, ref_rows):
-        for key in ("reward/mean", "completion_len/mean", "teacher_kl/seq", "loss", "grad_norm", "pack/rows"):
+        for key in ("reward/mean", "completion_len/mean", "teacher_kl/seq", "loss", "grad_norm", "pack/rows") + (
+                ("eval/reward", "eval/completion_len") if r["step"] % 2 == 0 else ()):  # eval: each process its half
             np.testing.assert_allclose(r[key], q[key], rtol=1e-3, atol=1e-5, err_msg=f"step {r['step']} {key}")
     samples, ref_samples = (read_jsonl(os.path.join(o, "samples.jsonl")) for o in (out, ref_out))
     for key in ("example_ids", "policy_version", "completion"):
