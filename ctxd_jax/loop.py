@@ -236,11 +236,12 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
     try:
         await _publish(run, state.step)
         await parity_gate(config, run.src, trainer, run.publisher.model(state.step), state.step)
-        if config.teacher.eval_baseline and state.step == 0 and run.eval_examples and leader:
+        if config.teacher.eval_baseline and state.step == 0 and run.eval_examples:
             baseline = await eval_baseline(config, run.src, run.eval_examples, run.publisher.model(0),
                                            run.teacher_sampler)
-            print(baseline_table(baseline), file=sys.stderr)
-            metrics_lib.write_json(out, "eval_baseline.json", baseline)
+            if leader:
+                print(baseline_table(baseline), file=sys.stderr)
+                metrics_lib.write_json(out, "eval_baseline.json", baseline)
         logger = None if not leader else metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
                                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
                                            wandb_entity=config.log.wandb_entity, run_name=config.log.run_name,
@@ -389,20 +390,33 @@ def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int)
 
 
 async def _evaluate(run: Run, step: int) -> dict:
-    """Several processes: each evaluates its block of the examples on its own server, with the seeds one process
-    gives them; the means are of all."""
     config, t = run.config, time.perf_counter()
-    size = -(-len(run.eval_examples) // jax.process_count())
-    first = jax.process_index() * size
-    mine = run.eval_examples[first:first + size]
-    r = {"reward": 0.0, "completion_len": 0.0} if not mine else await evaluate(
+    mine, seed = _block(run.eval_examples, config.seed)
+    r = {} if not mine else await evaluate(
         run.src.env, run.src.tokenizer, mine, run.src.student, model=run.publisher.model(step),
-        max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed + first,
+        max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
         samples=config.eval.samples, reward_errors=run.src.reward_errors)
-    n = len(mine)
-    total = await run.on_device(distributed.reduce, {"reward": r["reward"] * n, "len": r["completion_len"] * n, "n": n})
-    return {"eval/reward": total["reward"] / total["n"], "eval/completion_len": total["len"] / total["n"],
+    r = (await _means({"eval": r}))["eval"]
+    return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
             "time/eval": time.perf_counter() - t}
+
+
+def _block(examples, seed: int) -> tuple[list, int]:
+    """Several processes evaluate by blocks: this process's block of `examples`, and the seed one process gives its
+    first example."""
+    size = -(-len(examples) // jax.process_count())
+    first = jax.process_index() * size
+    return list(examples[first:first + size]), seed + first
+
+
+async def _means(results: dict[str, dict]) -> dict[str, dict]:
+    """evaluate's means ({} for an empty block) of every process's block, as one process's over all the examples."""
+    keys = ("reward", "completion_len")
+    sums = {f"{name}/{k}": r.get(k, 0.0) * r.get("n", 0) for name, r in results.items() for k in keys}
+    sums.update({f"{name}/n": r.get("n", 0) for name, r in results.items()})
+    total = await asyncio.to_thread(distributed.reduce, sums)
+    return {name: {**{k: total[f"{name}/{k}"] / total[f"{name}/n"] for k in keys}, "n": int(total[f"{name}/n"])}
+            for name in results}
 
 
 async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
@@ -468,11 +482,16 @@ async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, v
 async def eval_baseline(config, src: orch.Sources, examples, student_model: str,
                         teacher_sampler: tuple | None) -> dict[str, dict[str, float]]:
     """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
-    context (`teacher_sampler`: its client and model name)."""
-    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed,
+    context (`teacher_sampler`: its client and model name); several processes: each its block of the examples."""
+    mine, seed = _block(examples, config.seed)
+    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
               samples=config.eval.samples, reward_errors=src.reward_errors)
-    jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=student_model, **kw)}
+    runs = {"student": (src.student, student_model, None)}
     if teacher_sampler is not None:
-        client, model = teacher_sampler
-        jobs["teacher"] = evaluate(src.env, src.tokenizer, examples, client, model=model, context=src.context, **kw)
-    return dict(zip(jobs, await asyncio.gather(*jobs.values())))
+        runs["teacher"] = (*teacher_sampler, src.context)
+    results = {name: {} for name in runs}  # an empty block: nothing to evaluate here
+    if mine:
+        done = await asyncio.gather(*(evaluate(src.env, src.tokenizer, mine, client, model=model, context=context,
+                                               **kw) for client, model, context in runs.values()))
+        results = dict(zip(runs, done))
+    return await _means(results)

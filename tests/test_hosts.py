@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.inference.server import free_port
-from ctxd_jax.metrics import read_jsonl
+from ctxd_jax.metrics import read_json, read_jsonl
 from test_e2e import REPO, config_file, on_server_command
 from test_e2e import SETTINGS as E2E_SETTINGS
 
@@ -107,7 +107,7 @@ def test_dry_run_shows_every_process_and_refuses_bad_variables():
 # The teacher is scored by the trainer and the behaviour log-probs under each version's snapshot, on the whole mesh,
 # while the next batch is sampled (max_async_level 1): process 1 runs those calls as process 0 orders them.
 SETTINGS = dict(max_steps=STEPS, max_async_level=1, batch_size=4, rollouts_per_example=2,
-                teacher=dict(eval_baseline=False), eval=dict(interval=2),
+                teacher=dict(eval_baseline=True), eval=dict(interval=2),
                 parity=dict(num_prompts=1, max_mismatch_kl=1e-3), log=dict(tensorboard=False))
 
 
@@ -175,6 +175,10 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model
         for key in ("reward/mean", "completion_len/mean", "teacher_kl/seq", "loss", "grad_norm", "pack/rows") + (
                 ("eval/reward", "eval/completion_len") if r["step"] % 2 == 0 else ()):  # eval: each process its half
             np.testing.assert_allclose(r[key], q[key], rtol=1e-3, atol=1e-5, err_msg=f"step {r['step']} {key}")
+    baseline, ref_baseline = (read_json(os.path.join(o, "eval_baseline.json")) for o in (out, ref_out))
+    assert baseline.keys() == ref_baseline.keys() == {"student", "teacher"}
+    for who in baseline:  # each process evaluated its half of the examples
+        np.testing.assert_allclose(list(baseline[who].values()), list(ref_baseline[who].values()), rtol=1e-6)
     samples, ref_samples = (read_jsonl(os.path.join(o, "samples.jsonl")) for o in (out, ref_out))
     for key in ("example_ids", "policy_version", "completion"):
         assert [s[key] for s in samples] == [s[key] for s in ref_samples], key
