@@ -113,8 +113,8 @@ def main() -> None:
         for name, r in (("one process", a), ("two processes", b)):
             print(f"{r['step']:>4} {name:<14}" + "".join(f"{r.get(k, float('nan')):16.4g}" for k in KEYS))
     print("wall seconds (start-up included): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    served = open(os.path.join(args.out, "two.log.1")).read().split("served ")[-1].split()[0]
-    print(f"sampling requests served by process 1's server: {served}")
+    print("bytes each step exchanged between the processes besides the gradient's all-reduce: "
+          + ", ".join(str(int(r["hosts/sync_bytes"])) for r in _rows(two)))
     adapter = os.path.join("weights", f"step_{args.steps:06d}", "adapter_model.safetensors")
     print(f"final adapter, max |diff|: process 1's own copy vs process 0's "
           f"{_max_diff(os.path.join(two, 'process1', adapter), os.path.join(two, adapter)):.3g} (must be 0); "

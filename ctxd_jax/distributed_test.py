@@ -2,7 +2,8 @@
 
 Each side runs in its own subprocess (`python -m ctxd_jax.distributed_test TINY_DIR OUT`): device counts and
 jax.distributed must be set before JAX starts. Same tiny checkpoint, same LoRA, same global batch; compared: loss,
-LoRA gradients (also from each process's own rows of the batch only), trainer log-probs (sharded over both
+LoRA gradients (also from each process's own rows of the batch only, given as the global batch's or as its own packed
+batch), trainer log-probs (sharded over both
 processes, gathered) and the loss after an optimizer step.
 """
 
@@ -17,6 +18,7 @@ import pytest
 from flax import nnx
 
 from ctxd_jax import distributed, hosts, sharding
+from ctxd_jax.config import ConfigError
 from ctxd_jax.models.hf import load_model
 from ctxd_jax.tiny import write_tiny_checkpoint
 from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer
@@ -63,11 +65,26 @@ def _run(tiny_dir: str, out: str) -> None:
     arrays["rows/loss"] = distributed.to_host(loss)
     for path, value in nnx.to_flat_state(grads):
         arrays["rows/grad/" + "/".join(map(str, path))] = distributed.to_host(value[...])
+    # The same from this process's rows as its own packed batch (what the loop joins the step with).
+    loss, _, grads = trainer.grads(trainer.local(rows.batch))
+    arrays["local/loss"] = distributed.to_host(loss)
+    for path, value in nnx.to_flat_state(grads):
+        arrays["local/grad/" + "/".join(map(str, path))] = distributed.to_host(value[...])
     # Trainer-side scores (teacher with LoRA off, behaviour under a snapshot): each process places its own rows.
     seqs = [batch.tokens[0, :n].tolist() for n in (5, 9, batch.tokens.shape[1])]
     for name, lora in (("snapshot", trainer.snapshot_lora()), ("base", trainer.base_lora())):
         for i, s in enumerate(trainer.score(seqs, lora=lora, topk=2)):
             arrays[f"score/{name}/{i}"], arrays[f"score/{name}/{i}/topk"] = s.logprobs, s.topk_logprobs
+    # The run folder: one every process sees passes; a folder of each process's own is refused in every process.
+    distributed.check_shared(os.path.dirname(out))
+    own = f"{out}.folder{jax.process_index()}"
+    os.makedirs(own)
+    try:
+        distributed.check_shared(own)
+        refused = ""
+    except ConfigError as e:
+        refused = str(e)
+    assert ("process 1 does not see" in refused) == (jax.process_count() > 1), refused
     trainer.step(batch)
     arrays["loss_after_step"] = np.float32(trainer.step(batch)["loss"])
     if jax.process_index() == 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ctxd_jax.distributed import to_host
+
 
 class NonFiniteError(RuntimeError):
     """The run's state or its updates are not finite; str() is one line."""
@@ -21,17 +23,18 @@ def tree_finite(*trees) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
+@jax.jit
+def _finite_flags(leaves):
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
 def nonfinite_leaves(tree) -> list[str]:
-    """Paths of the floating leaves of `tree` holding a NaN or an infinity. Reads each process's own shards on its
-    own devices (no collective: with several processes only process 0 may call this)."""
-    bad = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            continue
-        shards = [s.data for s in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [leaf]
-        if not all(bool(jnp.all(jnp.isfinite(s))) for s in shards):
-            bad.append(jax.tree_util.keystr(path))
-    return bad
+    """Paths of the floating leaves of `tree` holding a NaN or an infinity. With several processes a collective:
+    every process calls it, in the same order (each checks its own shards; the flags are then everyone's)."""
+    leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+              if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    flags = _finite_flags([leaf for _, leaf in leaves])
+    return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, flags) if not to_host(ok)]
 
 
 def check_finite(tree, refused: str) -> None:

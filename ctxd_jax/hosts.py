@@ -1,11 +1,10 @@
-"""Several processes, one per host: who they are (from the environment) and which process runs what. Pure: no JAX.
+"""Several processes, one per host: who they are (from the environment) and what each runs. Pure: no JAX.
 
-Every process runs the same `python -m ctxd_jax.train` command. Process 0 (the leader) runs the orchestrator: its
-servers are the plan's (student, and the teacher where the plan has one), and it owns the environment, the teacher
-scores, advantages, packing, logs, plots and run files. Every other process starts one student server on its own
-host's inference GPUs, which only it talks to (sampling requests reach it through process 0's link to it), and writes
-each new adapter version from its own copy of the (replicated) LoRA weights to its own folder: no weight file
-crosses hosts. Every process holds its part of the trainer mesh, which spans the trainer GPUs of all of them.
+Every process runs the same `python -m ctxd_jax.train` command and the same program (ctxd_jax/loop.py): its own
+servers (the plan's, on its own host's GPUs), its share of every step's groups (sampled, verified, scored and packed
+there), its part of the trainer mesh, which spans the trainer GPUs of all of them, and each adapter version written
+from its own copy of the (replicated) LoRA weights into its own servers: no sample, row or weight file crosses hosts
+(ctxd_jax/distributed.py says what does).
 
 The processes come from CTXD_COORDINATOR_ADDRESS (host:port of process 0), CTXD_NUM_PROCESSES and CTXD_PROCESS_ID,
 or, when those are unset, from SLURM's task variables inside `srun` (JAX then finds the coordinator itself).
@@ -73,31 +72,32 @@ def check(config, plan: Plan, settings: Settings) -> None:
     if config.weights.mode == "merged":
         raise ConfigError("weights.mode: 'merged' is not built for several processes (each host would gather the "
                           "whole model every step); use 'adapter'")
-
-
-def student_port(config, process: int) -> int | None:
-    """Process 0's student server takes inference.port (its teacher port + 1); process p > 0 takes port + 1 + p, so
-    processes sharing a host never collide. None: private Unix sockets (inference.transport 'uds'), no ports."""
-    if config.inference.transport == "uds":
-        return None
-    return config.inference.port + (process + 1 if process else 0)
+    prompts, n = config.batch_size // config.rollouts_per_example, settings.num_processes
+    if prompts % n:
+        raise ConfigError(f"batch_size: {config.batch_size} samples are {prompts} groups of rollouts_per_example, "
+                          f"not a whole number per process for {n} processes")
 
 
 def local_plan(config, plan: Plan, process: int) -> Plan:
-    """The servers `process` starts: process 0 the whole plan, any other one student server and no teacher."""
-    if process == 0:
+    """The servers `process` starts: the plan's, on ports of its own (inference.port + 2 p and + 2 p + 1 over TCP),
+    so processes sharing a host never collide."""
+    if process == 0 or config.inference.transport == "uds":
         return plan
-    student = dataclasses.replace(plan.student, roles=("student",), port=student_port(config, process))
-    return dataclasses.replace(plan, student=student, teacher=None)
+
+    def moved(server):
+        return server and dataclasses.replace(server, port=server.port + 2 * process)
+
+    return dataclasses.replace(plan, student=moved(plan.student), teacher=moved(plan.teacher))
 
 
 PROCESS_DIR = re.compile(r"process[1-9][0-9]*")
 
 
 def process_dir(out: str, process: int | str) -> str:
-    """The folder of process `process` > 0 under the run folder: its server's log and its adapter versions (process
-    0 writes the run's own files: `logs/`, `weights/`, ...). Its name matches PROCESS_DIR."""
-    return os.path.join(out, f"process{process}")
+    """The folder of process `process`'s own files (its servers' logs, its adapter versions, its sampled-ahead
+    batches): the run folder for process 0, which also writes the run's own files, else `process<p>/` in it (its
+    name matches PROCESS_DIR)."""
+    return out if process == 0 else os.path.join(out, f"process{process}")
 
 
 def describe(config, plan: Plan, settings: Settings) -> str:
@@ -106,26 +106,21 @@ def describe(config, plan: Plan, settings: Settings) -> str:
         return plan.describe()
     n, mode = settings.num_processes, "CPU" if plan.cpu else "GPU"
     where = settings.coordinator_address or "found by JAX from SLURM"
+    groups = config.batch_size // config.rollouts_per_example
     lines = [f"plan ({mode} mode, {n} processes from {settings.source}_* variables, one per host; this is process "
              f"{settings.process_id}; coordinator {where}):",
-             "  process 0 (host 0): the orchestrator (prompts, rewards, advantages, packing; the only one "
-             "writing logs, plots, run files and checkpoint metadata)"]
+             f"  every process (each on its own host, the same program): {groups // n} of each step's {groups} groups "
+             "(group g on process g % processes), sampled, verified, scored and packed there, on these servers:"]
     lines += [f"  {line}" for line in plan.describe().splitlines()[1:]]
-    lines[-1] += ": its share of the mesh"
-    other = local_plan(config, plan, 1).student
-    who = "process 1 (on its own host)" if n == 2 else f"processes 1..{n - 1} (each on its own host)"
-    port = "" if n == 2 or other.port is None else f" (process p: port {config.inference.port} + 1 + p)"
-    lines += [f"  {who}: a student server that only its process reaches, and its share of "
-              "the mesh",
-              f"    {dataclasses.replace(other, roles=('student',)).describe()}{port}",
-              f"    each adapter version written by that process from its own copy of the LoRA weights to "
-              f"{process_dir(config.output_dir, '<p>')}/weights, then loaded into its server",
-              f"    {plan.trainer.describe()}: its share of the mesh"]
+    if config.inference.transport == "tcp":
+        lines.append("    (process p: ports + 2 p)")
     devices = f"{len(plan.trainer.gpu_ids) * n} GPUs" if plan.trainer.gpu_ids else "CPU devices"
     workers = f", num_train_workers={plan.trainer.num_train_workers * n}" if plan.trainer.gpu_ids else ""
-    lines += [f"  trainer mesh: the {devices} of all {n} processes{workers}, tp={plan.trainer.tp}; each process gets "
-              "only its own rows of every batch; the trainer's scores (teacher, behaviour) run on it too",
-              f"  sampling: each group goes to the least-loaded of the {n} student servers; every adapter version is "
-              "loaded into all of them before a request names it",
-              f"  checkpoints: {config.output_dir}/checkpoints, written by every process (a folder every host sees)"]
+    lines += [f"  trainer mesh: the {devices} of all {n} processes{workers}, tp={plan.trainer.tp}; each process "
+              "places only its own rows; between processes only the LoRA gradient's all-reduce and a few numbers "
+              "per step",
+              f"  each adapter version: written by every process from its own copy of the LoRA weights to "
+              f"{process_dir(config.output_dir, '<p>')}/weights and loaded into its own student server",
+              f"  process 0 logs the metrics (summed over all processes) and writes the run's files; checkpoints: "
+              f"{config.output_dir}/checkpoints, written by every process (a folder every host sees)"]
     return "\n".join(lines)

@@ -45,22 +45,26 @@ def _resolved(gpus=Gpus(), **overrides):
 TCP_VLLM_TEACHER = {"inference.transport": "tcp", "teacher.scorer": "vllm"}
 
 
-def test_each_other_process_starts_one_student_server_on_its_own_port():
+def test_every_process_starts_the_plans_servers_on_ports_of_its_own():
     config, plan = _resolved(Gpus(inference=(0, 1), teacher=(2,), trainer=(3, 4)), **TCP_VLLM_TEACHER)
     assert hosts.local_plan(config, plan, 0) is plan
     ports = {config.inference.port, config.inference.port + 1}  # process 0: student, teacher
     for p in (1, 2, 3):
         mine = hosts.local_plan(config, plan, p)
-        assert mine.teacher is None and mine.student.roles == ("student",)
+        assert mine.student.roles == plan.student.roles and mine.teacher.roles == plan.teacher.roles
         assert mine.student.gpu_ids == (0, 1) and mine.student.dp == 2 and mine.trainer == plan.trainer
-        assert mine.student.port not in ports
-        ports.add(mine.student.port)
-    # CPU mode: process 0's one server is student and teacher; the others' are students only
-    config, plan = _resolved(**TCP_VLLM_TEACHER)
-    assert plan.teacher_shared and hosts.local_plan(config, plan, 1).servers[0].roles == ("student",)
-    # private Unix sockets (the default): no ports at all; the trainer scores the teacher, no teacher server
+        assert not {mine.student.port, mine.teacher.port} & ports
+        ports |= {mine.student.port, mine.teacher.port}
+    # private Unix sockets (the default): no ports at all, the same plan everywhere
     config, plan = _resolved(Gpus(inference=(0, 1), teacher=(2,), trainer=(3, 4)))
-    assert plan.teacher is None and hosts.local_plan(config, plan, 1).student.port is None
+    assert hosts.local_plan(config, plan, 1) is plan
+
+
+def test_each_process_takes_a_whole_share_of_the_groups():
+    config, plan = _resolved(**{"batch_size": 12, "rollouts_per_example": 2})
+    hosts.check(config, plan, hosts.Settings("h:1", 3, 0))
+    with pytest.raises(ConfigError, match=r"^batch_size: 12 samples are 6 groups .* for 4 processes"):
+        hosts.check(config, plan, hosts.Settings("h:1", 4, 0))
 
 
 def test_merged_weights_are_refused_with_several_processes():
@@ -82,12 +86,11 @@ def test_a_gpu_shared_with_a_trainer_of_several_processes_keeps_room_for_nccl():
 
 
 def test_describe_names_every_process():
-    config, plan = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2, 3)), **TCP_VLLM_TEACHER)
+    config, plan = _resolved(Gpus(inference=(0,), teacher=(1,), trainer=(2, 3)), **TCP_VLLM_TEACHER,
+                             **{"batch_size": 12, "rollouts_per_example": 2})
     assert hosts.describe(config, plan, hosts.Settings()) == plan.describe()
     text = hosts.describe(config, plan, hosts.Settings("h0:1234", 3, 1))
     assert "3 processes from CTXD_* variables" in text and "this is process 1" in text and "h0:1234" in text
-    assert "process 0 (host 0): the orchestrator" in text and "processes 1..2 (each on its own host)" in text
-    assert "vLLM server [teacher]" in text.split("processes 1..2")[0]
-    assert "vLLM server [teacher]" not in text.split("processes 1..2")[1]
+    assert "every process (each on its own host, the same program): 2 of each step's 6 groups" in text
+    assert "vLLM server [teacher]" in text and "(process p: ports + 2 p)" in text
     assert "the 6 GPUs of all 3 processes, num_train_workers=6" in text
-    assert f"port {config.inference.port + 2} (process p: port {config.inference.port} + 1 + p)" in text

@@ -7,6 +7,12 @@ next version (ctxd_jax/inference/handoff.py); then `_evaluate`, log, `_checkpoin
 the trainer's arrays is one small record, `RunState`, including the batches already sampled ahead, so a resumed run
 replays what an uninterrupted one would have done. A stop (the command line sets it on SIGINT/SIGTERM) finishes the
 current step and saves a checkpoint. Servers stop on every path.
+
+Several processes (one per host, ctxd_jax/hosts.py) all run this same loop, each on its share of every step's groups
+with its own servers: it packs its own rows and joins the global train step with them (`Trainer.local`); the step's
+metrics are summed over the processes (ctxd_jax/distributed.py), and process 0 alone logs them and writes the run's
+files. Each process's sampled-ahead batches are its own: process 0's go into the checkpoint's JSON, the others' into
+a file beside it in their own folder (`pending/<step>.json`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import sys
 import threading
@@ -25,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxd_jax import distributed, hosts
 from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
 from ctxd_jax.checkpoint import Checkpointer, CheckpointError
@@ -66,21 +74,22 @@ def step_config(config) -> StepConfig:
                       ema_decay=config.teacher.ema_decay)
 
 
-def run(config, plan, stop: threading.Event, lead=None) -> None:
-    """`stop` (set by the command line on SIGINT/SIGTERM): finish the step, checkpoint, return. `lead`: process 0's
-    part of a run over several processes (ctxd_jax/multihost.py)."""
-    out = rundir.run_path(config)
-    os.makedirs(out, exist_ok=True)
-    rundir.mark(out)
+def run(config, plan, stop: threading.Event) -> None:
+    """`stop` (set by the command line on SIGINT/SIGTERM): finish the step, checkpoint, return. With several
+    processes (joined by `distributed.initialize`) every one runs this, with its own servers."""
+    out, p = rundir.run_path(config), jax.process_index()
+    os.makedirs(hosts.process_dir(out, p), exist_ok=True)
+    distributed.check_shared(out)
+    if p == 0:
+        rundir.mark(out)
+    plan = hosts.local_plan(config, plan, p)
     shared_gpu = mps.wanted(config.trainer.mps, plan)
     with mps.daemon(required=config.trainer.mps == "on") if shared_gpu else contextlib.nullcontext():
-        deployment = build_servers(config, plan, log_dir=os.path.join(out, "logs"))
+        deployment = build_servers(config, plan, log_dir=os.path.join(hosts.process_dir(out, p), "logs"),
+                                   cpu_core=p % (os.cpu_count() or 1))
         try:
             trainer, tokenizer = start(config, plan, deployment)
-            checkpointer = rundir.checkpointer
-            if lead is not None:
-                deployment, trainer, checkpointer = lead.attach(deployment, trainer)
-            asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop, checkpointer))
+            asyncio.run(_main(config, out, deployment, trainer, tokenizer, stop))
         finally:
             deployment.group.stop()
 
@@ -178,7 +187,7 @@ def weights_writer(config, trainer: Trainer):
     return lambda path: save_adapter(trainer.model(), path, base_model_name_or_path=model_path)
 
 
-def _build(config, out, deployment, trainer: Trainer, tokenizer, checkpointer) -> Run:
+def _build(config, out, deployment, trainer: Trainer, tokenizer) -> Run:
     env = env_from_config(config)
     src = orch.Sources(
         env=env, tokenizer=tokenizer, train=env.examples("train"), student=deployment.student_client(),
@@ -188,9 +197,10 @@ def _build(config, out, deployment, trainer: Trainer, tokenizer, checkpointer) -
         seed=config.seed, topk=teacher_topk(config),
         skip_verification=config.buffer.skip_verification, vllm_logprobs=config.sampling.logprobs == "vllm",
         reward_errors=config.env.reward_errors)
-    publisher = Publisher([src.student], os.path.join(out, "weights"), weights_writer(config, trainer),
+    mine = hosts.process_dir(out, jax.process_index())  # each process its own adapter versions, from its own copy
+    publisher = Publisher([src.student], os.path.join(mine, "weights"), weights_writer(config, trainer),
                           merged=config.weights.mode == "merged", prefix=deployment.student_model, base_name=BASE_NAME)
-    ckpt = checkpointer(config)  # stores the resolved config, which a resume is checked against
+    ckpt = rundir.checkpointer(config)  # stores the resolved config, which a resume is checked against
     trainer_teacher = deployment.teacher_scorer == "trainer" and needs_teacher_scores(config)
     return Run(config, out, src, trainer, publisher, ckpt, list(env.examples("eval")[:config.eval.num_examples]),
                deployment.teacher_sampler(), trainer_teacher, nonfinite=Streak(config.optim.max_nonfinite_steps))
@@ -208,25 +218,32 @@ def _restore(run: Run) -> RunState:
             raise CheckpointError(f"{e}; {rundir.fallback(ckpt.steps(), latest)}") from e
         run.trainer.load_state_arrays(arrays)
         state = RunState.from_meta(meta)
+        if jax.process_index():
+            try:
+                with open(_pending_path(run, state.step)) as f:
+                    state.pending = json.load(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{ckpt.directory}/{state.step}: this process's sampled-ahead batches cannot "
+                                      f"be read ({e})") from e
         print(f"resumed from {ckpt.directory}/{state.step} (data position {state.step * run.src.prompts_per_step})",
               file=sys.stderr)
     return state
 
 
-async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: threading.Event,
-                checkpointer=rundir.checkpointer) -> None:
-    run = _build(config, out, deployment, trainer, tokenizer, checkpointer)
+async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: threading.Event) -> None:
+    run = _build(config, out, deployment, trainer, tokenizer)
     state = _restore(run)
-    baseline, logger = None, None
+    baseline, logger, leader = None, None, jax.process_index() == 0
     try:
         await _publish(run, state.step)
         await parity_gate(config, run.src, trainer, run.publisher.model(state.step), state.step)
         if config.teacher.eval_baseline and state.step == 0 and run.eval_examples:
             baseline = await eval_baseline(config, run.src, run.eval_examples, run.publisher.model(0),
                                            run.teacher_sampler)
-            print(baseline_table(baseline), file=sys.stderr)
-            metrics_lib.write_json(out, "eval_baseline.json", baseline)
-        logger = metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
+            if leader:
+                print(baseline_table(baseline), file=sys.stderr)
+                metrics_lib.write_json(out, "eval_baseline.json", baseline)
+        logger = None if not leader else metrics_lib.MetricsLogger(out, total_steps=config.max_steps, start_step=state.step,
                                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb,
                                            wandb_entity=config.log.wandb_entity, run_name=config.log.run_name,
                                            run_config=redacted(config).to_dict())
@@ -238,9 +255,10 @@ async def _main(config, out, deployment, trainer: Trainer, tokenizer, stop: thre
         for client in (run.src.student, run.src.teacher, (run.teacher_sampler or (None,))[0]):
             if client is not None:
                 await client.aclose()
-        if baseline is None:
-            baseline = metrics_lib.read_json(os.path.join(out, "eval_baseline.json"))
-        metrics_lib.plot(out, baseline=baseline)
+        if leader:
+            if baseline is None:
+                baseline = metrics_lib.read_json(os.path.join(out, "eval_baseline.json"))
+            metrics_lib.plot(out, baseline=baseline)
 
 
 async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> None:
@@ -251,11 +269,13 @@ async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> No
         async with asyncio.TaskGroup() as tg:
             trainer_side = run.trainer_teacher or config.sampling.logprobs == "trainer"
             hook = functools.partial(_after_sampling, run) if trainer_side else None
+            share = (jax.process_index(), jax.process_count())
             pipe = RolloutPipeline(run.src, key, tg, async_level=k, model=run.publisher.model, after_sampling=hook,
-                                   timeline=run.timeline)
+                                   timeline=run.timeline, share=share, ordered=share[1] > 1)
             await pipe.publish(state.step)
             for i, batch in enumerate(state.pending):
                 pipe.start(state.step + i, sampled=[Rollout(**r) for r in batch])
+            synced = distributed.sent_bytes
             try:
                 while state.step < config.max_steps:
                     for s in range(state.step, min(state.step + k + 1, config.max_steps)):
@@ -267,8 +287,13 @@ async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> No
                     m["time/step"] = time.perf_counter() - t0
                     m.update(run.timeline.busy(t0, t0 + m["time/step"]))
                     samples = m.pop("_samples")
-                    logger.log(state.step, m, samples=samples)
-                    done = state.step >= config.max_steps or stop.is_set()
+                    # What this process exchanged with the others since the last step (a few numbers per call).
+                    m["hosts/sync_bytes"], synced = distributed.sent_bytes - synced, distributed.sent_bytes
+                    if logger is not None:
+                        logger.log(state.step, m, samples=samples)
+                    # One process stopped (a signal reaches one host, or all): every process stops after this step.
+                    stopping = await run.on_device(lambda: bool(distributed.gather(stop.is_set()).any()))
+                    done = state.step >= config.max_steps or stopping
                     if done or (config.ckpt.interval and state.step % config.ckpt.interval == 0):
                         await _checkpoint(run, pipe, state)
                     if done:
@@ -277,7 +302,8 @@ async def _train(run: Run, state: RunState, logger, stop: threading.Event) -> No
                 pipe.cancel()
     except BaseExceptionGroup as group:  # report the first failure, not a tree of cancellations
         raise _first_error(group) from None
-    _export_final(run)
+    if jax.process_index() == 0:
+        _export_final(run)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -298,12 +324,13 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
         trainer = run.trainer
         await run.on_device(lambda: score_teacher_prompts(trainer, current, run.src.topk, trainer.teacher_lora()))
     adv, gates = orch.advantages(current, group_size=group, loss=config.loss, advantage=config.advantage)
-    packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=run.trainer.row_multiple,
+    packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=_row_multiple(run.trainer),
                          topk=run.src.topk, min_rows=run.min_rows, teacher_rows=run.trainer.step_config.full_vocab)
+    rows = await run.on_device(run.trainer.local, packed)  # this process's part of the step's global batch
     # Without micro-batches every row count is a new compile: keep the largest seen (shapes only grow).
-    run.min_rows = stats.rows if not config.trainer.micro_batch_rows else 0
+    run.min_rows = len(rows.batch.tokens) if not config.trainer.micro_batch_rows else 0
     t = time.perf_counter()
-    train = await run.on_device(run.trainer.step, packed)
+    train = await run.on_device(run.trainer.step, rows)
     t_train = time.perf_counter() - t
     run.nonfinite.update(state.step + 1, bool(train["nonfinite_skipped"]))
     t = time.perf_counter()
@@ -317,14 +344,23 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     run.snapshots = {v: lora for v, lora in run.snapshots.items() if v in keep or v == version}
     t_publish = time.perf_counter() - t
     state.step = version
-    m = dict(orch.rollout_metrics(current, group), **train, **batch.metrics)
-    m.update({"adv/abs_mean": float(np.abs(adv).mean()), "kl_gate/mean": float(gates.mean()),
-              "pack/rows": stats.rows, "pack/fill": stats.fill, "pack/truncated": stats.truncated,
-              "time/wait": t_wait, "time/train": t_train, "time/publish": t_publish,
-              "tokens/s_train": stats.tokens / t_train, "policy_version": version, "_t0": t0})
-    m["_samples"] = {"example_ids": [r.example_id for r in current[::group]], "policy_version": batch.version,
+    totals = dict(orch.rollout_totals(current, group), adv=float(np.abs(adv).sum()), gates=float(gates.sum()),
+                  tokens=stats.tokens, cut=stats.truncated)
+    totals = await run.on_device(distributed.reduce, totals, ("length_max",))  # over every process's share
+    m = dict(orch.rollout_metrics(current, group, totals), **train, **batch.metrics)
+    n = totals["samples"]
+    m.update({"adv/abs_mean": totals["adv"] / n, "kl_gate/mean": totals["gates"] / n,
+              "pack/rows": rows.rows, "pack/fill": totals["tokens"] / (rows.rows * config.seq_len),
+              "pack/truncated": totals["cut"], "time/wait": t_wait, "time/train": t_train, "time/publish": t_publish,
+              "tokens/s_train": totals["tokens"] / t_train, "policy_version": version, "_t0": t0})
+    m["_samples"] = {"example_ids": [ex.id for ex in pipe.examples(batch.step)], "policy_version": batch.version,
                      "completion": run.src.tokenizer.decode(current[0].completion_ids, skip_special_tokens=True)}
     return m
+
+
+def _row_multiple(trainer: Trainer) -> int:
+    """Rows of this process's packed batch must be a multiple of this (its share of every micro-batch)."""
+    return trainer.row_multiple // jax.process_count()
 
 
 async def _publish(run: Run, version: int) -> None:
@@ -362,12 +398,32 @@ def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int)
 
 async def _evaluate(run: Run, step: int) -> dict:
     config, t = run.config, time.perf_counter()
-    r = await evaluate(run.src.env, run.src.tokenizer, run.eval_examples, run.src.student,
-                       model=run.publisher.model(step), max_tokens=config.sampling.max_tokens,
-                       temperature=config.sampling.temperature, seed=config.seed, samples=config.eval.samples,
-                       reward_errors=run.src.reward_errors)
+    mine, seed = _block(run.eval_examples, config.seed)
+    r = {} if not mine else await evaluate(
+        run.src.env, run.src.tokenizer, mine, run.src.student, model=run.publisher.model(step),
+        max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
+        samples=config.eval.samples, reward_errors=run.src.reward_errors)
+    r = (await _means({"eval": r}))["eval"]
     return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
             "time/eval": time.perf_counter() - t}
+
+
+def _block(examples, seed: int) -> tuple[list, int]:
+    """Several processes evaluate by blocks: this process's block of `examples`, and the seed one process gives its
+    first example."""
+    size = -(-len(examples) // jax.process_count())
+    first = jax.process_index() * size
+    return list(examples[first:first + size]), seed + first
+
+
+async def _means(results: dict[str, dict]) -> dict[str, dict]:
+    """evaluate's means ({} for an empty block) of every process's block, as one process's over all the examples."""
+    keys = ("reward", "completion_len")
+    sums = {f"{name}/{k}": r.get(k, 0.0) * r.get("n", 0) for name, r in results.items() for k in keys}
+    sums.update({f"{name}/n": r.get("n", 0) for name, r in results.items()})
+    total = await asyncio.to_thread(distributed.reduce, sums)
+    return {name: {**{k: total[f"{name}/{k}"] / total[f"{name}/n"] for k in keys}, "n": int(total[f"{name}/n"])}
+            for name in results}
 
 
 async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
@@ -378,7 +434,25 @@ async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
     meta = state.meta(run.src.prompts_per_step)
     arrays = run.trainer.state_arrays()
     await run.on_device(check_finite, arrays, f"checkpoint at step {state.step} not written")
+    if jax.process_index():  # process 0's batches are in the JSON (orbax writes it from process 0 alone)
+        await asyncio.to_thread(_save_pending, run, state.step, state.pending)
     await asyncio.to_thread(run.ckpt.save, state.step, arrays, meta)
+
+
+def _pending_path(run: Run, step: int) -> str:
+    return os.path.join(hosts.process_dir(run.out, jax.process_index()), "pending", f"{step}.json")
+
+
+def _save_pending(run: Run, step: int, pending: list) -> None:
+    """This process's batches sampled ahead at `step`, beside the checkpoint (those of steps no longer kept go)."""
+    path = _pending_path(run, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(pending, f)
+    os.replace(path + ".tmp", path)
+    keep = {f"{s}.json" for s in run.ckpt.steps()[-run.config.ckpt.keep:]} | {f"{step}.json"}
+    for name in set(os.listdir(os.path.dirname(path))) - keep:
+        os.remove(os.path.join(os.path.dirname(path), name))
 
 
 def _export_final(run: Run) -> None:
@@ -396,11 +470,13 @@ async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, v
         return 0.0
     examples = list(src.env.examples("eval")[:n]) or list(src.train[:n])
     one = dataclasses.replace(src, group_size=1)
+    # Several processes: each checks its own server on the same prompts, and all stop if one is off.
     rollouts = await orch.sample(one, examples, [config.seed + i for i in range(len(examples))], model=model,
                                  version=version)
-    batch, _ = pack(rollouts, np.zeros(len(rollouts)), seq_len=config.seq_len, row_multiple=trainer.row_multiple)
-    logprobs = await asyncio.to_thread(trainer.logprobs, batch)
+    batch, _ = pack(rollouts, np.zeros(len(rollouts)), seq_len=config.seq_len, row_multiple=_row_multiple(trainer))
+    logprobs = await asyncio.to_thread(lambda: trainer.logprobs(trainer.local(batch))[:len(batch.tokens)])
     kl = mismatch_kl(logprobs, batch.sampling_logprobs, batch.loss_mask)
+    kl = await asyncio.to_thread(lambda: float(distributed.gather(kl).max()))
     bound = config.parity.max_mismatch_kl
     print(f"parity gate: mismatch KL between vLLM and the trainer {kl:.2e} (bound {bound:.0e})", file=sys.stderr)
     if not kl <= bound:
@@ -413,11 +489,16 @@ async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, v
 async def eval_baseline(config, src: orch.Sources, examples, student_model: str,
                         teacher_sampler: tuple | None) -> dict[str, dict[str, float]]:
     """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
-    context (`teacher_sampler`: its client and model name)."""
-    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=config.seed,
+    context (`teacher_sampler`: its client and model name); several processes: each its block of the examples."""
+    mine, seed = _block(examples, config.seed)
+    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
               samples=config.eval.samples, reward_errors=src.reward_errors)
-    jobs = {"student": evaluate(src.env, src.tokenizer, examples, src.student, model=student_model, **kw)}
+    runs = {"student": (src.student, student_model, None)}
     if teacher_sampler is not None:
-        client, model = teacher_sampler
-        jobs["teacher"] = evaluate(src.env, src.tokenizer, examples, client, model=model, context=src.context, **kw)
-    return dict(zip(jobs, await asyncio.gather(*jobs.values())))
+        runs["teacher"] = (*teacher_sampler, src.context)
+    results = {name: {} for name in runs}  # an empty block: nothing to evaluate here
+    if mine:
+        done = await asyncio.gather(*(evaluate(src.env, src.tokenizer, mine, client, model=model, context=context,
+                                               **kw) for client, model, context in runs.values()))
+        results = dict(zip(runs, done))
+    return await _means(results)

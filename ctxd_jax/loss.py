@@ -39,9 +39,13 @@ def default_loss_scale(loss_mask, segment_ids=None, *, ratio_type: str = "token"
     """The loss's default divisor (at least 1): the number of loss-mask tokens with token ratios; with sequence
     ratios, whose samples are already token means, the number of rows holding any (the reference divides by its
     packed micro-batches, one row each). Takes numpy (the trainer, whole batch) or jax arrays."""
+    return jnp.maximum(jnp.asarray(loss_count(loss_mask, segment_ids, ratio_type=ratio_type), jnp.float32), 1.0)
+
+
+def loss_count(loss_mask, segment_ids=None, *, ratio_type: str = "token"):
+    """What default_loss_scale counts (rows of a batch add up: several processes sum their rows' counts)."""
     m = loss_mask if segment_ids is None else loss_mask & (segment_ids > 0)
-    count = m.any(axis=1).sum() if ratio_type == "sequence" else m.sum()
-    return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
+    return m.any(axis=1).sum() if ratio_type == "sequence" else m.sum()
 
 
 def gather_topk(logits, topk_ids):

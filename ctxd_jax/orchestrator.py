@@ -125,18 +125,32 @@ def advantages(rollouts: Sequence[Rollout], *, group_size: int, loss, advantage)
     return np.asarray(adv), np.asarray(gates)
 
 
-def rollout_metrics(rollouts: Sequence[Rollout], group_size: int) -> dict[str, float]:
-    """Task reward (mean, per-group solve rates), completion lengths, truncation, sequence teacher KL."""
+def rollout_totals(rollouts: Sequence[Rollout], group_size: int) -> dict[str, float]:
+    """The sums that rollout_metrics reads (and the longest completion, "length_max"): several processes add up
+    theirs (ctxd_jax/distributed.py `reduce`), a fixed handful of numbers whatever the batch."""
     rewards = np.asarray([r.reward for r in rollouts], np.float64).reshape(-1, group_size)
     lengths = np.asarray([len(r.completion_ids) for r in rollouts], np.float64)
-    out = {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
-           "reward/group_any_solved": float(np.mean((rewards > 0).any(axis=1))),
-           "reward/group_all_solved": float(np.mean((rewards > 0).all(axis=1))),
-           "completion_len/mean": lengths.mean(), "completion_len/max": lengths.max(),
-           "truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
-           "reward/errors": float(sum(r.reward_error for r in rollouts))}
+    out = {"samples": rewards.size, "groups": rewards.shape[0], "reward": rewards.sum(),
+           "reward_sq": np.square(rewards).sum(), "any_solved": (rewards > 0).any(axis=1).sum(),
+           "all_solved": (rewards > 0).all(axis=1).sum(), "length": lengths.sum(), "length_max": lengths.max(),
+           "truncated": sum(r.finish_reason == "length" for r in rollouts),
+           "errors": sum(r.reward_error for r in rollouts)}
     if rollouts[0].teacher_logprobs is not None:
         # sum over the completion of (lp_sampling - lp_teacher): a one-sample estimate of KL(student || teacher)
-        gaps = [sum(r.sampling_logprobs) - sum(r.teacher_logprobs) for r in rollouts]
-        out["teacher_kl/seq"] = float(np.mean(gaps))
+        out["kl_gap"] = sum(sum(r.sampling_logprobs) - sum(r.teacher_logprobs) for r in rollouts)
+    return {k: float(v) for k, v in out.items()}
+
+
+def rollout_metrics(rollouts: Sequence[Rollout], group_size: int, totals: dict | None = None) -> dict[str, float]:
+    """Task reward (mean, per-group solve rates), completion lengths, truncation, sequence teacher KL; of
+    `totals` (rollout_totals, summed over processes) where given."""
+    t = rollout_totals(rollouts, group_size) if totals is None else totals
+    n, groups = t["samples"], t["groups"]
+    mean = t["reward"] / n
+    out = {"reward/mean": mean, "reward/std": np.sqrt(max(t["reward_sq"] / n - mean * mean, 0.0)),
+           "reward/group_any_solved": t["any_solved"] / groups, "reward/group_all_solved": t["all_solved"] / groups,
+           "completion_len/mean": t["length"] / n, "completion_len/max": t["length_max"],
+           "truncated_frac": t["truncated"] / n, "reward/errors": t["errors"]}
+    if "kl_gap" in t:
+        out["teacher_kl/seq"] = t["kl_gap"] / n
     return {k: float(v) for k, v in out.items()}

@@ -6,6 +6,11 @@ deterministic in its seed and a resumed run replays an uninterrupted one. A batc
 version is published; each of its groups is verified and sent to the vLLM teacher the moment that group's samples
 are back, while the other groups still sample. A batch's prompts are always that step's own prompts.
 
+Several processes (one per host) each run a pipeline over their own share of every batch: the groups g with
+g % processes == process (`share`), sampled on their own servers with the same seeds a single process would use.
+Their trainer-side scores are collective calls, which every process must make in the same order: with `ordered`,
+batch s is scored only once the loop awaits it (`take` or `peek`), when the loop makes no other trainer call.
+
 Every task runs in the caller's `asyncio.TaskGroup`: if any part fails, the others are cancelled and the first error
 surfaces; nothing is left running.
 """
@@ -41,8 +46,10 @@ class RolloutPipeline:
 
     def __init__(self, src: orch.Sources, rng_key, tg: asyncio.TaskGroup, *, async_level: int,
                  model: Callable[[int], str], after_sampling: BatchHook | None = None,
-                 timeline: Timeline | None = None):
+                 timeline: Timeline | None = None, share: tuple[int, int] = (0, 1), ordered: bool = False):
         self.src, self.rng_key, self.tg = src, rng_key, tg
+        self.share, self.ordered = share, ordered  # share: (this process, processes)
+        self._wanted: dict[int, asyncio.Event] = {}  # batch s may run its trainer-side scores (ordered)
         self.timeline = timeline or Timeline()
         self.async_level, self.model, self.after_sampling = async_level, model, after_sampling
         self.published = -1
@@ -57,6 +64,10 @@ class RolloutPipeline:
     def examples(self, step: int) -> list[Example]:
         return orch.step_examples(self.src, step * self.src.prompts_per_step)
 
+    def groups(self, count: int) -> range:
+        """This process's groups of a batch of `count` groups."""
+        return range(self.share[0], count, self.share[1])
+
     async def publish(self, version: int) -> None:
         """Version `version` (and every earlier one) may now be sampled."""
         async with self._version_changed:
@@ -66,17 +77,19 @@ class RolloutPipeline:
     def start(self, step: int, sampled: list[Rollout] | None = None) -> None:
         """Schedules batch `step` (once); `sampled` = its rollouts already sampled (a resumed run's pending batch)."""
         if step not in self._tasks:
-            self._sampled[step] = asyncio.Event()
+            self._sampled[step], self._wanted[step] = asyncio.Event(), asyncio.Event()
             self._tasks[step] = self.tg.create_task(self._produce(step, sampled), name=f"batch {step}")
 
     async def take(self, step: int) -> Batch:
         """Batch `step`, complete; the pipeline forgets it."""
+        self._wanted[step].set()
         batch = await self._tasks[step]
-        del self._tasks[step], self._sampled[step]
+        del self._tasks[step], self._sampled[step], self._wanted[step]
         return batch
 
     async def peek(self, step: int) -> Batch:
         """Batch `step`, complete, left in the pipeline (for a checkpoint of the batches ahead)."""
+        self._wanted[step].set()
         return await self._tasks[step]
 
     def versions_in_use(self) -> set[int]:
@@ -105,21 +118,25 @@ class RolloutPipeline:
             seeds = orch.group_seeds(self.rng_key, step, len(examples))
             with self.timeline.span("server"):
                 async with asyncio.TaskGroup() as groups:
-                    tasks = [groups.create_task(self._group(g, ex, seed, version, scored_by_vllm, times, t0))
-                             for g, (ex, seed) in enumerate(zip(examples, seeds))]
+                    tasks = [groups.create_task(self._group(g, examples[g], seeds[g], version, scored_by_vllm, times,
+                                                            t0)) for g in self.groups(len(examples))]
             rollouts = [r for t in tasks for r in t.result()]
             times["time/rollouts"] = time.perf_counter() - t0
         else:  # sampled and verified before a checkpoint; teacher scores are recomputed
             rollouts, t0 = sampled, time.perf_counter()
             if scored_by_vllm:
-                groups_of = [rollouts[g * self.src.group_size:(g + 1) * self.src.group_size]
-                             for g in range(len(examples))]
-                await asyncio.gather(*(orch.score_group(self.src, ex, rs) for ex, rs in zip(examples, groups_of)))
-        self._sampled[step].set()
+                n = self.src.group_size
+                await asyncio.gather(*(orch.score_group(self.src, examples[g], rollouts[i * n:(i + 1) * n])
+                                       for i, g in enumerate(self.groups(len(examples)))))
+        if not self.ordered:  # ordered, its scores come later and need its version's LoRA snapshot until then
+            self._sampled[step].set()
         if self.after_sampling is not None:
+            if self.ordered:
+                await self._wanted[step].wait()
             t = time.perf_counter()
             times.update(await self.after_sampling(examples, rollouts, version))
             times["time/trainer_scoring"] = time.perf_counter() - t
+        self._sampled[step].set()
         return Batch(step, version, rollouts, times)
 
     async def _group(self, g: int, example: Example, seed: int, version: int, score: bool, times: dict,

@@ -59,17 +59,18 @@ def _sources(tokenizer, client, teacher=True):
                         prompts_per_step=3, seed=0)
 
 
-async def _run(src, steps: int, async_level: int, after_sampling=None):
+async def _run(src, steps: int, async_level: int, after_sampling=None, **kwargs):
     """The loop's schedule without a trainer: publish version s + 1 once batch s is taken."""
     batches = []
     async with asyncio.TaskGroup() as tg:
         pipe = RolloutPipeline(src, jax.random.key(0), tg, async_level=async_level, model=lambda v: f"student-v{v}",
-                               after_sampling=after_sampling)
+                               after_sampling=after_sampling, **kwargs)
         await pipe.publish(0)
         try:
             for step in range(steps):
                 for s in range(step, min(step + async_level + 1, steps)):
                     pipe.start(s)
+                src.student.log.append(("take", step, None))
                 batches.append(await pipe.take(step))
                 src.student.log.append(("publish", step + 1, None))
                 await pipe.publish(step + 1)
@@ -188,3 +189,28 @@ def test_trainer_side_hook_fills_what_vllm_did_not_send(tokenizer):
     for b in batches:
         assert b.metrics["mismatch_kl/vllm"] == 0.5 and "time/trainer_scoring" in b.metrics
         assert all(r.sampling_logprobs == [-2.0] * 4 for r in b.rollouts)
+
+
+def test_each_process_samples_its_share_and_scores_it_in_the_loops_order(tokenizer):
+    """Two processes' pipelines (groups g % 2) sample exactly one process's groups between them; `ordered`, a batch's
+    trainer-side hook runs only once the loop takes it."""
+    one = asyncio.run(_run(_sources(tokenizer, FakeClient(random.Random(0)), teacher=False), 2, 1))
+    parts, logs = [], []
+    for process in range(2):
+        client = FakeClient(random.Random(process))
+
+        async def hook(examples, rollouts, version, client=client):
+            client.log.append(("hook", rollouts[0].group, None))
+            return {}
+
+        parts.append(asyncio.run(_run(_sources(tokenizer, client, teacher=False), 2, 1, after_sampling=hook,
+                                      share=(process, 2), ordered=True)))
+        logs.append(client.log)
+    for step, batch in enumerate(one):
+        groups = {p: part[step].rollouts for p, part in enumerate(parts)}
+        assert [r.group for r in groups[0]] == [0, 0, 2, 2] and [r.group for r in groups[1]] == [1, 1]
+        mine = sorted(groups[0] + groups[1], key=lambda r: r.group)
+        assert [r.completion_ids for r in mine] == [r.completion_ids for r in batch.rollouts]
+    for log in logs:
+        order = [event for event, _, _ in log if event in ("take", "hook")]
+        assert order == ["take", "hook", "take", "hook"], order

@@ -115,13 +115,11 @@ def run_path(config) -> str:
     return os.path.abspath(os.path.expanduser(config.output_dir))
 
 
-def checkpointer(config, make=None):
-    """The run's Checkpointer, storing the resolved `config` in every checkpoint; `make(directory, keep=, config=)`
-    builds another kind (process 0's over several processes, ctxd_jax/multihost.py)."""
-    if make is None:
-        from ctxd_jax.checkpoint import Checkpointer as make
+def checkpointer(config):
+    """The run's Checkpointer, storing the resolved `config` in every checkpoint."""
+    from ctxd_jax.checkpoint import Checkpointer
 
-    return make(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep,
+    return Checkpointer(os.path.join(run_path(config), CHECKPOINTS), keep=config.ckpt.keep,
                 config=redacted(config).to_dict())
 
 

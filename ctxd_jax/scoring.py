@@ -103,14 +103,16 @@ def _pack_rows(seqs, lengths, starts, temperatures, spans, *, rows: int, row_len
 def score_sequences(run: Callable[[dict], Sequence], seqs: Sequence[Sequence[int]], *,
                     starts: Sequence[int] | None = None, temperatures: Sequence[float] | None = None,
                     batch_tokens: int = 8192, row_multiple: int = 1,
-                    fetch: Callable[[object], np.ndarray] = np.asarray) -> list[Scores]:
+                    fetch: Callable[[object], np.ndarray] = np.asarray,
+                    agree: Callable[[list[int]], list[int]] | None = None) -> list[Scores]:
     """Scores of every sequence at its tokens t >= starts[i] (default 1), at temperatures[i] (default 1).
 
     `run(rows)` scores one call's rows (a dict of ROW_KEYS numpy arrays [R, T] and "at" [R, P]) and returns arrays
     as score_rows does; R is a multiple of `row_multiple` (the data-parallel size). Every call is dispatched before
     the first result is fetched (`fetch(array)` -> numpy, in call order), so packing the next rows and copying
-    results to the host overlap the device's work."""
-    if not seqs:
+    results to the host overlap the device's work. `agree([row length, width, rows])` -> the largest of every
+    process's (several processes, each scoring its own `seqs`: one shape and one number of calls for all)."""
+    if not seqs and agree is None:
         return []
     lengths = [len(s) for s in seqs]
     starts = [1] * len(seqs) if starts is None else list(starts)
@@ -118,13 +120,14 @@ def score_sequences(run: Callable[[dict], Sequence], seqs: Sequence[Sequence[int
     for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
         if not 1 <= start <= n:
             raise ValueError(f"sequence {i}: start {start} is not in [1, {n}] (token 0 has no log-prob)")
-    row_len = bucket(max(lengths), MIN_ROW)
+    row_len = bucket(max(lengths, default=0), MIN_ROW)
     bins = first_fit_decreasing(lengths, row_len)
-    per_call = rows_per_call(len(bins), row_len, batch_tokens=batch_tokens, row_multiple=row_multiple)
     # Scored positions per row, from the same ladder: one width for every call of this batch, few across batches.
-    width = bucket(max(sum(lengths[i] - starts[i] for i in members) for members in bins), MIN_WIDTH)
+    width = bucket(max((sum(lengths[i] - starts[i] for i in members) for members in bins), default=0), MIN_WIDTH)
+    row_len, width, num_rows = (row_len, width, len(bins)) if agree is None else agree([row_len, width, len(bins)])
+    per_call = rows_per_call(num_rows, row_len, batch_tokens=batch_tokens, row_multiple=row_multiple)
     calls = []
-    for first in range(0, len(bins), per_call):
+    for first in range(0, num_rows, per_call):
         spans = list(placements(bins[first:first + per_call], lengths))
         rows = _pack_rows(seqs, lengths, starts, temperatures, spans, rows=per_call, row_len=row_len,
                           width=width)

@@ -11,7 +11,8 @@ naming it with its log tail (--debug adds the traceback).
 
 Several processes (one per host, CTXD_* or SLURM variables, ctxd_jax/hosts.py): every process runs this command;
 process 0 alone handles the signals (the others ignore them: Ctrl-C reaches every process of a terminal or an srun
-step) and stops the run for all, and one that fails ends every process at once (ctxd_jax/multihost.py).
+step) and stops the run for all after the step it is in, and one that fails ends every process at once (the others
+within distributed.HEARTBEAT_TIMEOUT_S, through JAX's coordination service).
 """
 
 import contextlib
@@ -160,7 +161,7 @@ def _replot(path: str) -> None:
 def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], processes: hosts.Settings) -> int:
     """The run itself, after every check: exit status 0 (done), 1 (failed) or 128 + signal (stopped, resumable).
     With several processes only process 0 handles the stop signals; the others ignore them and stop when it says."""
-    from ctxd_jax import loop, multihost, rundir  # JAX and vLLM load only for a real run
+    from ctxd_jax import distributed, loop, rundir  # JAX and vLLM load only for a real run
     from ctxd_jax.checkpoint import CheckpointError
     from ctxd_jax.finite import NonFiniteError
     from ctxd_jax.inference.client import RequestError
@@ -173,7 +174,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     status, several = 0, processes.several
     with stop_requests(ignore=not processes.leader) as stop:
         try:
-            multihost.run(config, plan, processes, stop)  # one process: loop.run
+            loop.run(config, plan, stop)  # every process of several too, each on its share
         except (ServerError, RequestError, CheckpointError, loop.ParityError, RewardError, NonFiniteError) as e:
             if _DEBUG.value and not several:
                 raise
@@ -192,7 +193,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
             traceback.print_exc()
             status = EXIT_FAILED
     if status and several:  # the others may wait in a collective for this one
-        multihost.exit_now(status)
+        distributed.exit_now(status)
     if status > EXIT_FAILED:
         return status
     if not stop.is_set():

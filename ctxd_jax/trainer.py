@@ -7,8 +7,9 @@ holding samples with sequence ratios), so the sum equals the gradient of the ful
 normalisation, docs/reference.md "Loss").
 
 With several processes (ctxd_jax/distributed.py) the mesh spans all of them and every process calls the same methods
-in the same order, each with the same global batch or with only its own share of it (`Rows`, from `share`); each
-process places only its own devices' rows. Jitted calls run under
+in the same order, each with the same global batch, or with only its own rows of it (`Rows`, from `share`), or with
+rows of its own (`local`: its part of a global batch whose other rows only the other processes have; `score` always
+scores this process's own sequences); each process places only its own devices' rows. Jitted calls run under
 `jax.set_mesh(mesh)`: the attention kernel reads the mesh there and runs per shard (models/attention.py), with the
 batch's segment bound (segment_bound) as a static argument.
 """
@@ -30,7 +31,7 @@ from ctxd_jax import distributed, sharding
 from ctxd_jax.divergence import hidden_divergence
 from ctxd_jax.ema import ema_update
 from ctxd_jax.finite import tree_finite
-from ctxd_jax.loss import compute_loss, default_loss_scale
+from ctxd_jax.loss import compute_loss, default_loss_scale, loss_count
 from ctxd_jax.models.attention import segment_bound
 from ctxd_jax.models.logprobs import hidden_logprobs
 from ctxd_jax.packing import TrainBatch
@@ -132,13 +133,15 @@ def micro_batch_loss(lora, rest, mb: dict, loss_scale, teacher_lora=None, *, gra
 class Rows(NamedTuple):
     """One process's share of a packed batch: the rows its devices hold (`index`: their row numbers in the batch,
     ascending), the batch's row count, and what else is computed from the whole batch: the loss scale that divides
-    every micro-batch's loss and the segment bound (a static argument: every process must compile the same step)."""
+    every micro-batch's loss and the segment bound (a static argument: every process must compile the same step).
+    `local`: the other rows are other processes' own (results are read back for this process's rows only)."""
 
     batch: TrainBatch
     index: np.ndarray
     rows: int
     loss_scale: float
     bound: int
+    local: bool = False
 
 
 # compute_loss's metrics are means over a micro-batch's loss tokens, or over its samples for these: sums of
@@ -228,6 +231,21 @@ class Trainer:
         scale = default_loss_scale(batch.loss_mask, batch.segment_ids, ratio_type=self.step_config.ratio_type)
         return Rows(mine, index, rows, float(scale), segment_bound(batch.segment_ids))
 
+    def local(self, batch: TrainBatch) -> Rows:
+        """This process's packed rows (a multiple of row_multiple / processes) as its part of a global batch that
+        every process joins with its own: the processes agree on the row count (filler rows pad the others up to the
+        largest), the loss scale (their summed counts) and the segment bound; nothing else crosses between them."""
+        count = loss_count(batch.loss_mask, batch.segment_ids, ratio_type=self.step_config.ratio_type)
+        rows, total, bound = distributed.gather([batch.tokens.shape[0], count, segment_bound(batch.segment_ids)]).T
+        rows, total, bound = rows.max(), total.sum(), bound.max()
+        pad = rows - batch.tokens.shape[0]
+        if pad:
+            batch = TrainBatch(*(None if v is None else np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+                                 for v in batch))
+        everyone = rows * jax.process_count()
+        return Rows(batch, self.process_rows(everyone, jax.process_index()), int(everyone), float(max(total, 1)),
+                    int(bound), local=True)
+
     def _global(self, shape: tuple, rows_of):
         """The global array of `shape` over the batch sharding, each device's block from `rows_of(index)` (its
         slices of the global array), built locally: with several processes a device_put of a host value compares it
@@ -310,7 +328,7 @@ class Trainer:
                 logprobs = score_rows_jit(self.lora, self.rest, rows, graphdef=self.graphdef,
                                           chunk_size=self.step_config.chunk_size,
                                           max_segments=part.bound)[0]
-                out.append(distributed.to_host(logprobs))
+                out.append((distributed.local_rows if part.local else distributed.to_host)(logprobs))
         return np.concatenate(out)
 
     def model(self) -> nnx.Module:
@@ -362,17 +380,25 @@ class Trainer:
               batch_tokens: int = SCORE_TOKENS_PER_DEVICE) -> list[Scores]:
         """Log-probs (and the top-k when topk > 0) of `seqs` at their tokens t >= starts[i], at temperatures[i]
         (defaults 1, 1), with the LoRA state `lora` (e.g. base_lora() or a snapshot_lora()). Rows are packed and
-        sharded over the mesh like a train batch; `batch_tokens` tokens per device and call."""
+        sharded over the mesh like a train batch; `batch_tokens` tokens per device and call. With several processes
+        each scores its own `seqs` on its devices' rows (they agree on the shapes and the number of calls)."""
+        several = jax.process_count() > 1
 
         def run(rows):
             bound = segment_bound(rows["segment_ids"])
-            rows = {k: self._global(v.shape, v.__getitem__) for k, v in rows.items()}
+            if several:
+                bound = int(distributed.gather(bound).max())
+                rows = {k: jax.make_array_from_process_local_data(self._batch_sharding, v) for k, v in rows.items()}
+            else:
+                rows = {k: self._global(v.shape, v.__getitem__) for k, v in rows.items()}
             with jax.set_mesh(self.mesh):
                 return score_rows_jit(lora, self.rest, rows, graphdef=self.graphdef,
                                       chunk_size=self.step_config.chunk_size, topk=topk, max_segments=bound)
 
-        return score_sequences(run, seqs, starts=starts, temperatures=temperatures,
-                               batch_tokens=batch_tokens * self.dp, row_multiple=self.dp, fetch=distributed.to_host)
+        agree = (lambda values: distributed.gather(values).max(0).tolist()) if several else None
+        mine = self.dp // jax.process_count()  # this process's devices along the batch
+        return score_sequences(run, seqs, starts=starts, temperatures=temperatures, batch_tokens=batch_tokens * mine,
+                               row_multiple=mine, fetch=distributed.local_rows, agree=agree)
 
 
 def mismatch_kl(trainer_logprobs, sampling_logprobs, mask) -> float:

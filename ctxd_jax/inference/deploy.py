@@ -17,7 +17,6 @@ import secrets
 
 from ctxd_jax.config import needs_teacher_scores, teacher_scorer
 from ctxd_jax.inference.client import Client
-from ctxd_jax.inference.pool import ClientPool
 from ctxd_jax.inference.server import ServerGroup, VLLMServer
 
 STUDENT_ADAPTER = "student"
@@ -35,11 +34,9 @@ class Deployment:
     student_model: str  # adapter mode: the prefix of each version's adapter name; merged mode: the base name
     teacher_model: str | None
     teacher_scorer: str = "vllm"  # the plan's: 'trainer' = the base model is the teacher, scored by the trainer
-    remote_students: list = dataclasses.field(default_factory=list)  # other hosts' servers (ctxd_jax/multihost.py)
 
-    def student_client(self, **kwargs) -> Client | ClientPool:
-        local = Client.for_server(self.student, **kwargs)
-        return ClientPool([local, *self.remote_students]) if self.remote_students else local
+    def student_client(self, **kwargs) -> Client:
+        return Client.for_server(self.student, **kwargs)
 
     def teacher_client(self, **kwargs) -> Client | None:
         """The teacher server, for scoring (prompt_logprobs); None without one (e.g. the trainer scores)."""
