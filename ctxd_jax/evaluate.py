@@ -1,12 +1,16 @@
 """Evaluation on the eval split: the student (no context) and the teacher (with its context), `samples` samples a
-prompt (one sample is a noisy reading of a prompt)."""
+prompt (one sample is a noisy reading of a prompt). Several processes evaluate by blocks of the examples and average
+over all of them."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Sequence
 
+import jax
 import numpy as np
+
+from ctxd_jax import distributed
 
 from ctxd_jax.envs import Example
 from ctxd_jax.inference.client import Client
@@ -36,3 +40,39 @@ def baseline_table(results: dict[str, dict[str, float]]) -> str:
     for who, r in results.items():
         lines.append(f"{who:<28}{r['reward']:>8.3f}{r['completion_len']:>8.1f}{r['n']:>6d}")
     return "\n".join(lines)
+
+
+def block(examples, seed: int) -> tuple[list, int]:
+    """Several processes evaluate by blocks: this process's block of `examples`, and the seed one process gives its
+    first example."""
+    size = -(-len(examples) // jax.process_count())
+    first = jax.process_index() * size
+    return list(examples[first:first + size]), seed + first
+
+
+async def mean_over_processes(results: dict[str, dict]) -> dict[str, dict]:
+    """evaluate's means ({} for an empty block) of every process's block, as one process's over all the examples."""
+    keys = ("reward", "completion_len")
+    sums = {f"{name}/{k}": r.get(k, 0.0) * r.get("n", 0) for name, r in results.items() for k in keys}
+    sums.update({f"{name}/n": r.get("n", 0) for name, r in results.items()})
+    total = await asyncio.to_thread(distributed.reduce, sums)
+    return {name: {**{k: total[f"{name}/{k}"] / total[f"{name}/n"] for k in keys}, "n": int(total[f"{name}/n"])}
+            for name in results}
+
+
+async def eval_baseline(config, src, examples, student_model: str,
+                        teacher_sampler: tuple | None) -> dict[str, dict[str, float]]:
+    """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
+    context (`teacher_sampler`: its client and model name); several processes: each its block of the examples."""
+    mine, seed = block(examples, config.seed)
+    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
+              samples=config.eval.samples, reward_errors=src.reward_errors)
+    runs = {"student": (src.student, student_model, None)}
+    if teacher_sampler is not None:
+        runs["teacher"] = (*teacher_sampler, src.context)
+    results = {name: {} for name in runs}  # an empty block: nothing to evaluate here
+    if mine:
+        done = await asyncio.gather(*(evaluate(src.env, src.tokenizer, mine, client, model=model, context=context,
+                                               **kw) for client, model, context in runs.values()))
+        results = dict(zip(runs, done))
+    return await mean_over_processes(results)

@@ -1,7 +1,7 @@
 """`run(config, plan)`: the whole training run, as its stages.
 
 Start the vLLM servers (loading the JAX model meanwhile), publish the initial weights, check trainer/vLLM parity
-(`parity_gate`), evaluate the baseline (`eval_baseline`), then per step (`_step`): take the step's batch from the
+(ctxd_jax/parity.py), evaluate the baseline (ctxd_jax/evaluate.py), then per step (`_step`): take the step's batch from the
 rollout pipeline (ctxd_jax/pipeline.py, sampling up to `max_async_level` versions ahead), pack, train, publish the
 next version (ctxd_jax/inference/handoff.py); then `_evaluate`, log, `_checkpoint`. What a checkpoint holds besides
 the trainer's arrays is one small record, `RunState`, including the batches already sampled ahead, so a resumed run
@@ -38,23 +38,20 @@ from ctxd_jax import orchestrator as orch
 from ctxd_jax.checkpoint import Checkpointer, CheckpointError
 from ctxd_jax.config import full_vocab, needs_teacher_scores, redacted
 from ctxd_jax.envs import env_from_config
-from ctxd_jax.evaluate import baseline_table, evaluate
+from ctxd_jax.evaluate import baseline_table, block, eval_baseline, evaluate, mean_over_processes
 from ctxd_jax.finite import NonFiniteError, Streak, check_finite
 from ctxd_jax import rundir
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
 from ctxd_jax.inference import mps
 from ctxd_jax.inference.handoff import Publisher
 from ctxd_jax.packing import pack
+from ctxd_jax.parity import parity_gate
 from ctxd_jax.pipeline import RolloutPipeline
 from ctxd_jax.scoring import (behaviour_logprobs, score_teacher_in_trainer, score_teacher_prompts,
                               set_teacher_prompts)
 from ctxd_jax.records import Rollout
 from ctxd_jax.timeline import Timeline
 from ctxd_jax.trainer import LOSS_KEYS, OptimConfig, StepConfig, Trainer, mismatch_kl
-
-
-class ParityError(RuntimeError):
-    pass
 
 
 def optim_config(config) -> OptimConfig:
@@ -220,7 +217,7 @@ def _restore(run: Run) -> RunState:
         state = RunState.from_meta(meta)
         if jax.process_index():
             try:
-                with open(_pending_path(run, state.step)) as f:
+                with open(rundir.pending_path(run.out, jax.process_index(), state.step)) as f:
                     state.pending = json.load(f)
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{ckpt.directory}/{state.step}: this process's sampled-ahead batches cannot "
@@ -324,7 +321,7 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
         trainer = run.trainer
         await run.on_device(lambda: score_teacher_prompts(trainer, current, run.src.topk, trainer.teacher_lora()))
     adv, gates = orch.advantages(current, group_size=group, loss=config.loss, advantage=config.advantage)
-    packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=_row_multiple(run.trainer),
+    packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=run.trainer.local_row_multiple,
                          topk=run.src.topk, min_rows=run.min_rows, teacher_rows=run.trainer.step_config.full_vocab)
     rows = await run.on_device(run.trainer.local, packed)  # this process's part of the step's global batch
     # Without micro-batches every row count is a new compile: keep the largest seen (shapes only grow).
@@ -356,11 +353,6 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     m["_samples"] = {"example_ids": [ex.id for ex in pipe.examples(batch.step)], "policy_version": batch.version,
                      "completion": run.src.tokenizer.decode(current[0].completion_ids, skip_special_tokens=True)}
     return m
-
-
-def _row_multiple(trainer: Trainer) -> int:
-    """Rows of this process's packed batch must be a multiple of this (its share of every micro-batch)."""
-    return trainer.row_multiple // jax.process_count()
 
 
 async def _publish(run: Run, version: int) -> None:
@@ -398,32 +390,14 @@ def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int)
 
 async def _evaluate(run: Run, step: int) -> dict:
     config, t = run.config, time.perf_counter()
-    mine, seed = _block(run.eval_examples, config.seed)
+    mine, seed = block(run.eval_examples, config.seed)
     r = {} if not mine else await evaluate(
         run.src.env, run.src.tokenizer, mine, run.src.student, model=run.publisher.model(step),
         max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
         samples=config.eval.samples, reward_errors=run.src.reward_errors)
-    r = (await _means({"eval": r}))["eval"]
+    r = (await mean_over_processes({"eval": r}))["eval"]
     return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
             "time/eval": time.perf_counter() - t}
-
-
-def _block(examples, seed: int) -> tuple[list, int]:
-    """Several processes evaluate by blocks: this process's block of `examples`, and the seed one process gives its
-    first example."""
-    size = -(-len(examples) // jax.process_count())
-    first = jax.process_index() * size
-    return list(examples[first:first + size]), seed + first
-
-
-async def _means(results: dict[str, dict]) -> dict[str, dict]:
-    """evaluate's means ({} for an empty block) of every process's block, as one process's over all the examples."""
-    keys = ("reward", "completion_len")
-    sums = {f"{name}/{k}": r.get(k, 0.0) * r.get("n", 0) for name, r in results.items() for k in keys}
-    sums.update({f"{name}/n": r.get("n", 0) for name, r in results.items()})
-    total = await asyncio.to_thread(distributed.reduce, sums)
-    return {name: {**{k: total[f"{name}/{k}"] / total[f"{name}/n"] for k in keys}, "n": int(total[f"{name}/n"])}
-            for name in results}
 
 
 async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
@@ -435,24 +409,9 @@ async def _checkpoint(run: Run, pipe: RolloutPipeline, state: RunState) -> None:
     arrays = run.trainer.state_arrays()
     await run.on_device(check_finite, arrays, f"checkpoint at step {state.step} not written")
     if jax.process_index():  # process 0's batches are in the JSON (orbax writes it from process 0 alone)
-        await asyncio.to_thread(_save_pending, run, state.step, state.pending)
+        kept = run.ckpt.steps()[-run.config.ckpt.keep:]
+        await asyncio.to_thread(rundir.save_pending, run.out, jax.process_index(), state.step, state.pending, kept)
     await asyncio.to_thread(run.ckpt.save, state.step, arrays, meta)
-
-
-def _pending_path(run: Run, step: int) -> str:
-    return os.path.join(hosts.process_dir(run.out, jax.process_index()), "pending", f"{step}.json")
-
-
-def _save_pending(run: Run, step: int, pending: list) -> None:
-    """This process's batches sampled ahead at `step`, beside the checkpoint (those of steps no longer kept go)."""
-    path = _pending_path(run, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(pending, f)
-    os.replace(path + ".tmp", path)
-    keep = {f"{s}.json" for s in run.ckpt.steps()[-run.config.ckpt.keep:]} | {f"{step}.json"}
-    for name in set(os.listdir(os.path.dirname(path))) - keep:
-        os.remove(os.path.join(os.path.dirname(path), name))
 
 
 def _export_final(run: Run) -> None:
@@ -461,44 +420,3 @@ def _export_final(run: Run) -> None:
     if latest is None:
         return
     rundir.swap_in_final(run.out, run.publisher.path(latest))
-
-
-async def parity_gate(config, src: orch.Sources, trainer: Trainer, model: str, version: int) -> float:
-    """Samples a few completions and scores them with the trainer; stops the run if the mismatch KL is too big."""
-    n = config.parity.num_prompts
-    if n <= 0:
-        return 0.0
-    examples = list(src.env.examples("eval")[:n]) or list(src.train[:n])
-    one = dataclasses.replace(src, group_size=1)
-    # Several processes: each checks its own server on the same prompts, and all stop if one is off.
-    rollouts = await orch.sample(one, examples, [config.seed + i for i in range(len(examples))], model=model,
-                                 version=version)
-    batch, _ = pack(rollouts, np.zeros(len(rollouts)), seq_len=config.seq_len, row_multiple=_row_multiple(trainer))
-    logprobs = await asyncio.to_thread(lambda: trainer.logprobs(trainer.local(batch))[:len(batch.tokens)])
-    kl = mismatch_kl(logprobs, batch.sampling_logprobs, batch.loss_mask)
-    kl = await asyncio.to_thread(lambda: float(distributed.gather(kl).max()))
-    bound = config.parity.max_mismatch_kl
-    print(f"parity gate: mismatch KL between vLLM and the trainer {kl:.2e} (bound {bound:.0e})", file=sys.stderr)
-    if not kl <= bound:
-        raise ParityError(
-            f"parity.max_mismatch_kl: vLLM's and the trainer's log-probs of the same {len(rollouts)} samples differ "
-            f"(mismatch KL {kl:.3g} > {bound:.3g}); check the model folder, tokenizer/chat template and model.dtype")
-    return kl
-
-
-async def eval_baseline(config, src: orch.Sources, examples, student_model: str,
-                        teacher_sampler: tuple | None) -> dict[str, dict[str, float]]:
-    """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
-    context (`teacher_sampler`: its client and model name); several processes: each its block of the examples."""
-    mine, seed = _block(examples, config.seed)
-    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
-              samples=config.eval.samples, reward_errors=src.reward_errors)
-    runs = {"student": (src.student, student_model, None)}
-    if teacher_sampler is not None:
-        runs["teacher"] = (*teacher_sampler, src.context)
-    results = {name: {} for name in runs}  # an empty block: nothing to evaluate here
-    if mine:
-        done = await asyncio.gather(*(evaluate(src.env, src.tokenizer, mine, client, model=model, context=context,
-                                               **kw) for client, model, context in runs.values()))
-        results = dict(zip(runs, done))
-    return await _means(results)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from ctxd_jax.config import ConfigError, redacted
-from ctxd_jax.hosts import PROCESS_DIR
+from ctxd_jax.hosts import PROCESS_DIR, process_dir
 from ctxd_jax.metrics import PLOTS, WANDB_ID, read_jsonl
 
 CHECKPOINTS = "checkpoints"
@@ -251,3 +251,21 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def pending_path(out: str, process: int, step: int) -> str:
+    """Where a process other than 0 keeps its batches sampled ahead at checkpoint `step` (process 0's are in the
+    checkpoint's JSON)."""
+    return os.path.join(process_dir(out, process), "pending", f"{step}.json")
+
+
+def save_pending(out: str, process: int, step: int, pending: list, kept: list[int]) -> None:
+    """Writes them (whole or not at all), and removes those of checkpoints no longer `kept`."""
+    path = pending_path(out, process, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(pending, f)
+    os.replace(path + ".tmp", path)
+    keep = {f"{s}.json" for s in kept} | {f"{step}.json"}
+    for name in set(os.listdir(os.path.dirname(path))) - keep:
+        os.remove(os.path.join(os.path.dirname(path), name))

@@ -166,6 +166,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     from ctxd_jax.finite import NonFiniteError
     from ctxd_jax.inference.client import RequestError
     from ctxd_jax.inference.server import ServerError
+    from ctxd_jax.parity import ParityError
     from ctxd_jax.rewards import RewardError
 
     # absl logs at INFO: keep the per-request HTTP lines and orbax's bookkeeping out of the console.
@@ -175,7 +176,7 @@ def _run(config: ml_collections.ConfigDict, plan: Plan, argv: list[str], process
     with stop_requests(ignore=not processes.leader) as stop:
         try:
             loop.run(config, plan, stop)  # every process of several too, each on its share
-        except (ServerError, RequestError, CheckpointError, loop.ParityError, RewardError, NonFiniteError) as e:
+        except (ServerError, RequestError, CheckpointError, ParityError, RewardError, NonFiniteError) as e:
             if _DEBUG.value and not several:
                 raise
             if _DEBUG.value:

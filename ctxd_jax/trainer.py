@@ -196,6 +196,11 @@ class Trainer:
         """Rows of a packed batch must be a multiple of this."""
         return self.micro_batch_rows or self.dp
 
+    @property
+    def local_row_multiple(self) -> int:
+        """Rows of this process's packed batch must be a multiple of this (its share of every micro-batch)."""
+        return self.row_multiple // jax.process_count()
+
     def _apply_fn(self, lora, opt_state, grads, loss):
         """The update, or none (the old state kept: `ok` False) where the loss, the gradient or the result is not
         finite: a NaN or infinity never reaches the weights or the optimizer's moments."""
