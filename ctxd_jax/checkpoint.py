@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
@@ -72,10 +73,13 @@ class Checkpointer:
                                   f"{_first_line(e)})") from e
 
     def check_arrays(self, step: int) -> None:
-        """Reads every array of `step` as numpy (no target: no devices, no shardings); CheckpointError naming it
-        when one cannot be read or holds a non-finite number."""
+        """Reads every array of `step` onto this process's first device, whatever processes and devices wrote it;
+        CheckpointError naming it when one cannot be read or holds a non-finite number."""
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory, str(step), "arrays")).tree
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
+            out = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # orbax raises many types; name the folder and the step
             raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: "
                                   f"{_first_line(e)})") from e

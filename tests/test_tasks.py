@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from ctxd_jax.checkpoint import Checkpointer
 from test_cli import ROOT, ok, refused
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i), "solution": f"{i} + {i} = {2 * i}"}
@@ -18,14 +19,17 @@ ECHO = '''from ctxd_jax.envs import Environment, Example
 class Echo(Environment):
     default_context = "Repeat the word you are given."
 
-    def __init__(self, word: str = "banana", num_train: int = 8):
+    def __init__(self, word: str = "banana", num_train: int = 8, broken: bool = False):
         self._ex = [Example(f"echo-{i}", ({"role": "user", "content": f"Say {word}"},), {"word": word})
                     for i in range(num_train)]
+        self._broken = broken
 
     def examples(self, split):
         return self._ex if split == "train" else self._ex[:2]
 
     def reward(self, example, completion_text):
+        if self._broken and example.id.endswith(("0", "2", "4", "6")):
+            return float("nan")  # a reward function with a bug
         return float(example.data["word"] in completion_text)
 '''
 
@@ -102,6 +106,10 @@ TRAINS = {
         "--config.env.dataset.prompt_key=question", "--config.env.dataset.verifier=math"], None),
     "class-outside": lambda tmp: (["--config.env.name=my_tasks:Echo", "--config.env.args.word=apple"],
                                   _echo_module(tmp)),
+    # half its rewards NaN, scored 0 and counted (env.reward_errors=zero); every checkpoint finite
+    "class-outside-nan-rewards": lambda tmp: ([
+        "--config.env.name=my_tasks:Echo", "--config.env.args.broken=true", "--config.env.reward_errors=zero",
+        "--config.teacher.eval_baseline=false", "--config.ckpt.interval=1"], _echo_module(tmp)),
     "verifiers-single-turn": lambda tmp: ([
         "--config.env.name=verifiers:halves-env", "--config.env.verifiers.context_key=info.hint",
         "--config.teacher.context=Hint: {context}"], _verifiers_module(tmp)),
@@ -119,12 +127,21 @@ def test_task_from_the_command_line_trains(case, tmp_path, tiny_model_dir, cli_e
     env = dict(cli_env, PYTHONPATH=os.pathsep.join([ROOT] + ([outside] if outside else [])))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ctxd_jax.train", "--config=configs/demo.py", f"--config.model.path={tiny_model_dir}",
-           f"--config.output_dir={out}", *task,
+           f"--config.output_dir={out}",
            "--config.max_steps=2", "--config.seq_len=192", "--config.batch_size=4", "--config.rollouts_per_example=2",
            "--config.sampling.max_tokens=8", "--config.eval.interval=0", "--config.ckpt.interval=0",
-           "--config.parity.num_prompts=0", "--config.trainer.micro_batch_rows=0"]
+           "--config.parity.num_prompts=0", "--config.trainer.micro_batch_rows=0", *task]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, "\n".join(line for line in r.stderr.splitlines() if "rror" in line)[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2] and all(row["reward/errors"] == 0 for row in rows)
+    assert [row["step"] for row in rows] == [1, 2]
+    if case.endswith("nan-rewards"):
+        assert sum(row["reward/errors"] for row in rows) > 0, rows
+        ckpt = Checkpointer(str(out / "checkpoints"))
+        assert ckpt.steps() == [1, 2]
+        for step in ckpt.steps():
+            ckpt.check_arrays(step)  # raises where an array is not finite
+        ckpt.close()
+        return
+    assert all(row["reward/errors"] == 0 for row in rows)
     assert "teacher" in json.loads((out / "eval_baseline.json").read_text())
