@@ -177,8 +177,14 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, tiny_model
             np.testing.assert_allclose(r[key], q[key], rtol=1e-3, atol=1e-5, err_msg=f"step {r['step']} {key}")
     baseline, ref_baseline = (read_json(os.path.join(o, "eval_baseline.json")) for o in (out, ref_out))
     assert baseline.keys() == ref_baseline.keys() == {"student", "teacher"}
-    for who in baseline:  # each process evaluated its half of the examples
-        np.testing.assert_allclose(list(baseline[who].values()), list(ref_baseline[who].values()), rtol=1e-6)
+    for who in baseline:  # each process evaluated its half of the examples, on its own server
+        got, want = baseline[who], ref_baseline[who]
+        assert got["n"] == want["n"], who
+        # vLLM's sampling is not batch-invariant: differently batched, a seeded sample may end at another token, so
+        # the means may differ by one sample's worth (seen once in seven runs: one completion 4 tokens shorter).
+        np.testing.assert_allclose(got["reward"], want["reward"], atol=1 / want["n"] + 1e-9, err_msg=who)
+        np.testing.assert_allclose(got["completion_len"], want["completion_len"], atol=16 / want["n"] + 1e-9,
+                                   err_msg=who)
     samples, ref_samples = (read_jsonl(os.path.join(o, "samples.jsonl")) for o in (out, ref_out))
     for key in ("example_ids", "policy_version", "completion"):
         assert [s[key] for s in samples] == [s[key] for s in ref_samples], key
