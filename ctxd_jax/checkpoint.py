@@ -11,9 +11,10 @@ import os
 import sys
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from ctxd_jax.finite import nonfinite_leaves
 
 
 class CheckpointError(RuntimeError):
@@ -79,12 +80,11 @@ class Checkpointer:
         try:
             saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory, str(step), "arrays")).tree
             abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
-            out = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
-        except Exception as e:  # orbax raises many types; name the folder and the step
+            arrays = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # orbax raises many types (for the metadata too); name the folder and the step
             raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: "
                                   f"{_first_line(e)})") from e
-        leaves = jax.tree_util.tree_leaves_with_path(out["arrays"])
-        if bad := [jax.tree_util.keystr(k) for k, x in leaves if not np.isfinite(np.asarray(x, np.float64)).all()]:
+        if bad := nonfinite_leaves(arrays["arrays"]):
             raise CheckpointError(f"{self.directory}/{step}: not finite in {', '.join(bad[:3])}")
 
     def close(self) -> None:
