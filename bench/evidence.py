@@ -176,11 +176,12 @@ def curve(config) -> list[dict]:
 
 def run_one(config, key: str, server, refs, counter: CompileCounter) -> dict:
     from ctxd_jax import loop
+    from ctxd_jax.build import load_trainer
     from ctxd_jax.inference.deploy import STUDENT_ADAPTER, on_running_server
 
     shutil.rmtree(config.output_dir, ignore_errors=True)  # what a stopped try of this run left
     before = dict(counter.counts)
-    trainer, tokenizer = loop._load_trainer(config)
+    trainer, tokenizer = load_trainer(config)
     # Pure RL gets no teacher, so it pays for no teacher scoring (its seconds are its own). Each run's adapters get
     # names of their own: a server that served another run never serves its weights.
     deployment = on_running_server(config, server, f"{STUDENT_ADAPTER}-{key}")

@@ -112,6 +112,7 @@ def main():
 
     from ctxd_jax import loop
     from ctxd_jax import orchestrator as orch
+    from ctxd_jax.build import load_trainer
     from ctxd_jax.envs import env_from_config
     from ctxd_jax.inference.client import Client
     from ctxd_jax.inference import mps
@@ -140,7 +141,7 @@ def main():
 
     def run_variant(name: str, server: VLLMServer, floor: float) -> None:
         config = make_config(a, os.path.join(a.out, name), VARIANTS[name])
-        trainer, tokenizer = loop._load_trainer(config)
+        trainer, tokenizer = load_trainer(config)
         deployment = on_running_server(config, server)
         t = time.perf_counter()
         try:
@@ -170,7 +171,7 @@ def main():
         os.makedirs(a.out, exist_ok=True)
         with ServerGroup([server], timeout=900):
             # The floor: step 0's prompts and seeds, from the base model, without log-probs.
-            trainer, tokenizer = loop._load_trainer(first)
+            trainer, tokenizer = load_trainer(first)
             env = env_from_config(first)
             src = orch.Sources(env=env, tokenizer=tokenizer, train=env.examples("train"), student=None, teacher=None,
                                teacher_model=None, context="", max_tokens=a.max_tokens, temperature=1.0, group_size=16,

@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs import rl
 from ctxd_jax.export import export
-from ctxd_jax.loop import _load_trainer
+from ctxd_jax.build import load_trainer
 from ctxd_jax.models.hf_test import randomise_lora, torch_logprobs
 from ctxd_jax.rundir import checkpointer
 from ctxd_jax.tiny import write_tiny_checkpoint
@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     config.model.path = write_tiny_checkpoint(str(tmp / "tiny"), "qwen3", std=0.1)
     config.model.dtype = "float32"
     config.output_dir = str(tmp / "run")
-    trainer, _ = _load_trainer(config)
+    trainer, _ = load_trainer(config)
     # Non-zero LoRA (B starts at 0), so a lost adapter shows.
     trainer.lora = nnx.state(randomise_lora(trainer.model(), seed=7), nnx.LoRAParam)
     ckpt = checkpointer(config)

@@ -29,14 +29,14 @@ import time
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ctxd_jax import distributed, hosts
 from ctxd_jax import metrics as metrics_lib
 from ctxd_jax import orchestrator as orch
+from ctxd_jax.build import load_trainer
 from ctxd_jax.checkpoint import Checkpointer, CheckpointError
-from ctxd_jax.config import full_vocab, needs_teacher_scores, redacted
+from ctxd_jax.config import needs_teacher_scores, redacted
 from ctxd_jax.envs import env_from_config
 from ctxd_jax.evaluate import baseline_table, block, eval_baseline, evaluate, mean_over_processes
 from ctxd_jax.finite import NonFiniteError, Streak, check_finite
@@ -51,24 +51,7 @@ from ctxd_jax.scoring import (behaviour_logprobs, score_teacher_in_trainer, scor
                               set_teacher_prompts)
 from ctxd_jax.records import Rollout
 from ctxd_jax.timeline import Timeline
-from ctxd_jax.trainer import LOSS_KEYS, OptimConfig, StepConfig, Trainer, mismatch_kl
-
-
-def optim_config(config) -> OptimConfig:
-    o = config.optim
-    return OptimConfig(lr=o.lr, max_norm=o.max_norm, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                       warmup_steps=o.warmup_steps, schedule=o.schedule, total_steps=max(config.max_steps, 1))
-
-
-def step_config(config) -> StepConfig:
-    loss, t = config.loss, config.trainer
-    return StepConfig(teacher_tau=loss.teacher_tau, student_tau=loss.student_tau,
-                      use_full_reward_baseline=config.advantage.use_full_reward_baseline,
-                      topk_tau=loss.topk_tau, topk_direction=loss.topk_direction, ratio_type=loss.ratio_type,
-                      masks=tuple((k, float(loss[k])) for k in LOSS_KEYS),
-                      micro_batch_rows=t.micro_batch_rows, chunk_size=t.chunk_size,
-                      full_vocab=full_vocab(config), jsd_beta=loss.jsd_beta, teacher_lora=config.teacher.lora,
-                      ema_decay=config.teacher.ema_decay)
+from ctxd_jax.trainer import Trainer, mismatch_kl
 
 
 def run(config, plan, stop: threading.Event) -> None:
@@ -100,31 +83,9 @@ def start(config, plan, deployment) -> tuple[Trainer, object]:
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(config.trainer.gpu_memory_fraction)
     for server in deployment.group.servers:
         server.start()
-    trainer, tokenizer = _load_trainer(config)
+    trainer, tokenizer = load_trainer(config)
     deployment.group.start()  # waits until healthy
     return trainer, tokenizer
-
-
-def _load_trainer(config):
-    from transformers import AutoTokenizer
-
-    from ctxd_jax.models.hf import load_model
-    from ctxd_jax.sharding import make_mesh
-
-    path = os.path.expanduser(config.model.path)
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    mesh = make_mesh(tp=config.trainer.tp)
-    model = load_model(path, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, dtype=dtype, param_dtype=dtype,
-                       mesh=mesh, seed=config.seed, remat=config.trainer.remat,
-                       remat_policy=config.trainer.remat_policy, attn_impl=_attn_impl(config.trainer.attn_impl),
-                       shard_weights=config.trainer.shard_weights)
-    return Trainer(model, mesh, optim_config(config), step_config(config)), AutoTokenizer.from_pretrained(path)
-
-
-def _attn_impl(name: str) -> str | None:
-    if name == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else None
-    return None if name == "xla" else name
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The functional train step: LoRA-only gradients of compute_loss on packed batches, AdamW, clipping, lr schedule.
+"""The functional train step: LoRA-only gradients of compute_loss on packed batches, the optimizer of optim.py.
 
 The model is split once into (graphdef, lora, rest); jitted functions merge it inside, differentiate only `lora`,
 and donate the LoRA and optimizer state. Rows are processed in micro-batches of fixed shape (one compile), their
@@ -34,6 +34,7 @@ from ctxd_jax.finite import tree_finite
 from ctxd_jax.loss import compute_loss, default_loss_scale, loss_count
 from ctxd_jax.models.attention import segment_bound
 from ctxd_jax.models.logprobs import hidden_logprobs
+from ctxd_jax.optim import OptimConfig, lr_schedule, make_optimizer
 from ctxd_jax.packing import TrainBatch
 from ctxd_jax.scoring import ROW_KEYS, Scores, score_rows_jit, score_sequences
 
@@ -42,18 +43,6 @@ SCORE_TOKENS_PER_DEVICE = 16384
 # Numbers of config.loss passed to compute_loss by name (traced there, not static).
 LOSS_KEYS = ("token_mask_low", "token_mask_high", "geo_mask_low", "geo_mask_high", "sequence_mask_low",
              "sequence_mask_high", "sequence_clip_high", "kl_tau")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float
-    max_norm: float = 1.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | linear | cosine (decay to 0 at total_steps)
-    total_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -75,27 +64,6 @@ class StepConfig:
     jsd_beta: float = 0.5
     teacher_lora: str = "off"
     ema_decay: float = 0.99
-
-
-def lr_schedule(c: OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 over warmup_steps, then constant / linear to 0 / cosine to 0 at total_steps."""
-    decay_steps = max(c.total_steps - c.warmup_steps, 1)
-    if c.schedule == "constant":
-        main = optax.constant_schedule(c.lr)
-    elif c.schedule == "linear":
-        main = optax.linear_schedule(c.lr, 0.0, decay_steps)
-    elif c.schedule == "cosine":
-        main = optax.cosine_decay_schedule(c.lr, decay_steps)
-    else:
-        raise ValueError(f"optim.schedule: {c.schedule!r} is not one of constant, linear, cosine")
-    if c.warmup_steps <= 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, c.lr, c.warmup_steps), main], [c.warmup_steps])
-
-
-def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(c.max_norm),
-                       optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
 
 
 def micro_batch_loss(lora, rest, mb: dict, loss_scale, teacher_lora=None, *, graphdef, step: StepConfig,

@@ -14,7 +14,7 @@ from ctxd_jax.packing import pack
 from ctxd_jax.records import Rollout
 from ctxd_jax.sharding import make_mesh
 from ctxd_jax.tiny import write_tiny_checkpoint
-from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer, lr_schedule, mismatch_kl
+from ctxd_jax.trainer import OptimConfig, StepConfig, Trainer, mismatch_kl
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +106,6 @@ def test_micro_batch_shape_errors(tiny_dir):
     trainer = Trainer(_model(tiny_dir), make_mesh(), OptimConfig(lr=1e-3), StepConfig(micro_batch_rows=4))
     with pytest.raises(ValueError, match="micro_batch_rows"):
         trainer.step(_batch(teacher=False))
-
-
-def test_lr_schedules():
-    c = OptimConfig(lr=1.0, warmup_steps=2, schedule="linear", total_steps=6)
-    s = lr_schedule(c)
-    assert [float(s(i)) for i in range(7)] == pytest.approx([0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
-    assert float(lr_schedule(OptimConfig(lr=0.1))(100)) == pytest.approx(0.1)
-    assert float(lr_schedule(OptimConfig(lr=1.0, schedule="cosine", total_steps=4))(4)) == pytest.approx(0.0)
 
 
 def test_nonfinite_advantages_skip_the_update(tiny_dir):

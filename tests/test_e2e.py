@@ -18,6 +18,7 @@ import pytest
 
 from configs import rl
 from ctxd_jax import loop, rundir
+from ctxd_jax.build import load_trainer
 from ctxd_jax.checkpoint import Checkpointer
 from ctxd_jax.config import resolve
 from ctxd_jax.plan import Gpus
@@ -97,7 +98,7 @@ def run_in_process(config, server, like_cli=False):
         deployment = Deployment(ServerGroup([]), server, None, STUDENT_ADAPTER, None, "trainer")
     else:
         deployment = Deployment(ServerGroup([]), server, server, STUDENT_ADAPTER, "base")
-    trainer, tokenizer = loop._load_trainer(config)
+    trainer, tokenizer = load_trainer(config)
     asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
     return trainer
 
@@ -134,7 +135,7 @@ def test_three_steps(three_steps, student_teacher_server, tiny_model_dir):
     # checkpoints: the latest is step 3 and restores exactly the run's final state
     ckpt = Checkpointer(os.path.join(out, "checkpoints"))
     assert ckpt.latest_step() == 3
-    fresh, _ = loop._load_trainer(config)
+    fresh, _ = load_trainer(config)
     arrays, meta = ckpt.restore(fresh.state_arrays())
     ckpt.close()
     _tree_equal(arrays, trainer.state_arrays())
