@@ -8,7 +8,7 @@ eval examples are both its tasks, as verifiers' own eval takes them. An example'
 and prompt (text, or text chat messages), its data the task's fields. The reward is the task's own scoring,
 `Task.score`, offline as verifiers' `replay` rescores a trace: a trace of the prompt and the one completion, and the
 weighted sum of the task's rewards (its `@vf.reward` methods and those its config plugs in, each async, given what it
-names of `task`, `trace`). A reward that raises reaches env.reward_errors (Task.score raises, naming it).
+names of `task`, `trace`). A reward that raises reaches env.reward_errors (Task.score raises a TaskError that names its error).
 Refused by name before anything starts: what is not one chat reply scored offline: tool servers, a taskset's own harness
 or Env (agents, user simulators), a task that needs a container, an infinite taskset, judges (they call a model),
 rewards or metrics that need the task's runtime or are not async (verifiers awaits each), no reward of nonzero weight.
@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
-
-import pydantic
 
 from ctxd_jax.envs.base import VERIFIERS, Environment, Example, check_split
 from ctxd_jax.rewards import problem
@@ -39,9 +37,9 @@ def _vf():
 
 def taskset_class(env_id: str) -> type:
     """The Taskset subclass that package ENV_ID exports, found as verifiers finds it."""
+    _vf()
     from verifiers.v1.utils.loaders import taskset_class as find
 
-    _vf()
     try:
         return find(env_id)
     except Exception as e:  # anything the user's package raises on import, or what verifiers says it lacks
@@ -107,7 +105,8 @@ def _unsupported(env_id: str, taskset, task) -> str | None:
         return "has judges, which call a model"
     for kind in ("reward", "metric"):
         for fn in task.hooks(kind):
-            if "runtime" in inspect.signature(fn).parameters:
+            runtime = inspect.signature(fn).parameters.get("runtime")
+            if runtime is not None and runtime.default is inspect.Parameter.empty:  # as Task.score tells them apart
                 return f"has a {kind}, {fn.__name__}, that scores in the task's runtime"
             if not inspect.iscoroutinefunction(inspect.unwrap(fn)):
                 return f"has a {kind}, {fn.__name__}, that is not async (verifiers awaits each)"
@@ -119,6 +118,8 @@ def _unsupported(env_id: str, taskset, task) -> str | None:
 class VerifiersEnv(Environment):
     def __init__(self, env_id: str, context_key: str = "", **args):
         self._vf = _vf()
+        import pydantic
+
         name = f"{VERIFIERS}{env_id}"
         self.name, self._env_id, self._context_key = name, env_id, context_key
         cls = taskset_class(env_id)
