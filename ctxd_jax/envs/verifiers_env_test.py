@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from ctxd_jax.envs import check_context, default_args, get_env
+from ctxd_jax.envs import base, check_context, default_args, get_env
 from ctxd_jax.rewards import RewardError, score
 
 # A verifiers taskset as its author writes it (verifiers 0.4), outside the repository: its own dataset built in code,
@@ -86,6 +86,7 @@ def modules(tmp_path, monkeypatch):
     for name, text in MODULES.items():
         (tmp_path / f"{name}.py").write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # other tests see no verifiers:NAME
     yield
     for name in MODULES:
         sys.modules.pop(name, None)
