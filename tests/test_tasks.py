@@ -52,12 +52,11 @@ def _echo_module(tmp_path):
 
 
 def _verifiers_module(tmp_path):
-    """A verifiers single-turn environment module in tmp_path: its folder and the library's (skips without it)."""
-    from ctxd_jax.envs.verifiers_env_test import HALVES, classic_verifiers
+    """A verifiers single-turn taskset module in tmp_path: its folder."""
+    from ctxd_jax.envs.verifiers_env_test import HALVES
 
-    library = classic_verifiers()
     (tmp_path / "halves_env.py").write_text(HALVES)
-    return os.pathsep.join([str(tmp_path), library])
+    return str(tmp_path)
 
 
 def test_dry_run_shows_the_task(tmp_path):
@@ -122,7 +121,7 @@ TRAINS = {
 def test_task_from_the_command_line_trains(case, tmp_path, tiny_model_dir, cli_env):
     """Two steps on the tiny model of each task a new user brings: a JSONL with per-example solution context and the
     exact verifier, a CSV with the math verifier, an environment class in a folder outside the repository, a verifiers
-    single-turn environment module there (where the library is installed)."""
+    single-turn taskset module there."""
     task, outside = TRAINS[case](tmp_path)
     env = dict(cli_env, PYTHONPATH=os.pathsep.join([ROOT] + ([outside] if outside else [])))
     out = tmp_path / "run"

@@ -1,24 +1,26 @@
-"""`verifiers:ENV_ID`: a single-turn environment of the `verifiers` library (its classic API: `load_environment`,
-`SingleTurnEnv`, `Parser`, `Rubric`; the 0.1 releases), loaded with `verifiers.load_environment(ENV_ID, **env.args)`.
+"""`verifiers:ENV_ID`: a single-turn taskset of the `verifiers` library (its 0.4 API, `verifiers.v1`: a `Taskset`
+yields `Task`s, each a `TaskData` row and `@vf.reward` methods), loaded as `verifiers.v1.load_taskset` loads it: ENV_ID
+is the taskset's package (a hub id `owner/name@version` imports `name`, `-` as `_`), which exports one Taskset subclass;
+the fields of that taskset's config class are env.args.
 
-Its train and eval datasets give the examples (their `prompt` column already holds the environment's system prompt);
-the reward is the rubric's weighted sum of its reward functions (sync or async, each given what it names of
-`completion`, `answer`, `info`, `state`, `parser`, `prompt`, ...). The library's `Rubric.score_rollout` turns a reward
-function that raises into a logged 0; here each function is called by the library's own convention
-(`maybe_call_with_named_args` over `Rubric.score_objects`), so that an error reaches env.reward_errors instead.
-Multi-turn and tool environments, and group reward functions, are refused by name before anything starts.
-`env.verifiers.context_key` names the dataset column (or `info.FIELD`) that is the example's own teacher context.
+A taskset is one set of tasks (which split of its data it loads is one of its own config fields); the train and the
+eval examples are both its tasks, as verifiers' own eval takes them. An example's messages are the task's system_prompt
+and prompt (text, or text chat messages), its data the task's fields. The reward is the task's own scoring,
+`Task.score`, offline as verifiers' `replay` rescores a trace: a trace of the prompt and the one completion, and the
+weighted sum of the task's rewards (its `@vf.reward` methods and those its config plugs in, each async, given what it
+names of `task`, `trace`). A reward that raises reaches env.reward_errors (Task.score raises a TaskError that names its error).
+Refused by name before anything starts: what is not one chat reply scored offline: tool servers, a taskset's own harness
+or Env (agents, user simulators), a task that needs a container, an infinite taskset, judges (they call a model),
+rewards or metrics that need the task's runtime or are not async (verifiers awaits each), no reward of nonzero weight.
+`env.verifiers.context_key` names the task field (or FIELD.KEY of a dict field) that is the example's own teacher
+context.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
-import importlib
 import inspect
-import json
-import typing
 
 from ctxd_jax.envs.base import VERIFIERS, Environment, Example, check_split
 from ctxd_jax.rewards import problem
@@ -26,136 +28,176 @@ from ctxd_jax.rewards import problem
 
 def _vf():
     try:
-        import verifiers
-        return verifiers, verifiers.SingleTurnEnv
-    except (ImportError, AttributeError) as e:
-        raise ValueError("env.name: verifiers environments need the `verifiers` library with its classic API "
+        import verifiers.v1 as vf
+        return vf
+    except ImportError as e:
+        raise ValueError("env.name: verifiers environments need the `verifiers` library, 0.4 "
                          f"(pip install 'ctxd-jax[verifiers]'; {type(e).__name__}: {e})") from e
 
 
-def load_function(env_id: str):
-    """The module's `load_environment`, found as verifiers.load_environment finds it (its module is ENV_ID with '-'
-    as '_', the part after the last '/'), so that its keyword arguments are env.args."""
-    module_name = env_id.replace("-", "_").split("/")[-1]
+def taskset_class(env_id: str) -> type:
+    """The Taskset subclass that package ENV_ID exports, found as verifiers finds it."""
+    _vf()
+    from verifiers.v1.utils.loaders import taskset_class as find
+
     try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # anything the user's module raises on import
-        raise ValueError(f"env.name: cannot import {module_name!r} for {VERIFIERS}{env_id} ({type(e).__name__}: {e}); "
-                         "is it installed or on PYTHONPATH?") from e
-    if not callable(getattr(module, "load_environment", None)):
-        raise ValueError(f"env.name: module {module_name!r} has no load_environment function")
-    return module.load_environment
+        return find(env_id)
+    except Exception as e:  # anything the user's package raises on import, or what verifiers says it lacks
+        raise ValueError(f"env.name: cannot load the taskset of {VERIFIERS}{env_id} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); is it installed or on PYTHONPATH?") from e
 
 
-def _lookup(row: dict, key: str):
-    """row[key], or row['info'][FIELD] for key 'info.FIELD' (info may be a JSON string, as verifiers allows)."""
-    head, _, field = key.partition(".")
-    value = row.get(head)
-    if field:
-        value = json.loads(value) if isinstance(value, str) else value
-        value = value.get(field) if isinstance(value, dict) else None
+def _config_type(cls: type) -> type:
+    """The taskset's config class (its Taskset[Task, Config] parameter), as verifiers resolves it."""
+    from verifiers.v1.configs.taskset import TasksetConfig
+    from verifiers.v1.taskset import Taskset
+    from verifiers.v1.utils.generic import concrete_type
+
+    return concrete_type(cls, TasksetConfig, origin=Taskset) or TasksetConfig
+
+
+def config_fields(cls: type) -> dict:
+    """{name: pydantic FieldInfo} of the taskset's own config fields (not verifiers' `id`, `task`, `system_prompt`)."""
+    from verifiers.v1.configs.taskset import TasksetConfig
+
+    return {k: f for k, f in _config_type(cls).model_fields.items() if k not in TasksetConfig.model_fields}
+
+
+def _lookup(data: dict, key: str):
+    """data[key], or data[FIELD][KEY] for key 'FIELD.KEY' (None where absent)."""
+    value = data
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
     return value
 
 
-def _rubrics(rubric) -> list:
-    """The rubrics of a (possibly nested) RubricGroup, in order."""
-    inner = getattr(rubric, "rubrics", None)
-    return [r for sub in inner for r in _rubrics(sub)] if inner is not None else [rubric]
+def _prompt(vf, data, where: str) -> list:
+    """The task's prompt as verifiers messages: its system_prompt, then its prompt (text or text chat messages)."""
+    if data.prompt is None:
+        raise ValueError(f"env.name: {where} has no prompt (the user opens the conversation: a user simulator); only "
+                         "tasks with a prompt can be trained here")
+    system = [vf.SystemMessage(content=data.system_prompt)] if data.system_prompt else []
+    messages = system + ([vf.UserMessage(content=data.prompt)] if isinstance(data.prompt, str) else list(data.prompt))
+    for m in messages:
+        if m.role not in ("system", "user", "assistant") or not isinstance(m.content, str):
+            raise ValueError(f"env.name: {where}: the prompt's {m.role} message is not text "
+                             f"({str(m.content)[:80]!r}); only text chat prompts can be trained here")
+    return messages
+
+
+def _unsupported(env_id: str, taskset, task) -> str | None:
+    """Why the taskset is not one chat reply scored from the trace alone, or None."""
+    from verifiers.v1.envs.single_agent import SingleAgentEnv
+    from verifiers.v1.utils.loaders import default_harness_id, environment_class
+
+    cls, task_cls = type(taskset), type(task)
+    env_cls = environment_class(env_id)
+    tools = [*cls.toolsets(taskset.config), *task_cls.toolsets(taskset.config.task)]
+    if env_cls is not SingleAgentEnv:
+        return f"has its own Env, {env_cls.__name__} (agents or a user simulator)"
+    if default_harness_id(env_id) != "bash":  # the harness verifiers falls back to where a taskset ships none
+        return "ships its own harness (a program the model runs in)"
+    if tools:
+        return f"has tool servers ({', '.join(type(t).__name__ for t in tools)})"
+    if task_cls.NEEDS_CONTAINER:
+        return "needs a container"
+    if taskset.config.task.judges:
+        return "has judges, which call a model"
+    for kind in ("reward", "metric"):
+        for fn in task.hooks(kind):
+            runtime = inspect.signature(fn).parameters.get("runtime")
+            if runtime is not None and runtime.default is inspect.Parameter.empty:  # as Task.score tells them apart
+                return f"has a {kind}, {fn.__name__}, that scores in the task's runtime"
+            if not inspect.iscoroutinefunction(inspect.unwrap(fn)):
+                return f"has a {kind}, {fn.__name__}, that is not async (verifiers awaits each)"
+    if not any(getattr(fn, "_vf_weight", 1.0) for fn in task.hooks("reward")):
+        return "has no reward of nonzero weight"
+    return None
 
 
 class VerifiersEnv(Environment):
     def __init__(self, env_id: str, context_key: str = "", **args):
-        vf, single_turn = _vf()
-        import datasets
+        self._vf = _vf()
+        import pydantic
 
-        datasets.disable_progress_bars()  # the library maps its datasets; a bar per map would fill the console
-        env = vf.load_environment(env_id, **args)
         name = f"{VERIFIERS}{env_id}"
-        if not isinstance(env, single_turn) or env.tool_defs:
-            raise ValueError(f"env.name: {name!r} is a {type(env).__name__}; only single-turn environments without "
-                             "tools (verifiers.SingleTurnEnv) can be trained here")
         self.name, self._env_id, self._context_key = name, env_id, context_key
-        self._parts = [(r, f, w) for r in _rubrics(env.rubric) for f, w in zip(r.funcs, r.weights) if w != 0]
-        grouped = [type(r).__name__ for r in _rubrics(env.rubric) if r.has_group_rewards]
-        if grouped:
-            raise ValueError(f"env.name: {name!r} has group reward functions ({', '.join(grouped)}), which score a "
-                             "whole group at once; only per-completion reward functions are supported")
-        if not self._parts:
-            raise ValueError(f"env.name: {name!r} has no reward function of nonzero weight")
-        self.verifier = "rubric " + " + ".join(f"{w:g}*{getattr(f, '__name__', f)}" for _, f, w in self._parts)
-        if env.build_dataset() is None:
-            raise ValueError(f"env.name: {name!r} has no train dataset (only an eval_dataset)")
-        # Without an eval_dataset, verifiers evaluates on the train dataset; so does this.
-        rows = {"train": env.get_dataset(), "eval": env.get_eval_dataset()}
-        self._examples = {split: [self._example(split, i, dict(r)) for i, r in enumerate(self._checked(split, r))]
-                          for split, r in rows.items()}
+        cls = taskset_class(env_id)
+        if cls.INFINITE:
+            raise ValueError(f"env.name: {name!r} ({cls.__name__}) is infinite; only a finite taskset can be trained "
+                             "here")
+        try:
+            config = _config_type(cls).model_validate({"id": env_id, **args})
+        except pydantic.ValidationError as e:  # config.py names the field env.args.FIELD
+            error = e.errors()[0]
+            raise ValueError(f"env.{'.'.join(map(str, error['loc']))}: {error['msg']}") from e
+        taskset = cls(config)
+        try:
+            tasks = list(taskset)
+        except Exception as e:  # anything the user's load() raises
+            raise ValueError(f"env.name: {name!r}: loading its tasks raised {type(e).__name__}: {e}") from e
+        if not tasks:
+            raise ValueError(f"env.name: {name!r} has no tasks")
+        why = _unsupported(env_id, taskset, tasks[0])
+        if why:
+            raise ValueError(f"env.name: {name!r} ({cls.__name__}) {why}; only single-turn tasksets (one chat reply, "
+                             "scored from the trace alone) can be trained here")
+        self.verifier = "rewards " + " + ".join(
+            f"{w:g}*{fn.__name__}" for fn in tasks[0].hooks("reward") if (w := getattr(fn, "_vf_weight", 1.0)))
+        self._tasks = {}
+        self._examples = {split: [self._example(split, task) for task in tasks] for split in ("train", "eval")}
         self._pool = concurrent.futures.ThreadPoolExecutor(1)  # its own event loop: reward() runs inside the run's
 
-    def _checked(self, split: str, rows):
-        if not len(rows):
-            raise ValueError(f"env.name: {self.name!r} has no {split} examples")
-        for i, row in enumerate(rows):
-            prompt = row.get("prompt")
-            if not (isinstance(prompt, list) and prompt and all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt)):
-                raise ValueError(f"env.name: {self.name!r} {split} row {i + 1}: the prompt {str(prompt)[:80]!r} is "
-                                 "not a list of text chat messages")
-            if self._context_key and _lookup(row, self._context_key) is None:
-                raise ValueError(f"env.verifiers.context_key: {self.name!r} {split} row {i + 1} has no "
-                                 f"{self._context_key!r} (columns: {', '.join(row)})")
-        return rows
-
-    def _example(self, split: str, i: int, row: dict) -> Example:
-        context = _lookup(row, self._context_key) if self._context_key else None
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in row["prompt"])
-        return Example(id=f"{self._env_id}/{split}/{row.get('example_id', i)}", messages=messages, data=row,
-                       context=None if context is None else str(context))
+    def _example(self, split: str, task) -> Example:
+        where = f"{self.name!r} task {task.data.idx}"
+        messages = tuple({"role": m.role, "content": m.content} for m in _prompt(self._vf, task.data, where))
+        data = task.data.model_dump()
+        context = _lookup(data, self._context_key) if self._context_key else None
+        if self._context_key and context is None:
+            own = [k for k in type(task.data).model_fields if k not in self._vf.TaskData.model_fields]
+            raise ValueError(f"env.verifiers.context_key: {where} has no {self._context_key!r} (its own fields: "
+                             f"{', '.join(own) or 'none'})")
+        example = Example(id=f"{self._env_id}/{split}/{task.data.idx}", messages=messages, data=data,
+                          context=None if context is None else str(context))
+        self._tasks[example.id] = task
+        return example
 
     def examples(self, split: str):
         check_split(split)
         return self._examples[split]
 
     def reward(self, example: Example, completion_text: str) -> float:
-        return self._pool.submit(asyncio.run, self._score(example, completion_text)).result()
+        return self._pool.submit(asyncio.run, self._score(self._tasks[example.id], completion_text)).result()
 
-    async def _score(self, example: Example, completion_text: str) -> float:
-        """The rubric's weighted score of one completion, from a state built as verifiers' init_state builds it."""
-        import verifiers as vf
-        from verifiers.types import flatten_task_input
-        from verifiers.utils.async_utils import maybe_call_with_named_args
-        from verifiers.utils.message_utils import normalize_messages
-
-        row = copy.deepcopy(example.data)
-        if isinstance(row.get("info"), str):
-            row["info"] = json.loads(row["info"])
-        task = flatten_task_input(row)
-        state = vf.State(input=task)
-        state.update(task=task, prompt=normalize_messages(row["prompt"], field_name="prompt"), trajectory=[],
-                     completion=normalize_messages([{"role": "assistant", "content": completion_text}],
-                                                   field_name="completion"))
-        total = 0.0
-        for rubric, func, weight in self._parts:
-            value = await maybe_call_with_named_args(func, **rubric.score_objects(state))
-            why = problem(value)
+    async def _score(self, task, completion_text: str) -> float:
+        """The task's weighted reward of one completion: Task.score on the trace of its prompt and that reply."""
+        vf = self._vf
+        messages = [*_prompt(vf, task.data, ""), vf.AssistantMessage(content=completion_text)]
+        nodes = [vf.MessageNode(parent=i - 1 if i else None, message=m, sampled=i == len(messages) - 1)
+                 for i, m in enumerate(messages)]
+        trace = vf.Trace(task=vf.TraceTask(type=type(task).__name__, data=task.data, key=task.key, hash=task.hash),
+                         agent=vf.AgentInfo(config=vf.AgentConfig()), nodes=nodes)
+        await task.score(trace)
+        for name, reward in trace.rewards.items():
+            why = problem(reward.score)
             if why:
-                raise ValueError(f"{getattr(func, '__name__', func)} returned {value!r} ({why})")
-            total += weight * float(value)
-        return total
+                raise ValueError(f"{name} returned {reward.score!r} ({why})")
+        return trace.reward
 
 
 def environment_class(name: str) -> type[Environment]:
-    """The Environment class of `verifiers:ENV_ID`: VerifiersEnv with the module's load_environment keyword arguments
-    as its own (config.env.args, listed by --dry_run like any environment's)."""
+    """The Environment class of `verifiers:ENV_ID`: VerifiersEnv with the taskset config's own fields as its keyword
+    arguments (config.env.args, listed by --dry_run like any environment's)."""
     env_id = name.removeprefix(VERIFIERS)
-    load = load_function(env_id)
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(load).parameters.values()
-              if p.kind in keyword]
+    fields = config_fields(taskset_class(env_id))
+    params = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=f.annotation,
+                                **({} if f.is_required() else {"default": f.get_default(call_default_factory=True)}))
+              for k, f in fields.items()]
 
     def __init__(self, context_key: str = "", **args):
         VerifiersEnv.__init__(self, env_id, context_key, **args)
 
     __init__.__signature__ = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params])
-    __init__.__annotations__ = {k: v for k, v in typing.get_type_hints(load).items() if k != "return"}
+    __init__.__annotations__ = {k: f.annotation for k, f in fields.items()}
     return type(name, (VerifiersEnv,), {"__init__": __init__})
