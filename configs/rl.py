@@ -86,8 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     # A reward function that raises or returns no finite number: 'stop' the run (one line naming the example; the
     # checkpoints are kept) or score it 'zero' and count it in the reward/errors metric (ctxd_jax/rewards.py).
     c.env.reward_errors = "stop"
-    # env.name=verifiers:ENV_ID (a `verifiers` library environment; its load_environment arguments are env.args.*):
-    # the dataset column, or info.FIELD, that is each example's own teacher context ('' = none).
+    # env.name=verifiers:ENV_ID (a `verifiers` 0.4 taskset; its config fields are env.args.*): the task field, or
+    # FIELD.KEY of a dict field, that is each example's own teacher context ('' = none).
     c.env.verifiers = dict(context_key="")
 
     c.optim = dict(
