@@ -17,6 +17,7 @@ rows at once) get no estimate (None) rather than a guess.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -116,3 +117,59 @@ def server_gib(m: ModelConfig, *, dtype: str, max_model_len: int, tp: int = 1) -
 def rows_per_gpu(micro_batch_rows: int, data_parallel: int) -> int:
     """Rows a trainer GPU holds in a micro-step (0 = all rows at once: not known before packing)."""
     return math.ceil(micro_batch_rows / data_parallel) if micro_batch_rows else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Need:
+    """What one process needs of one GPU: `gib` (None: not estimated) of its `share` (the config `field`)."""
+
+    field: str
+    who: str
+    share: float
+    gib: float | None
+    what: str  # the settings the estimate is of
+
+
+def _trainer_need(config, dp: int, remat_policy: str | None = None) -> Need:
+    t, m = config.trainer, read_shape(config.model.path)
+    policy, rows = remat_policy or t.remat_policy, rows_per_gpu(t.micro_batch_rows, dp)
+    gib = None if m is None or t.tp > 1 else trainer_gib(
+        m, dtype=config.model.dtype, seq_len=config.seq_len, rows=rows, remat=t.remat, remat_policy=policy,
+        chunk_size=t.chunk_size, lora_rank=config.lora.rank, shards=dp if t.shard_weights else 1)
+    what = f"{rows or 'all'} row(s) of {config.seq_len} a micro-step, remat {policy if t.remat else 'off'}"
+    return Need("trainer.gpu_memory_fraction", "trainer", t.gpu_memory_fraction, gib, what)
+
+
+def needs(config, plan) -> dict[int, list[Need]]:
+    """Every GPU of the plan and what each process on it needs (its share, the estimate where there is one)."""
+    from ctxd_jax.inference.deploy import max_model_len
+
+    out: dict[int, list[Need]] = {}
+    for server in plan.servers:
+        m, length = read_shape(server.model), max_model_len(config, server.model)
+        gib = None if m is None else server_gib(m, dtype=config.model.dtype, max_model_len=length, tp=server.tp)
+        need = Need("inference.gpu_memory_utilization", f"{'+'.join(server.roles)} server",
+                    config.inference.gpu_memory_utilization, gib, f"weights + one {length}-token sequence + overhead")
+        for gpu in server.gpu_ids:
+            out.setdefault(gpu, []).append(need)
+    trainer = _trainer_need(config, plan.trainer.num_train_workers)
+    for gpu in plan.trainer.gpu_ids:
+        out.setdefault(gpu, []).append(trainer)
+    return out
+
+
+def suggestion(config, plan, need: Need, others: float, limit: float, gpu_gib: float) -> str:
+    """What would fit instead of `need` refused (others: the other shares of its GPU; limit: the most they and it
+    may sum to)."""
+    if need.who == "trainer" and config.trainer.remat_policy != "nothing_saveable":
+        least = _trainer_need(config, plan.trainer.num_train_workers, "nothing_saveable").gib
+        if least is not None and least <= need.share * gpu_gib:
+            return f"trainer.remat_policy=nothing_saveable fits (~{least:.1f} GiB)"
+    share = math.ceil(need.gib / gpu_gib * 100) / 100
+    if share + others <= limit + 1e-9:
+        return f"{need.field}={share:g} fits beside the GPU's other shares ({others:g})"
+    rest = ("a shorter seq_len, fewer trainer.micro_batch_rows, or trainer.shard_weights over more trainer GPUs"
+            if need.who == "trainer" else "give the server GPUs of its own, or more of them (inference.parallel.tp)")
+    if share > limit:
+        return f"that is more than the GPU can give ({limit:g}); {rest}"
+    return f"it needs {need.field} >= {share:g}, leaving {limit - share:.2f} for the GPU's other shares; {rest}"
