@@ -45,7 +45,7 @@ class Gpus:
     trainer: tuple[int, ...] = ()
     visible: tuple[str, ...] | None = None
     machine: int | None = None  # GPUs the machine shows (machine_gpu_count); None = unknown, not checked
-    memory_mib: int | None = None  # each GPU's memory (gpu_memory_mib); None = unknown, the memory plan not checked
+    memory_mib: int | None = None  # the smallest of the run's GPUs (gpu_memory_mib); None = unknown, not checked
 
     @property
     def cpu(self) -> bool:
