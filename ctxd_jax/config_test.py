@@ -422,6 +422,9 @@ def test_memory_plan_unknown_is_not_checked(tmp_path):
     _, plan, _ = resolve(_config(**ONE_GPU_4B), Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB))  # a hub id
     assert plan.memory == ("memory of GPU 0 (79.6 GiB): student server not estimated of its 0.3 (23.9 GiB); "
                            "trainer not estimated of its 0.62 (49.4 GiB)",)
+    full_vocab = dict(saving, loss__topk_tau=1.0, loss__topk=0)  # the teacher inside the step: not measured
+    _, plan, _ = resolve(_four_b(tmp_path, **full_vocab), Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB))
+    assert plan.memory[0].endswith("trainer not estimated of its 0.62 (49.4 GiB)")
 
 
 def test_gpu_memory_query(tmp_path, monkeypatch):

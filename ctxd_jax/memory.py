@@ -12,7 +12,7 @@ where a token-layer keeps MLP_BYTES a unit of intermediate_size and ATTENTION_BY
 attention output (under every remat policy: what the scan keeps of each layer for its backward), plus what the
 policy saves besides: `save_attention` the attention kernel's inputs and outputs (SAVE_ATTENTION_BYTES an element),
 `save_mlp` the gate and up products. Settings no measurement covers (no remat, the dots policy, trainer.tp > 1, all
-rows at once) get no estimate (None) rather than a guess.
+rows at once, the full-vocabulary teacher inside the step) get no estimate (None) rather than a guess.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import math
 import os
 
+from ctxd_jax.config import full_vocab
 from ctxd_jax.models.config import ModelConfig
 
 GIB = 2 ** 30
@@ -133,7 +134,8 @@ class Need:
 def _trainer_need(config, dp: int, remat_policy: str | None = None) -> Need:
     t, m = config.trainer, read_shape(config.model.path)
     policy, rows = remat_policy or t.remat_policy, rows_per_gpu(t.micro_batch_rows, dp)
-    gib = None if m is None or t.tp > 1 else trainer_gib(
+    # full_vocab: the teacher's forward inside the step, not measured
+    gib = None if m is None or t.tp > 1 or full_vocab(config) else trainer_gib(
         m, dtype=config.model.dtype, seq_len=config.seq_len, rows=rows, remat=t.remat, remat_policy=policy,
         chunk_size=t.chunk_size, lora_rank=config.lora.rank, shards=dp if t.shard_weights else 1)
     what = f"{rows or 'all'} row(s) of {config.seq_len} a micro-step, remat {policy if t.remat else 'off'}"
