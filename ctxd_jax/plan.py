@@ -21,6 +21,20 @@ def machine_gpu_count() -> int | None:
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else None
 
 
+def gpu_memory_mib(devices: tuple[str, ...]) -> int | None:
+    """The smallest memory (MiB) of the GPUs `devices` (indexes or UUIDs), as nvidia-smi reports it; None where it
+    does not run or names none of them."""
+    if not devices:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i",
+                              ",".join(devices)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sizes = [int(line) for line in out.stdout.split() if line.isdigit()] if out.returncode == 0 else []
+    return min(sizes) if sizes else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Gpus:
     """GPU ids of each process, as indexes into `visible` (the CUDA_VISIBLE_DEVICES the run inherited, e.g. from a
@@ -31,6 +45,7 @@ class Gpus:
     trainer: tuple[int, ...] = ()
     visible: tuple[str, ...] | None = None
     machine: int | None = None  # GPUs the machine shows (machine_gpu_count); None = unknown, not checked
+    memory_mib: int | None = None  # the smallest of the run's GPUs (gpu_memory_mib); None = unknown, not checked
 
     @property
     def cpu(self) -> bool:
@@ -39,6 +54,11 @@ class Gpus:
     def devices(self, ids: tuple[int, ...]) -> tuple[str, ...]:
         """What a process on GPUs `ids` gets as its CUDA_VISIBLE_DEVICES entries."""
         return tuple(str(i) if self.visible is None else self.visible[i] for i in ids)
+
+    def run_devices(self) -> tuple[str, ...]:
+        """The devices of every process of the run (ids past `visible` left out: the layout check names them)."""
+        ids = sorted(set(self.inference + self.teacher + self.trainer))
+        return self.devices(tuple(i for i in ids if self.visible is None or i < len(self.visible)))
 
 
 def _describe_gpus(ids: tuple[int, ...], devices: tuple[str, ...]) -> str:
@@ -92,6 +112,7 @@ class Plan:
     trainer: TrainerPlan
     teacher_scorer: str = "vllm"
     teacher_logprobs: bool = False
+    memory: tuple[str, ...] = ()  # the memory plan, a line per GPU (config.check_memory_plan)
 
     @property
     def teacher_shared(self) -> bool:
@@ -113,4 +134,5 @@ class Plan:
         elif self.teacher is None:
             lines.append("  no teacher (all KL taus 0, no baseline eval)")
         lines.append(f"  {self.trainer.describe()}")
+        lines += [f"  {line}" for line in self.memory]
         return "\n".join(lines)

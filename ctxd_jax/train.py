@@ -16,6 +16,7 @@ within distributed.HEARTBEAT_TIMEOUT_S, through JAX's coordination service).
 """
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from ml_collections import config_flags
 
 from ctxd_jax import config as config_lib
 from ctxd_jax import hosts
-from ctxd_jax.plan import Gpus, Plan, machine_gpu_count, visible_devices
+from ctxd_jax.plan import Gpus, Plan, gpu_memory_mib, machine_gpu_count, visible_devices
 
 DEFAULT_CONFIG = "configs/rl.py"
 # No default here: config_flags would load it and apply --config.* overrides while this module is imported, where a
@@ -219,6 +220,7 @@ def main(argv: list[str]) -> int:
             visible=visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
             machine=None if _DRY_RUN.value else machine_gpu_count(),  # a dry run may plan for another machine
         )
+        gpus = dataclasses.replace(gpus, memory_mib=gpu_memory_mib(gpus.run_devices()))
         config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         processes = hosts.settings_from_env(os.environ)
         hosts.check(config, plan, processes)
