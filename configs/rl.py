@@ -87,8 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
     # checkpoints are kept) or score it 'zero' and count it in the reward/errors metric (ctxd_jax/rewards.py).
     c.env.reward_errors = "stop"
     # env.name=verifiers:ENV_ID (a `verifiers` 0.4 taskset; its config fields are env.args.*): the task field, or
-    # FIELD.KEY of a dict field, that is each example's own teacher context ('' = none).
-    c.env.verifiers = dict(context_key="")
+    # FIELD.KEY of a dict field, that is each example's own teacher context ('' = none); eval_fraction: the seeded share
+    # of its tasks held out for eval (disjoint from train; 0 = no eval).
+    c.env.verifiers = dict(context_key="", eval_fraction=0.1)
 
     c.optim = dict(
         lr=1e-5, max_norm=1.0, weight_decay=0.0, b1=0.85, b2=0.9, warmup_steps=0,

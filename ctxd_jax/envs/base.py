@@ -31,6 +31,8 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 TURN_MARKERS = {"<<user>>": "user", "<<assistant>>": "assistant"}
 _MARKER_LINE = re.compile(r"^(<<user>>|<<assistant>>)[ \t]*$", re.MULTILINE)
 
@@ -228,11 +230,23 @@ def get_env(name: str, **kwargs) -> Environment:
     return _cls(name)(**kwargs)
 
 
+def held_out(n: int, eval_fraction: float, field: str, what: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted indices of the train and the eval examples of n: a seeded eval_fraction held out (at least one when
+    it is > 0), the rest train. `field` names the fraction in errors, `what` the n examples."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"{field}: {eval_fraction} must be in [0, 1)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = max(int(round(eval_fraction * n)), int(eval_fraction > 0))
+    if n_eval >= n:
+        raise ValueError(f"{field}: {eval_fraction} leaves no train example of the {n} {what}")
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
 def settings(name: str, env_section) -> dict:
     """Keyword arguments of environment `name` from config.env besides its own section: a `verifiers` environment's
-    context_key (config.env.verifiers)."""
+    context_key and eval_fraction (config.env.verifiers)."""
     if name.startswith(VERIFIERS) and "verifiers" in env_section:
-        return {"context_key": env_section.verifiers.context_key}
+        return env_section.verifiers.to_dict()
     return {}
 
 

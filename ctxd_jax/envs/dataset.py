@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from ctxd_jax.envs.answers import NEEDS_ANSWER, make_verifier
-from ctxd_jax.envs.base import Environment, Example, LazyExamples, check_split, register
+from ctxd_jax.envs.base import Environment, Example, LazyExamples, check_split, held_out, register
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
@@ -100,13 +100,8 @@ class DatasetEnv(Environment):
             self._splits = {"train": (rows, path, np.arange(len(rows))),
                             "eval": (eval_rows, eval_path, np.arange(len(eval_rows)))}
         else:
-            if not 0 <= eval_fraction < 1:
-                raise ValueError(f"env.eval_fraction: {eval_fraction} must be in [0, 1)")
-            order = np.random.default_rng(seed).permutation(len(rows))
-            n_eval = max(int(round(eval_fraction * len(rows))), int(eval_fraction > 0))  # > 0: at least one
-            self._splits = {"train": (rows, path, np.sort(order[n_eval:])), "eval": (rows, path, np.sort(order[:n_eval]))}
-        if len(self._splits["train"][2]) == 0:
-            raise ValueError(f"env.eval_fraction: {eval_fraction} leaves no train rows of the {len(rows)} in {path!r}")
+            train, held = held_out(len(rows), eval_fraction, "env.eval_fraction", f"rows in {path!r}", seed)
+            self._splits = {"train": (rows, path, train), "eval": (rows, path, held)}
         self._examples = {split: LazyExamples(len(idx), lambda i, s=split: self._example(s, i))
                           for split, (_, _, idx) in self._splits.items()}
 

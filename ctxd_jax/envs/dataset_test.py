@@ -59,7 +59,7 @@ def test_chat_prompts_eval_path_csv_parquet_and_folder(tmp_path):
     (ROWS[:2] + [{"prompt": [{"role": "bot", "content": "x"}], "answer": "x"}], {}, "env.prompt_key: '{p}' row 3:"),
     (ROWS, dict(verifier="exactly"), "env.verifier: 'exactly' is not a verifier"),
     (ROWS, dict(verifier="nowhere_mod:f"), "env.verifier: cannot import 'nowhere_mod'"),
-    (ROWS[:1], dict(eval_fraction=0.9), "env.eval_fraction: 0.9 leaves no train rows of the 1"),
+    (ROWS[:1], dict(eval_fraction=0.9), "env.eval_fraction: 0.9 leaves no train example of the 1 rows in"),
 ])
 def test_bad_data_is_one_line_naming_the_field(tmp_path, rows, kwargs, message):
     path = str(tmp_path / "d.jsonl")

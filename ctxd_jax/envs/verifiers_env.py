@@ -3,8 +3,8 @@ yields `Task`s, each a `TaskData` row and `@vf.reward` methods), loaded as `veri
 is the taskset's package (a hub id `owner/name@version` imports `name`, `-` as `_`), which exports one Taskset subclass;
 the fields of that taskset's config class are env.args.
 
-A taskset is one set of tasks (which split of its data it loads is one of its own config fields); the train and the
-eval examples are both its tasks, as verifiers' own eval takes them. An example's messages are the task's system_prompt
+A taskset is one set of tasks (which split of its data it loads is one of its own config fields); a seeded
+`env.verifiers.eval_fraction` of them is held out as the eval examples, disjoint from train. An example's messages are the task's system_prompt
 and prompt (text, or text chat messages), its data the task's fields. The reward is the task's own scoring,
 `Task.score`, offline as verifiers' `replay` rescores a trace: a trace of the prompt and the one completion, and the
 weighted sum of the task's rewards (its `@vf.reward` methods and those its config plugs in, each async, given what it
@@ -22,7 +22,7 @@ import asyncio
 import concurrent.futures
 import inspect
 
-from ctxd_jax.envs.base import VERIFIERS, Environment, Example, check_split
+from ctxd_jax.envs.base import VERIFIERS, Environment, Example, check_split, held_out
 from ctxd_jax.rewards import problem
 
 
@@ -116,7 +116,7 @@ def _unsupported(env_id: str, taskset, task) -> str | None:
 
 
 class VerifiersEnv(Environment):
-    def __init__(self, env_id: str, context_key: str = "", **args):
+    def __init__(self, env_id: str, context_key: str = "", eval_fraction: float = 0.1, **args):
         self._vf = _vf()
         import pydantic
 
@@ -145,7 +145,9 @@ class VerifiersEnv(Environment):
         self.verifier = "rewards " + " + ".join(
             f"{w:g}*{fn.__name__}" for fn in tasks[0].hooks("reward") if (w := getattr(fn, "_vf_weight", 1.0)))
         self._tasks = {}
-        self._examples = {split: [self._example(split, task) for task in tasks] for split in ("train", "eval")}
+        self._examples = {split: [self._example(split, tasks[i]) for i in idx]
+                          for split, idx in zip(("train", "eval"), held_out(
+                              len(tasks), eval_fraction, "env.verifiers.eval_fraction", f"tasks of {name!r}"))}
         self._pool = concurrent.futures.ThreadPoolExecutor(1)  # its own event loop: reward() runs inside the run's
 
     def _example(self, split: str, task) -> Example:
@@ -194,8 +196,8 @@ def environment_class(name: str) -> type[Environment]:
                                 **({} if f.is_required() else {"default": f.get_default(call_default_factory=True)}))
               for k, f in fields.items()]
 
-    def __init__(self, context_key: str = "", **args):
-        VerifiersEnv.__init__(self, env_id, context_key, **args)
+    def __init__(self, context_key: str = "", eval_fraction: float = 0.1, **args):
+        VerifiersEnv.__init__(self, env_id, context_key, eval_fraction, **args)
 
     __init__.__signature__ = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params])

@@ -94,11 +94,13 @@ def modules(tmp_path, monkeypatch):
 
 def test_single_turn_taskset_loads_and_scores(modules):
     assert default_args("verifiers:halves-env") == {"num_train": (6, int), "limit": (8, int)}
-    env = get_env("verifiers:halves-env", num_train=4, context_key="info.hint")
+    env = get_env("verifiers:halves-env", num_train=4, context_key="info.hint", eval_fraction=0.5)
     train, ev = env.examples("train"), env.examples("eval")
-    assert (len(train), len(ev)) == (4, 4) and env.verifier == "rewards 1*exact + 0.5*short"
-    ex = train[3]
-    assert ex.id == "halves-env/train/3" and ev[3].id == "halves-env/eval/3"
+    assert (len(train), len(ev)) == (2, 2) and env.verifier == "rewards 1*exact + 0.5*short"
+    # a seeded half of the tasks held out: disjoint, together all of them
+    ids = {split: {e.id.rsplit("/", 1)[1] for e in env.examples(split)} for split in ("train", "eval")}
+    assert not ids["train"] & ids["eval"] and ids["train"] | ids["eval"] == {"0", "1", "2", "3"}
+    ex = next(e for e in [*train, *ev] if e.id.endswith("/3"))
     assert ex.messages == ({"role": "system", "content": "Answer with a number."},
                            {"role": "user", "content": "What is 3 plus 3?"})
     assert ex.context == "3+3" and ex.data["answer"] == "6"
@@ -106,6 +108,16 @@ def test_single_turn_taskset_loads_and_scores(modules):
     assert env.reward(ex, " 6 \n") == 1.5  # the trace's last_reply is stripped
     assert env.reward(ex, "the answer is 6") == 0.0 and env.reward(ex, "5") == 0.5
     check_context("Hint: {answer}", env)
+
+
+def test_eval_fraction_holds_out_tasks_and_is_checked(modules):
+    env = get_env("verifiers:halves-env", num_train=6)  # the default 0.1: at least one task
+    assert (len(env.examples("train")), len(env.examples("eval"))) == (5, 1)
+    assert len(get_env("verifiers:halves-env", num_train=6, eval_fraction=0).examples("eval")) == 0
+    with pytest.raises(ValueError, match=r"^env.verifiers.eval_fraction: 1.5 must be in \[0, 1\)"):
+        get_env("verifiers:halves-env", eval_fraction=1.5)
+    with pytest.raises(ValueError, match=r"^env.verifiers.eval_fraction: 0.9 leaves no train example of the 1 tasks of "):
+        get_env("verifiers:halves-env", num_train=1, eval_fraction=0.9)
 
 
 def test_context_key_must_name_a_field(modules):
@@ -151,7 +163,7 @@ def test_dry_run_and_refusal_from_the_command_line(tmp_path, modules):
             "--config.env.verifiers.context_key=answer", "--config.teacher.context=The answer is {context}.")
     assert r.returncode == 0, r.stderr
     assert "num_train: 5" in r.stdout and "context_key: answer" in r.stdout
-    assert "task: 5 train and 5 eval examples; verifier: rewards 1*exact + 0.5*short" in r.stdout
+    assert "task: 4 train and 1 eval examples; verifier: rewards 1*exact + 0.5*short" in r.stdout  # 0.1 held out
     student, teacher = r.stdout.split("student prompt of example 'halves-env/train/0':")[1].split("teacher prompt")
     assert "[system] Answer with a number.\n  [user] What is 0 plus 0?" in student and "answer is" not in student
     assert "[system] The answer is 0.\n  [user] What is 0 plus 0?" in teacher
