@@ -4,7 +4,10 @@ import pytest
 
 from bench.shapes import hf_config
 from ctxd_jax import memory
+from ctxd_jax.config import ConfigError, resolve, validate
+from ctxd_jax.config_test import _config
 from ctxd_jax.models.config import ModelConfig
+from ctxd_jax.plan import Gpus, gpu_memory_mib
 
 SHAPES = {name: ModelConfig.from_dict(hf_config(name)) for name in ("0.6b", "1.7b", "4b")}
 
@@ -83,3 +86,61 @@ def test_read_shape(tmp_path):
     assert memory.read_shape(str(tmp_path / "missing")) is None  # a hub id or a folder not here: no estimate
     (tmp_path / "config.json").write_text("{}")
     assert memory.read_shape(str(tmp_path)) is None
+
+
+# config validation of the plan (config.check_memory_plan) and the query behind it
+
+H100_MIB = 81559  # nvidia-smi's memory.total of an H100 80GB HBM3
+ONE_GPU_4B = dict(inference__gpu_memory_utilization=0.3, trainer__gpu_memory_fraction=0.62,
+                  trainer__remat_policy="nothing_saveable")  # the reference's 4B, rows of 16k, on one GPU
+
+
+def _four_b(tmp_path, **overrides):
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("4b")))
+    return _config(model__path=str(tmp_path), **{**ONE_GPU_4B, **overrides})
+
+
+def test_the_4b_memory_plan_fits_one_h100(tmp_path):
+    one = Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB)
+    _, plan, _ = resolve(_four_b(tmp_path), one)
+    assert plan.memory == ("memory of GPU 0 (79.6 GiB): student server ~13.1 GiB of its 0.3 (23.9 GiB); "
+                           "trainer ~47.4 GiB of its 0.62 (49.4 GiB)",)
+    assert plan.memory[0] in plan.describe()
+    # the same split with save_attention: refused, naming what fits
+    with pytest.raises(ConfigError, match=r"^trainer.gpu_memory_fraction: 0.62 of GPU 0 \(49.4 of 79.6 GiB\) cannot "
+                                          r"hold the trainer's ~68.3 GiB \(1 row\(s\) of 16884 a micro-step, remat "
+                                          r"save_attention\); trainer.remat_policy=nothing_saveable fits \(~47.4 GiB\)$"):
+        validate(_four_b(tmp_path, trainer__remat_policy="save_attention"), one)
+    with pytest.raises(ConfigError, match=r"^trainer.gpu_memory_fraction: 0.5 of GPU 0 .* ~47.4 GiB .*; "
+                                          r"trainer.gpu_memory_fraction=0.6 fits beside the GPU's other shares \(0.3\)"):
+        validate(_four_b(tmp_path, trainer__gpu_memory_fraction=0.5), one)
+    with pytest.raises(ConfigError, match=r"^inference.gpu_memory_utilization: 0.1 of GPU 0 \(8.0 of 79.6 GiB\) cannot "
+                                          r"hold the student server's ~13.1 GiB \(weights \+ one 18932-token "
+                                          r"sequence \+ overhead\); inference.gpu_memory_utilization=0.17 fits"):
+        validate(_four_b(tmp_path, inference__gpu_memory_utilization=0.1), one)
+    with pytest.raises(ConfigError, match=r"^trainer.gpu_memory_fraction: 0.62 .* it needs trainer.gpu_memory_fraction "
+                                          r">= 0.7\d, leaving 0.2\d for the GPU's other shares; a shorter seq_len"):
+        validate(_four_b(tmp_path, seq_len=22000), one)
+    with pytest.raises(ConfigError, match=r"~8\d.\d GiB .* that is more than the GPU can give \(1\); a shorter seq_len"):
+        validate(_four_b(tmp_path, seq_len=32768), one)
+
+
+def test_memory_plan_unknown_is_not_checked(tmp_path):
+    saving = dict(trainer__remat_policy="save_attention")
+    assert resolve(_four_b(tmp_path, **saving), Gpus(inference=(0,), trainer=(0,)))[1].memory == ()  # no nvidia-smi
+    _, plan, _ = resolve(_config(**ONE_GPU_4B), Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB))  # a hub id
+    assert plan.memory == ("memory of GPU 0 (79.6 GiB): student server not estimated of its 0.3 (23.9 GiB); "
+                           "trainer not estimated of its 0.62 (49.4 GiB)",)
+    full_vocab = dict(saving, loss__topk_tau=1.0, loss__topk=0)  # the teacher inside the step: not measured
+    _, plan, _ = resolve(_four_b(tmp_path, **full_vocab), Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB))
+    assert plan.memory[0].endswith("trainer not estimated of its 0.62 (49.4 GiB)")
+
+
+def test_gpu_memory_query(tmp_path, monkeypatch):
+    script = tmp_path / "nvidia-smi"
+    script.write_text('#!/bin/sh\n[ "$4" = "0,2" ] && printf "81559\\n143771\\n"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_memory_mib(("0", "2")) == 81559 and gpu_memory_mib(("1",)) is None and gpu_memory_mib(()) is None
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert gpu_memory_mib(("0",)) is None
