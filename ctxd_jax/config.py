@@ -212,22 +212,33 @@ def _warnings(config: ml_collections.ConfigDict, gpus: Gpus, plan: Plan) -> list
 MESH_SHARED_LIMIT = 0.85
 
 
-def check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan, several_processes: bool = False) -> None:
-    """Every process on a GPU takes its configured share of it; shares on one GPU must add up to at most 1, or
-    MESH_SHARED_LIMIT beside a trainer over several GPUs (of this process, or of several processes' joint mesh)."""
-    users: dict[int, list[tuple[str, float]]] = {}
+def gpu_users(config: ml_collections.ConfigDict, plan: Plan) -> dict[int, list[tuple[str, float, ServerPlan | None]]]:
+    """Every GPU of the plan and the processes on it: (who, its configured share, its server; None = the trainer)."""
+    users: dict[int, list[tuple[str, float, ServerPlan | None]]] = {}
     for server in plan.servers:
         for gpu in server.gpu_ids:
             users.setdefault(gpu, []).append(
-                (f"{'+'.join(server.roles)} server", config.inference.gpu_memory_utilization))
+                (f"{'+'.join(server.roles)} server", config.inference.gpu_memory_utilization, server))
     for gpu in plan.trainer.gpu_ids:
-        users.setdefault(gpu, []).append(("trainer", config.trainer.gpu_memory_fraction))
+        users.setdefault(gpu, []).append(("trainer", config.trainer.gpu_memory_fraction, None))
+    return users
+
+
+def share_limit(plan: Plan, gpu: int, several_processes: bool = False) -> float:
+    """The most the shares of `gpu` may add up to: MESH_SHARED_LIMIT beside a trainer over several GPUs (of this
+    process, or of several processes' joint mesh), else 1."""
     mesh = several_processes or len(plan.trainer.gpu_ids) > 1
-    for gpu, shares in sorted(users.items()):
-        total = sum(share for _, share in shares)
-        limit = MESH_SHARED_LIMIT if mesh and gpu in plan.trainer.gpu_ids else 1.0
-        if len(shares) > 1 and total > limit + 1e-9:
-            who = ", ".join(f"{name} {share}" for name, share in shares)
+    return MESH_SHARED_LIMIT if mesh and gpu in plan.trainer.gpu_ids else 1.0
+
+
+def check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan, several_processes: bool = False) -> None:
+    """Every process on a GPU takes its configured share of it; shares on one GPU must add up to at most its
+    share_limit."""
+    for gpu, users in sorted(gpu_users(config, plan).items()):
+        total = sum(share for _, share, _ in users)
+        limit = share_limit(plan, gpu, several_processes)
+        if len(users) > 1 and total > limit + 1e-9:
+            who = ", ".join(f"{name} {share}" for name, share, _ in users)
             why = " (the trainer's mesh needs room for NCCL outside both shares)" if limit < 1 else ""
             raise ConfigError(f"inference.gpu_memory_utilization: GPU {gpu} is shared ({who}: {total:.2f} > "
                               f"{limit:g}){why}; lower it and/or trainer.gpu_memory_fraction")
@@ -240,15 +251,14 @@ def check_memory_plan(config: ml_collections.ConfigDict, plan: Plan, memory_mib:
         return ()
     from ctxd_jax import memory
 
-    gib, mesh, lines = memory_mib / 1024, len(plan.trainer.gpu_ids) > 1, []
+    gib, lines = memory_mib / 1024, []
     for gpu, needs in sorted(memory.needs(config, plan).items()):
-        limit = MESH_SHARED_LIMIT if mesh and gpu in plan.trainer.gpu_ids else 1.0
         for need in needs:
             if need.gib is not None and need.gib > need.share * gib:
                 others = sum(n.share for n in needs if n is not need)
                 raise ConfigError(f"{need.field}: {need.share:g} of GPU {gpu} ({need.share * gib:.1f} of {gib:.1f} "
                                   f"GiB) cannot hold the {need.who}'s ~{need.gib:.1f} GiB ({need.what}); "
-                                  + memory.suggestion(config, plan, need, others, limit, gib))
+                                  + memory.suggestion(config, plan, need, others, share_limit(plan, gpu), gib))
         uses = "; ".join(f"{n.who} {'not estimated' if n.gib is None else f'~{n.gib:.1f} GiB'} of its {n.share:g} "
                          f"({n.share * gib:.1f} GiB)" for n in needs)
         lines.append(f"memory of GPU {gpu} ({gib:.1f} GiB): {uses}")

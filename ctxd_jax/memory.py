@@ -142,22 +142,25 @@ def _trainer_need(config, dp: int, remat_policy: str | None = None) -> Need:
     return Need("trainer.gpu_memory_fraction", "trainer", t.gpu_memory_fraction, gib, what)
 
 
-def needs(config, plan) -> dict[int, list[Need]]:
-    """Every GPU of the plan and what each process on it needs (its share, the estimate where there is one)."""
+def _server_need(config, server, who: str) -> Need:
     from ctxd_jax.inference.deploy import max_model_len
 
-    out: dict[int, list[Need]] = {}
-    for server in plan.servers:
-        m, length = read_shape(server.model), max_model_len(config, server.model)
-        gib = None if m is None else server_gib(m, dtype=config.model.dtype, max_model_len=length, tp=server.tp)
-        need = Need("inference.gpu_memory_utilization", f"{'+'.join(server.roles)} server",
-                    config.inference.gpu_memory_utilization, gib, f"weights + one {length}-token sequence + overhead")
-        for gpu in server.gpu_ids:
-            out.setdefault(gpu, []).append(need)
-    trainer = _trainer_need(config, plan.trainer.num_train_workers)
-    for gpu in plan.trainer.gpu_ids:
-        out.setdefault(gpu, []).append(trainer)
-    return out
+    m, length = read_shape(server.model), max_model_len(config, server.model)
+    gib = None if m is None else server_gib(m, dtype=config.model.dtype, max_model_len=length, tp=server.tp)
+    return Need("inference.gpu_memory_utilization", who, config.inference.gpu_memory_utilization, gib,
+                f"weights + one {length}-token sequence + overhead")
+
+
+def needs(config, plan) -> dict[int, list[Need]]:
+    """Every GPU of the plan (config.gpu_users) and what each process on it needs (its share, the estimate where
+    there is one); each process estimated once."""
+    from ctxd_jax.config import gpu_users
+
+    users = gpu_users(config, plan)
+    estimated = {server: _server_need(config, server, who)
+                 for on_gpu in users.values() for who, _, server in on_gpu if server is not None}
+    estimated[None] = _trainer_need(config, plan.trainer.num_train_workers)
+    return {gpu: [estimated[server] for _, _, server in on_gpu] for gpu, on_gpu in users.items()}
 
 
 def suggestion(config, plan, need: Need, others: float, limit: float, gpu_gib: float) -> str:
