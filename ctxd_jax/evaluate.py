@@ -63,13 +63,19 @@ async def mean_over_processes(results: dict[str, dict]) -> dict[str, dict]:
 async def eval_baseline(config, src, examples, student_model: str,
                         teacher_sampler: tuple | None) -> dict[str, dict[str, float]]:
     """The student without context (its initial adapter is the identity) and, if there is one, the teacher with its
-    context (`teacher_sampler`: its client and model name); several processes: each its block of the examples."""
-    mine, seed = block(examples, config.seed)
-    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
-              samples=config.eval.samples, reward_errors=src.reward_errors)
+    context (`teacher_sampler`: its client and model name)."""
     runs = {"student": (src.student, student_model, None)}
     if teacher_sampler is not None:
         runs["teacher"] = (*teacher_sampler, src.context)
+    return await evaluate_over_processes(config, src, examples, runs)
+
+
+async def evaluate_over_processes(config, src, examples, runs: dict[str, tuple]) -> dict[str, dict[str, float]]:
+    """evaluate's means of each of `runs` ({name: (client, model, context)}) over `examples`, at the run's sampling
+    settings; several processes: each evaluates its block of the examples, and every one gets the means over all."""
+    mine, seed = block(examples, config.seed)
+    kw = dict(max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
+              samples=config.eval.samples, reward_errors=src.reward_errors)
     results = {name: {} for name in runs}  # an empty block: nothing to evaluate here
     if mine:
         done = await asyncio.gather(*(evaluate(src.env, src.tokenizer, mine, client, model=model, context=context,

@@ -38,7 +38,7 @@ from ctxd_jax.build import load_trainer
 from ctxd_jax.checkpoint import Checkpointer, CheckpointError
 from ctxd_jax.config import needs_teacher_scores, redacted
 from ctxd_jax.envs import env_from_config
-from ctxd_jax.evaluate import baseline_table, block, eval_baseline, evaluate, mean_over_processes
+from ctxd_jax.evaluate import baseline_table, eval_baseline, evaluate_over_processes
 from ctxd_jax.finite import NonFiniteError, Streak, check_finite
 from ctxd_jax import rundir
 from ctxd_jax.inference.deploy import BASE_NAME, build_servers, teacher_topk
@@ -351,12 +351,8 @@ def _score_on_trainer(run: Run, examples, rollouts: list[Rollout], version: int)
 
 async def _evaluate(run: Run, step: int) -> dict:
     config, t = run.config, time.perf_counter()
-    mine, seed = block(run.eval_examples, config.seed)
-    r = {} if not mine else await evaluate(
-        run.src.env, run.src.tokenizer, mine, run.src.student, model=run.publisher.model(step),
-        max_tokens=config.sampling.max_tokens, temperature=config.sampling.temperature, seed=seed,
-        samples=config.eval.samples, reward_errors=run.src.reward_errors)
-    r = (await mean_over_processes({"eval": r}))["eval"]
+    runs = {"eval": (run.src.student, run.publisher.model(step), None)}
+    r = (await evaluate_over_processes(config, run.src, run.eval_examples, runs))["eval"]
     return {"eval/reward": r["reward"], "eval/completion_len": r["completion_len"],
             "time/eval": time.perf_counter() - t}
 
