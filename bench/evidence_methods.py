@@ -3,7 +3,7 @@ bench/evidence_report.py reads them without importing the benchmark (which impor
 
 # What each method (arm) changes in the demo config (configs/demo.py: adv_tau 1, teacher/student taus 0.1, topk_tau 1).
 # Some arms set fields that come with other features (advantage.kl_normalize, loss.topk=0 for the full vocabulary,
-# teacher.lora): bench/evidence.py's `check` refuses an arm whose fields this checkout lacks, naming them, before
+# teacher.lora): bench/evidence_args.py's `check` refuses an arm whose fields this checkout lacks, naming them, before
 # anything starts.
 DISTILL = {"loss.adv_tau": 0.0, "buffer.skip_verification": True}
 TOPK_ONLY = {**DISTILL, "loss.teacher_tau": 0.0, "loss.student_tau": 0.0, "loss.topk_tau": 1.0}

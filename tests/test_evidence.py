@@ -32,7 +32,7 @@ frame #0: c10::Error::Error(c10::SourceLocation, std::__cxx11::basic_string<char
 
 
 def test_an_arm_whose_fields_this_checkout_lacks_is_named():
-    from bench.evidence import METHODS, missing_fields
+    from bench.evidence_args import METHODS, missing_fields
     from configs import demo_gpu
 
     c = demo_gpu.get_config()
