@@ -129,6 +129,7 @@ def main():
     from ctxd_jax.inference.deploy import BASE_NAME, max_model_len, on_running_server
     from ctxd_jax.inference.server import ServerGroup, VLLMServer
     from ctxd_jax.inference.teacher import render_prompt
+    from transformers import AutoTokenizer
 
     if a.cpu:
         from ctxd_jax.tiny import write_tiny_checkpoint
@@ -185,7 +186,7 @@ def main():
         os.makedirs(a.out, exist_ok=True)
         with ServerGroup([server], timeout=900):
             # The floor: step 0's prompts and seeds, from the base model, without log-probs.
-            trainer, tokenizer = load_trainer(first)
+            tokenizer = AutoTokenizer.from_pretrained(a.model)
             env = env_from_config(first)
             src = orch.Sources(env=env, tokenizer=tokenizer, train=env.examples("train"), student=None, teacher=None,
                                teacher_model=None, context="", max_tokens=a.max_tokens, temperature=1.0, group_size=16,
@@ -194,17 +195,22 @@ def main():
             prompts = [render_prompt(tokenizer, ex.messages) for ex in examples]
             seeds = orch.group_seeds(jax.random.key(first.seed), 0, len(prompts))
 
-            async def probe():
+            def probe_adapter() -> str:
+                # A trainer of its own, dropped once its adapter is written: kept, its copy of the weights would
+                # stay on the GPU beside each variant's (4B on one GPU ran out of memory so).
                 from ctxd_jax.models.hf import save_adapter
 
+                trainer, _ = load_trainer(first)
+                return save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
+                                    base_model_name_or_path=a.model)
+
+            async def probe():
                 async with Client.for_server(server) as c:
                     models = [("base model, no log-probs (floor)", BASE_NAME, False)]
                     if not a.floor_only:
                         models.append(("base model, log-probs", BASE_NAME, True))
                     if not (only_merged or a.floor_only):
-                        path = save_adapter(trainer.model(), os.path.join(a.out, "probe_adapter"),
-                                            base_model_name_or_path=a.model)
-                        await c.load_adapter("probe", path)
+                        await c.load_adapter("probe", probe_adapter())
                         models += [("adapter, no log-probs", "probe", False), ("adapter, log-probs", "probe", True)]
                     served = dict.fromkeys(m for _, m, _ in models)  # each served model once, in order
                     await rates(c, prompts[:2], seeds[:2], [("warm-up", m, True) for m in served], a.max_tokens)

@@ -122,6 +122,17 @@ def _accumulate(acc, new):
     return jax.tree.map(jnp.add, acc, new)
 
 
+def _apply_update(optimizer, lora, opt_state, grads, loss):
+    """The update, or none (the old state kept: `ok` False) where the loss, the gradient or the result is not
+    finite: a NaN or infinity never reaches the weights or the optimizer's moments."""
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, lora)
+    new_lora = optax.apply_updates(lora, updates)
+    ok = jnp.isfinite(loss) & tree_finite(grads, new_lora, new_opt_state)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    return keep(new_lora, lora), keep(new_opt_state, opt_state), grad_norm, ok
+
+
 class Trainer:
     """Holds (graphdef, lora, rest) and the optimizer state on `mesh`; `step(batch)` trains on one TrainBatch."""
 
@@ -141,7 +152,9 @@ class Trainer:
         loss = functools.partial(micro_batch_loss, graphdef=self.graphdef, step=step)
         self._grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnames="max_segments")
         self._add = jax.jit(_accumulate, donate_argnums=0)
-        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+        # Not a bound method: a Trainer that referred to itself would outlive its last use (until the cycle
+        # collector runs), and with it its copy of the weights on the GPU.
+        self._apply = jax.jit(functools.partial(_apply_update, self.optimizer), donate_argnums=(0, 1))
         self._zero_lora = None  # made on first use by base_lora()
         # teacher.lora=ema: the average starts at the initial LoRA state (the step-0 policy)
         self.ema = self.snapshot_lora() if step.teacher_lora == "ema" else None
@@ -168,16 +181,6 @@ class Trainer:
     def local_row_multiple(self) -> int:
         """Rows of this process's packed batch must be a multiple of this (its share of every micro-batch)."""
         return self.row_multiple // jax.process_count()
-
-    def _apply_fn(self, lora, opt_state, grads, loss):
-        """The update, or none (the old state kept: `ok` False) where the loss, the gradient or the result is not
-        finite: a NaN or infinity never reaches the weights or the optimizer's moments."""
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = self.optimizer.update(grads, opt_state, lora)
-        new_lora = optax.apply_updates(lora, updates)
-        ok = jnp.isfinite(loss) & tree_finite(grads, new_lora, new_opt_state)
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-        return keep(new_lora, lora), keep(new_opt_state, opt_state), grad_norm, ok
 
     def _micro_rows(self, rows: int) -> int:
         mb = self.micro_batch_rows or rows
