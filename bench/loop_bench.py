@@ -196,8 +196,8 @@ def main():
             seeds = orch.group_seeds(jax.random.key(first.seed), 0, len(prompts))
 
             def probe_adapter() -> str:
-                # A trainer of its own, dropped once its adapter is written: kept, its copy of the weights would
-                # stay on the GPU beside each variant's (4B on one GPU ran out of memory so).
+                # A trainer of its own, dropped once its adapter is written: kept, it would hold a second copy of
+                # the weights on the GPU beside each variant's trainer (enough to put 4B on one GPU out of memory).
                 from ctxd_jax.models.hf import save_adapter
 
                 trainer, _ = load_trainer(first)
