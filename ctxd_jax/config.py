@@ -244,21 +244,23 @@ def check_gpu_memory(config: ml_collections.ConfigDict, plan: Plan, several_proc
                               f"{limit:g}){why}; lower it and/or trainer.gpu_memory_fraction")
 
 
-def check_memory_plan(config: ml_collections.ConfigDict, plan: Plan, memory_mib: int | None) -> tuple[str, ...]:
+def check_memory_plan(config: ml_collections.ConfigDict, plan: Plan, memory_mib: int | None,
+                      processes: int = 1) -> tuple[str, ...]:
     """Where each GPU's memory is known and the model folders are here: refuse a share smaller than its process's
-    estimated need (ctxd_jax/memory.py). Returns the memory plan, a line per GPU (() where unknown)."""
+    estimated need (ctxd_jax/memory.py; the trainer's data-parallel size is its GPUs on each of `processes` hosts).
+    Returns the memory plan, a line per GPU (() where unknown)."""
     if memory_mib is None or plan.cpu:
         return ()
     from ctxd_jax import memory
 
-    gib, lines = memory_mib / 1024, []
-    for gpu, needs in sorted(memory.needs(config, plan).items()):
+    gib, lines, dp = memory_mib / 1024, [], plan.trainer.num_train_workers * processes
+    for gpu, needs in sorted(memory.needs(config, plan, dp).items()):
         for need in needs:
             if need.gib is not None and need.gib > need.share * gib:
                 others = sum(n.share for n in needs if n is not need)
                 raise ConfigError(f"{need.field}: {need.share:g} of GPU {gpu} ({need.share * gib:.1f} of {gib:.1f} "
                                   f"GiB) cannot hold the {need.who}'s ~{need.gib:.1f} GiB ({need.what}); "
-                                  + memory.suggestion(config, plan, need, others, share_limit(plan, gpu), gib))
+                                  + memory.suggestion(config, dp, need, others, share_limit(plan, gpu), gib))
         uses = "; ".join(f"{n.who} {'not estimated' if n.gib is None else f'~{n.gib:.1f} GiB'} of its {n.share:g} "
                          f"({n.share * gib:.1f} GiB)" for n in needs)
         lines.append(f"memory of GPU {gpu} ({gib:.1f} GiB): {uses}")
@@ -352,7 +354,7 @@ def resolve(config: ml_collections.ConfigDict, gpus: Gpus) -> tuple[ml_collectio
         resolved.inference.parallel.dp = max(len(gpus.inference) // resolved.inference.parallel.tp, 1)
     plan = make_plan(resolved, gpus)
     check_gpu_memory(resolved, plan)
-    plan = dataclasses.replace(plan, memory=check_memory_plan(resolved, plan, gpus.memory_mib))
+    plan = dataclasses.replace(plan, memory=check_memory_plan(resolved, plan, gpus.memory_mib, gpus.processes))
     if plan.teacher_shared and resolved.weights.mode == "merged":
         raise ConfigError("weights.mode: 'merged' reloads the server's base weights, which also serve the teacher; "
                           "use 'adapter' or give the teacher its own GPUs or model")

@@ -151,23 +151,23 @@ def _server_need(config, server, who: str) -> Need:
                 f"weights + one {length}-token sequence + overhead")
 
 
-def needs(config, plan) -> dict[int, list[Need]]:
+def needs(config, plan, dp: int) -> dict[int, list[Need]]:
     """Every GPU of the plan (config.gpu_users) and what each process on it needs (its share, the estimate where
-    there is one); each process estimated once."""
+    there is one; `dp` the trainer mesh's data-parallel size); each process estimated once."""
     from ctxd_jax.config import gpu_users
 
     users = gpu_users(config, plan)
     estimated = {server: _server_need(config, server, who)
                  for on_gpu in users.values() for who, _, server in on_gpu if server is not None}
-    estimated[None] = _trainer_need(config, plan.trainer.num_train_workers)
+    estimated[None] = _trainer_need(config, dp)
     return {gpu: [estimated[server] for _, _, server in on_gpu] for gpu, on_gpu in users.items()}
 
 
-def suggestion(config, plan, need: Need, others: float, limit: float, gpu_gib: float) -> str:
+def suggestion(config, dp: int, need: Need, others: float, limit: float, gpu_gib: float) -> str:
     """What would fit instead of `need` refused (others: the other shares of its GPU; limit: the most they and it
     may sum to)."""
     if need.who == "trainer" and config.trainer.remat_policy != "nothing_saveable":
-        least = _trainer_need(config, plan.trainer.num_train_workers, "nothing_saveable").gib
+        least = _trainer_need(config, dp, "nothing_saveable").gib
         if least is not None and least <= need.share * gpu_gib:
             return f"trainer.remat_policy=nothing_saveable fits (~{least:.1f} GiB)"
     share = math.ceil(need.gib / gpu_gib * 100) / 100

@@ -125,6 +125,18 @@ def test_the_4b_memory_plan_fits_one_h100(tmp_path):
         validate(_four_b(tmp_path, seq_len=32768), one)
 
 
+def test_the_trainer_mesh_spans_every_process(tmp_path):
+    """On several hosts the trainer's mesh is its GPUs on all of them: with shard_weights the frozen weights are
+    sharded over every process's GPUs, so a share that one process alone could not give fits when four share them."""
+    c = _four_b(tmp_path, trainer__gpu_memory_fraction=0.55, trainer__shard_weights=True)
+    with pytest.raises(ConfigError, match=r"^trainer.gpu_memory_fraction: 0.55 .* ~47.4 GiB .*_fraction=0.6 fits"):
+        validate(c, Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB))
+    with pytest.raises(ConfigError, match=r"~44.4 GiB .*_fraction=0.56 fits"):
+        validate(c, Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB, processes=2))
+    _, plan, _ = resolve(c, Gpus(inference=(0,), trainer=(0,), memory_mib=H100_MIB, processes=4))
+    assert plan.memory[0].endswith("trainer ~42.7 GiB of its 0.55 (43.8 GiB)")
+
+
 def test_memory_plan_unknown_is_not_checked(tmp_path):
     saving = dict(trainer__remat_policy="save_attention")
     assert resolve(_four_b(tmp_path, **saving), Gpus(inference=(0,), trainer=(0,)))[1].memory == ()  # no nvidia-smi

@@ -46,6 +46,7 @@ class Gpus:
     visible: tuple[str, ...] | None = None
     machine: int | None = None  # GPUs the machine shows (machine_gpu_count); None = unknown, not checked
     memory_mib: int | None = None  # the smallest of the run's GPUs (gpu_memory_mib); None = unknown, not checked
+    processes: int = 1  # hosts the run spans, each with these GPUs: the trainer mesh is this many times its own
 
     @property
     def cpu(self) -> bool:

@@ -220,9 +220,10 @@ def main(argv: list[str]) -> int:
             visible=visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")),
             machine=None if _DRY_RUN.value else machine_gpu_count(),  # a dry run may plan for another machine
         )
-        gpus = dataclasses.replace(gpus, memory_mib=gpu_memory_mib(gpus.run_devices()))
-        config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         processes = hosts.settings_from_env(os.environ)
+        gpus = dataclasses.replace(gpus, memory_mib=gpu_memory_mib(gpus.run_devices()),
+                                   processes=processes.num_processes)
+        config, plan, warnings = config_lib.resolve(_CONFIG.value, gpus)
         hosts.check(config, plan, processes)
     except config_lib.ConfigError as e:
         _fail(str(e))
