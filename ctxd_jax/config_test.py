@@ -375,4 +375,3 @@ def test_teacher_context_not_utf8():
 def test_resume_step_needs_resume():
     assert _error(_config(ckpt__resume_step=3)).startswith("ckpt.resume_step: must be >= 0 and given with ckpt.resume")
     validate(_config(ckpt__resume_step=3, ckpt__resume=True), CPU)
-

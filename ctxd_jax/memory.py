@@ -111,8 +111,7 @@ def kv_cache_gib(m: ModelConfig, dtype: str, tokens: int) -> float:
 def server_gib(m: ModelConfig, *, dtype: str, max_model_len: int, tp: int = 1) -> float:
     """What a vLLM server needs on each of its `tp` GPUs to start: its share of the weights, the KV cache of one
     max_model_len sequence, and SERVER_OVERHEAD_GIB."""
-    weights = (m.num_layers * layer_params(m) + head_params(m)) * DTYPE_BYTES[dtype] / GIB
-    return (weights + kv_cache_gib(m, dtype, max_model_len)) / tp + SERVER_OVERHEAD_GIB
+    return (weights_gib(m, dtype) + kv_cache_gib(m, dtype, max_model_len)) / tp + SERVER_OVERHEAD_GIB
 
 
 def rows_per_gpu(micro_batch_rows: int, data_parallel: int) -> int:

@@ -4,16 +4,16 @@ is the taskset's package (a hub id `owner/name@version` imports `name`, `-` as `
 the fields of that taskset's config class are env.args.
 
 A taskset is one set of tasks (which split of its data it loads is one of its own config fields); a seeded
-`env.verifiers.eval_fraction` of them is held out as the eval examples, disjoint from train. An example's messages are the task's system_prompt
-and prompt (text, or text chat messages), its data the task's fields. The reward is the task's own scoring,
-`Task.score`, offline as verifiers' `replay` rescores a trace: a trace of the prompt and the one completion, and the
-weighted sum of the task's rewards (its `@vf.reward` methods and those its config plugs in, each async, given what it
-names of `task`, `trace`). A reward that raises reaches env.reward_errors (Task.score raises a TaskError that names its error).
-Refused by name before anything starts: what is not one chat reply scored offline: tool servers, a taskset's own harness
-or Env (agents, user simulators), a task that needs a container, an infinite taskset, judges (they call a model),
-rewards or metrics that need the task's runtime or are not async (verifiers awaits each), no reward of nonzero weight.
-`env.verifiers.context_key` names the task field (or FIELD.KEY of a dict field) that is the example's own teacher
-context.
+`env.verifiers.eval_fraction` of them is held out as the eval examples, disjoint from train. An example's messages are
+the task's system_prompt and prompt (text, or text chat messages), its data the task's fields. The reward is the
+task's own scoring, `Task.score`, offline as verifiers' `replay` rescores a trace: a trace of the prompt and the one
+completion, and the weighted sum of the task's rewards (its `@vf.reward` methods and those its config plugs in, each
+async, given what it names of `task`, `trace`). A reward that raises reaches env.reward_errors (Task.score raises a
+TaskError that names its error). Refused by name before anything starts: what is not one chat reply scored offline:
+tool servers, a taskset's own harness or Env (agents, user simulators), a task that needs a container, an infinite
+taskset, judges (they call a model), rewards or metrics that need the task's runtime or are not async (verifiers
+awaits each), no reward of nonzero weight. `env.verifiers.context_key` names the task field (or FIELD.KEY of a dict
+field) that is the example's own teacher context.
 """
 
 from __future__ import annotations
