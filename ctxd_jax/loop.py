@@ -287,15 +287,16 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     rows = await run.on_device(run.trainer.local, packed)  # this process's part of the step's global batch
     # Without micro-batches every row count is a new compile: keep the largest seen (shapes only grow).
     run.min_rows = len(rows.batch.tokens) if not config.trainer.micro_batch_rows else 0
-    t = time.perf_counter()
-    train = await run.on_device(run.trainer.step, rows)
+    t, version = time.perf_counter(), state.step + 1
+    # The new version's device work in the step's own turn on the device: a batch scored as the step ends would
+    # otherwise go first and hold back the next batch's sampling (seconds a step on one GPU).
+    train = await run.on_device(_train_and_prepare, run, rows, version)
     t_train = time.perf_counter() - t
-    run.nonfinite.update(state.step + 1, bool(train["nonfinite_skipped"]))
+    run.nonfinite.update(version, bool(train["nonfinite_skipped"]))
     t = time.perf_counter()
-    version = state.step + 1
     if run.publisher.merged:  # one version at a time on the server: older batches must be done sampling
         await pipe.sampled_before(version)
-    await _publish(run, version)
+    await run.publisher.publish(version)
     await pipe.publish(version)
     keep = pipe.versions_in_use()
     await run.publisher.retire(keep)
@@ -317,12 +318,23 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
 
 
 async def _publish(run: Run, version: int) -> None:
-    """The trainer's current weights become policy `version` on the student servers (and, when the trainer computes
-    the behaviour log-probs, a LoRA snapshot of it)."""
-    await run.on_device(check_finite, run.trainer.lora, f"adapter version {version} not published")
+    """The trainer's current weights become policy `version` on the student servers."""
+    await run.on_device(_prepare, run, version)
     await run.publisher.publish(version)
+
+
+def _prepare(run: Run, version: int) -> None:
+    """On the device, before `version` is published: its weights are finite, and when the trainer computes the
+    behaviour log-probs, a LoRA snapshot of it to score its batches with."""
+    check_finite(run.trainer.lora, f"adapter version {version} not published")
     if run.config.sampling.logprobs == "trainer":
-        run.snapshots[version] = await run.on_device(run.trainer.snapshot_lora)
+        run.snapshots[version] = run.trainer.snapshot_lora()
+
+
+def _train_and_prepare(run: Run, rows, version: int) -> dict:
+    metrics = run.trainer.step(rows)
+    _prepare(run, version)
+    return metrics
 
 
 async def _after_sampling(run: Run, examples, rollouts: list[Rollout], version: int) -> dict:
