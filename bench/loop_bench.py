@@ -157,10 +157,10 @@ def main():
         t = time.perf_counter()
         try:
             asyncio.run(loop._main(config, config.output_dir, deployment, trainer, tokenizer, threading.Event()))
+            rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
         except Exception as e:  # report and go on with the other variants
             print(f"variant {name} failed: {type(e).__name__}: {e}"[:2000], flush=True)
             return
-        rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
         later = rows[1:] or rows
         med = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in later) for p in PHASES}
         # Each step against the floor of its own generated tokens.
