@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import phase_table  # noqa: E402
 from shapes import QWEN3, write_random_checkpoint  # noqa: E402
 
 # What each variant changes in the reference config (configs/rl.py) besides the shared settings below.
@@ -63,7 +64,7 @@ BUSY = ("server", "trainer", "both", "neither")
 # default). The shares beside a trainer mesh leave room for NCCL (ctxd_jax/config.py, MESH_SHARED_LIMIT).
 LAYOUTS = {"split": (2, (0,), (1,), 0.85, None), "shared": (1, (0,), (0,), 0.5, 0.4),
            "mesh": (2, (0, 1), (0, 1), 0.4, 0.35)}
-PHASES = ("wait", "sample", "rollouts", "trainer_scoring", "train", "publish", "step")
+PHASES = tuple(p.split("/")[1] for p in phase_table.PHASES)
 
 
 def make_config(a, out: str, overrides: dict):

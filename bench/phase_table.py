@@ -5,9 +5,10 @@ import statistics
 import sys
 
 # wait: the trainer waiting for its batch; sample: the batch's last group sampled; rollouts: the batch complete
-# (verified, vLLM teacher scores); trainer_scoring: trainer-side teacher / behaviour log-probs after sampling.
-PHASES = ("time/wait", "time/sample", "time/rollouts", "time/trainer_scoring", "time/train", "time/publish",
-          "time/step")
+# (verified, vLLM teacher scores); trainer_scoring: trainer-side teacher / behaviour log-probs after sampling;
+# to_device: the packed rows onto the trainer's devices, waiting for their turn.
+PHASES = ("time/wait", "time/sample", "time/rollouts", "time/trainer_scoring", "time/to_device", "time/train",
+          "time/publish", "time/step")
 
 
 def table(rows: list[dict]) -> list[str]:

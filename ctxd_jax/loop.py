@@ -284,7 +284,9 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     adv, gates = orch.advantages(current, group_size=group, loss=config.loss, advantage=config.advantage)
     packed, stats = pack(current, adv, gates, seq_len=config.seq_len, row_multiple=run.trainer.local_row_multiple,
                          topk=run.src.topk, min_rows=run.min_rows, teacher_rows=run.trainer.step_config.full_vocab)
+    t = time.perf_counter()
     rows = await run.on_device(run.trainer.local, packed)  # this process's part of the step's global batch
+    t_to_device = time.perf_counter() - t  # its turn on the device included: a scoring call may hold it
     # Without micro-batches every row count is a new compile: keep the largest seen (shapes only grow).
     run.min_rows = len(rows.batch.tokens) if not config.trainer.micro_batch_rows else 0
     t, version = time.perf_counter(), state.step + 1
@@ -310,7 +312,8 @@ async def _step(run: Run, pipe: RolloutPipeline, state: RunState) -> dict:
     n = totals["samples"]
     m.update({"adv/abs_mean": totals["adv"] / n, "kl_gate/mean": totals["gates"] / n,
               "pack/rows": rows.rows, "pack/fill": totals["tokens"] / (rows.rows * config.seq_len),
-              "pack/truncated": totals["cut"], "time/wait": t_wait, "time/train": t_train, "time/publish": t_publish,
+              "pack/truncated": totals["cut"], "time/wait": t_wait, "time/to_device": t_to_device,
+              "time/train": t_train, "time/publish": t_publish,
               "tokens/s_train": totals["tokens"] / t_train, "policy_version": version, "_t0": t0})
     m["_samples"] = {"example_ids": [ex.id for ex in pipe.examples(batch.step)], "policy_version": batch.version,
                      "completion": run.src.tokenizer.decode(current[0].completion_ids, skip_special_tokens=True)}

@@ -29,7 +29,7 @@ from ctxd_jax.metrics import read_json, read_jsonl
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("step", "reward/mean", "teacher_kl", "teacher_kl/seq", "mismatch_kl", "loss", "grad_norm", "lr",
-            "entropy", "masked_total", "adv/abs_mean", "tokens/s_train", "time/sample", "time/train")
+            "entropy", "masked_total", "adv/abs_mean", "tokens/s_train", "time/sample", "time/to_device", "time/train")
 
 # The same settings as a config file, for the CLI (model path and output folder filled in).
 CONFIG_FILE = '''
@@ -126,6 +126,8 @@ def test_three_steps(three_steps, student_teacher_server, tiny_model_dir):
     for r in rows:
         assert not (missing := [k for k in REQUIRED if k not in r]), missing
         assert np.isfinite(r["loss"]) and r["grad_norm"] > 0
+        # the step's own phases, one after another, account for no more than the step
+        assert sum(r[f"time/{p}"] for p in ("wait", "to_device", "train", "publish")) <= r["time/step"]
     assert "eval/reward" in rows[1]
     baseline = read_json(os.path.join(out, "eval_baseline.json"))
     assert set(baseline) == {"student", "teacher"}
